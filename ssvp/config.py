@@ -1,0 +1,394 @@
+"""One configuration object for a run: model (with the paper's symbols), training, data.
+
+Keys use the paper's symbols (gamma, xi, beta, lambda1, lambda2, focal_lambda, tau,
+alpha_init) so a reader can match them to the equations. Every key is unique across
+sections, so a flat override such as ``{"gamma": 0.3, "lr_prompt": 1e-3}`` (what a
+Ray Tune trial or ``ssvp train --set gamma=0.3`` hands over) finds its section; the
+dotted form ``"model.gamma"`` works too.
+
+A ``Config`` is validated on construction (and on every override): values out of
+range, wrong types and unknown keys raise ``ConfigError`` naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TrainConfig",
+    "DataConfig",
+    "Config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+FUSIONS = ("atf", "concat", "none")
+S_LOCAL_MODES = ("max", "mean_maxpool")
+OPTIMIZERS = ("adamw", "adam")
+
+
+@dataclass
+class ModelConfig:
+    """Backbones, SSVP heads and loss weights (paper §4.2 defaults).
+
+    Backbone names select entries of the registries in ``ssvp.backbones``:
+    ``clip_model`` is an open_clip model name (``ViT-L-14``) or ``tiny``;
+    ``dino_model`` is one of ``dinov3_vitl16`` (default), ``dinov3_vitb16``,
+    ``dinov3_vits16``, ``dinov2_vitl14``, ``mae_vitl16`` or ``dinov3_tiny``.
+    Weights: ``clip_pretrained`` is an open_clip pretrained tag (``openai``), an
+    ``hf-hub:`` id or a local checkpoint path; ``dino_weights`` a Hugging Face id
+    or a local directory. An empty string means random initialisation.
+    """
+
+    # --- backbones (Eq. 1) ---
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"
+    clip_layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])  # 1-based block outputs
+    dino_model: str = "dinov3_vitl16"
+    dino_weights: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    # Paper main text: {3, 6, 9, 11} on the 24-block ViT-L (the appendix lists other sets).
+    dino_layers: list[int] = field(default_factory=lambda: [3, 6, 9, 11])
+    grid: int = 37  # shared g x g patch grid: CLIP at 14g px, DINO at patch*g px
+    bf16: bool = True  # autocast the frozen backbones to bf16 on GPU
+    # --- ablation switches (Table 3) ---
+    fusion: str = "atf"  # atf (C), concat (B), none (CLIP only, A)
+    vcpg: bool = True  # off: static learnable prompts, T = T_init
+    vtam: bool = True  # off: plain mean of layer maps and the global score
+    s_local: str = "max"  # Eq. 18 "max"; Algorithm 1 "mean_maxpool"
+    # --- head sizes ---
+    n_ctx_bg: int = 4  # learnable [V]bg tokens shared by all prompts
+    n_ctx_state: int = 4  # learnable [V]state tokens per prompt
+    n_prompts: int = 3  # prompts per state (normal / abnormal)
+    latent_dim: int = 128  # VAE latent z (Eq. 7-8)
+    attn_heads: int = 8  # heads of the ATF and text-latent cross-attention
+    # --- paper symbols ---
+    tau: float = 0.07  # temperature of the normal/abnormal softmax (Eq. 14)
+    alpha_init: float = 0.0  # gate alpha of Eq. 11, zero-initialised
+    gamma: float = 0.5  # S_final = (1 - gamma) S_global + gamma S_local (Eq. 19)
+    xi: float = 0.85  # margin of Eq. 12
+    beta: float = 0.01  # weight of the KL term in the VAE loss (Eq. 9)
+    lambda1: float = 1.0  # weight of the VAE loss in Eq. 22
+    lambda2: float = 0.1  # weight of the margin loss in Eq. 22
+    focal_lambda: float = 2.0  # focusing parameter of the focal loss (Eq. 20)
+
+    def validate(self) -> None:
+        _check_choice(self, "fusion", FUSIONS)
+        _check_choice(self, "s_local", S_LOCAL_MODES)
+        for key in ("clip_layers", "dino_layers"):
+            layers = getattr(self, key)
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in layers):
+                raise ConfigError(f"model.{key} must be a non-empty list of 1-based block indices, got {layers!r}")
+            if sorted(set(layers)) != list(layers):
+                raise ConfigError(f"model.{key} must be strictly increasing, got {layers!r}")
+        if self.fusion != "none" and len(self.clip_layers) != len(self.dino_layers):
+            raise ConfigError(
+                f"model.clip_layers ({len(self.clip_layers)} taps) and model.dino_layers "
+                f"({len(self.dino_layers)} taps) must pair up one to one when fusion={self.fusion!r}"
+            )
+        for key in ("grid", "n_ctx_bg", "n_ctx_state", "n_prompts", "latent_dim", "attn_heads"):
+            _check_int(self, key, minimum=1)
+        _check_range(self, "gamma", 0.0, 1.0)
+        _check_range(self, "xi", -1.0, 1.0)
+        _check_range(self, "tau", 0.0, None, low_open=True)
+        for key in ("beta", "lambda1", "lambda2", "focal_lambda"):
+            _check_range(self, key, 0.0, None)
+        _check_range(self, "alpha_init", None, None)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (Algorithm 3): two learning-rate groups, cosine decay."""
+
+    epochs: int = 15
+    batch_size: int = 8
+    lr_prompt: float = 5e-4  # prompt embeddings
+    lr_head: float = 1e-4  # VAE, attention and projections
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # DataLoader workers
+    eval_batch_size: int = 16
+    feature_cache: str = ""  # directory of the frozen-feature cache; "" computes features from images
+    max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps steps (quick configs)
+    progress: bool = True  # tqdm progress bars
+
+    def validate(self) -> None:
+        _check_int(self, "epochs", minimum=1)
+        _check_int(self, "batch_size", minimum=1)
+        _check_int(self, "eval_batch_size", minimum=1)
+        _check_int(self, "num_workers", minimum=0)
+        _check_int(self, "max_steps_per_epoch", minimum=0)
+        _check_int(self, "seed", minimum=0)
+        for key in ("lr_prompt", "lr_head"):
+            _check_range(self, key, 0.0, None, low_open=True)
+        for key in ("weight_decay", "grad_clip"):
+            _check_range(self, key, 0.0, None)
+        _check_choice(self, "optimizer", OPTIMIZERS)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    """Zero-shot protocol: train on ``source``, select on held-out source classes, test on ``targets``.
+
+    A dataset is named ``FORMAT:ROOT``: FORMAT is one of the readers in
+    ``ssvp.data`` (mvtec, visa, btad, ksdd2, rsdd, dagm, dtd, meta, synthetic) and ROOT
+    its folder. ``val_classes`` are source categories held out for model selection
+    (empty: the last ``val_fraction`` of the sorted categories). Training on a target
+    is refused unless ``force_target_training`` is set.
+    """
+
+    source: str = "visa:data/VisA"
+    targets: list[str] = field(default_factory=lambda: ["mvtec:data/mvtec_anomaly_detection"])
+    image_size: int = 0  # input size fed to the model; 0 = 14 * grid (CLIP's resolution)
+    source_classes: list[str] = field(default_factory=list)  # empty = all
+    val_classes: list[str] = field(default_factory=list)
+    val_fraction: float = 0.25
+    force_target_training: bool = False
+    skip_bad_files: bool = False  # skip-and-report unreadable images / masks instead of failing
+    max_per_class: int = 0  # 0 = all images; >0 caps images per class and split (quick runs)
+    smoothing_sigma: float = 4.0  # Gaussian smoothing of maps before pixel metrics (peers use 4)
+
+    def validate(self) -> None:
+        for spec in [self.source, *self.targets]:
+            if not isinstance(spec, str) or ":" not in spec:
+                raise ConfigError(f"data: dataset {spec!r} must be written FORMAT:ROOT, e.g. 'mvtec:/data/mvtec'")
+        if not isinstance(self.targets, list):
+            raise ConfigError("data.targets must be a list of FORMAT:ROOT strings")
+        _check_int(self, "image_size", minimum=0)
+        _check_int(self, "max_per_class", minimum=0)
+        _check_range(self, "val_fraction", 0.0, 1.0, high_open=True)
+        _check_range(self, "smoothing_sigma", 0.0, None)
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        if self.data.image_size and self.data.image_size % self.model.grid:
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} is not a multiple of model.grid={self.model.grid}"
+            )
+
+    # ----- conversion -----
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        """All keys without section prefixes (what MLflow logs as params)."""
+        out: dict[str, Any] = {}
+        for section in self.to_dict().values():
+            out.update(section)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
+        """Build from a nested ``{"model": {...}, ...}`` dict, flat keys or a mix."""
+        cfg = cls.__new__(cls)
+        for name, section_cls in SECTIONS.items():
+            setattr(cfg, name, section_cls())
+        cfg._apply(dict(data or {}))
+        cfg.validate()
+        return cfg
+
+    def override(self, updates: Mapping[str, Any]) -> "Config":
+        """A validated copy with ``updates`` applied (flat, dotted or nested keys)."""
+        new = copy.deepcopy(self)
+        new._apply(dict(updates))
+        new.validate()
+        return new
+
+    def _apply(self, updates: dict[str, Any]) -> None:
+        for key, value in updates.items():
+            if key in SECTIONS and isinstance(value, Mapping):
+                for sub_key, sub_value in value.items():
+                    self._set(key, sub_key, sub_value)
+            else:
+                section, _, name = key.rpartition(".")
+                self._set(section or section_of(name), name, value)
+
+    def _set(self, section: str, name: str, value: Any) -> None:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} (in key {section}.{name})")
+        target = getattr(self, section)
+        ftype = {f.name: f for f in fields(target)}.get(name)
+        if ftype is None:
+            raise ConfigError(f"unknown config key {section}.{name}")
+        setattr(target, name, _coerce(f"{section}.{name}", getattr(target, name), value))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "Config":
+        """Tiny random-weight backbones of the real classes on an 8 x 8 grid: seconds on a CPU."""
+        base = {
+            "model": {
+                "clip_model": "tiny",
+                "clip_pretrained": "",
+                "clip_layers": [1, 2, 3, 4],
+                "dino_model": "dinov3_tiny",
+                "dino_weights": "",
+                "dino_layers": [1, 2, 3, 4],
+                "grid": 8,
+                "latent_dim": 16,
+                "attn_heads": 2,
+                "n_ctx_bg": 2,
+                "n_ctx_state": 2,
+            },
+            "train": {"epochs": 3, "batch_size": 8, "progress": False},
+        }
+        return cls.from_dict(base).override(overrides)
+
+
+def section_of(key: str) -> str:
+    """The section that owns a flat key; ConfigError when no section has it."""
+    for name, section_cls in SECTIONS.items():
+        if key in {f.name for f in fields(section_cls)}:
+            return name
+    raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(all_keys()))}")
+
+
+def all_keys() -> list[str]:
+    return [f.name for section_cls in SECTIONS.values() for f in fields(section_cls)]
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML or JSON config (nested or flat keys) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - report the parser's message with the file
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+        if data.pop("preset", None) == "tiny":
+            return Config.tiny().override({**data, **(overrides or {})})
+    return Config.from_dict(data).override(overrides or {})
+
+
+# ----- validation helpers -----
+def _check_choice(obj: Any, key: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, key)
+    if value not in choices:
+        raise ConfigError(f"{_section_name(obj)}.{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_int(obj: Any, key: str, minimum: int) -> None:
+    value = getattr(obj, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{_section_name(obj)}.{key} must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_range(
+    obj: Any,
+    key: str,
+    low: float | None,
+    high: float | None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(obj, key)
+    name = f"{_section_name(obj)}.{key}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}; got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high}; got {value!r}")
+
+
+def _section_name(obj: Any) -> str:
+    for name, section_cls in SECTIONS.items():
+        if isinstance(obj, section_cls):
+            return name
+    return type(obj).__name__
+
+
+def _coerce(name: str, current: Any, value: Any) -> Any:
+    """Convert ``value`` to the type of the field's current value (CLI strings, YAML ints)."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false; got {value!r}")
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number; got {value!r}") from None
+    if isinstance(current, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer; got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer; got {value!r}")
+        return value
+    if isinstance(current, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list; got {value!r}")
+        if current and isinstance(current[0], int) or name.endswith("_layers"):
+            try:
+                return [int(v) for v in value]
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a list of integers; got {value!r}") from None
+        return [str(v) for v in value]
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            if value is None:
+                return ""
+            raise ConfigError(f"{name} must be a string; got {value!r}")
+        return value
+    return value

@@ -1,0 +1,467 @@
+"""Training and evaluation loops (paper Algorithm 3), plain functions.
+
+``fit`` trains the SSVP heads on the source domain and reports per-epoch
+validation metrics (held-out *source* categories, never the target test set)
+through a callback; the Ray layer wraps exactly this function. ``evaluate``
+measures a checkpoint on the target datasets; ``predict_paths`` scores a folder of
+images. Nothing here imports Ray or MLflow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import Config
+
+log = logging.getLogger("ssvp.engine")
+
+EpochCallback = Callable[[int, dict, "str | None"], None]
+CHECKPOINT_FILE = "head.pt"
+CONFIG_FILE = "config.json"
+OBJECTIVE_KEYS = ("image_auroc", "pixel_auroc")  # val_objective = their mean on source-val classes
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message says at which epoch and step."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, unreadable or from an incompatible config."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one metrics dict per epoch
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    checkpoint_dir: str | None = None  # directory holding last/ and best/
+
+
+# --------------------------------------------------------------------------- setup
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks this process's GPU (LOCAL_RANK under DDP) when CUDA is visible, else the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={spec!r} but CUDA is not available on this machine")
+    return torch.device(spec)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def image_size_of(cfg: Config) -> int:
+    return cfg.data.image_size or 14 * cfg.model.grid
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def build_model(cfg: Config, device: torch.device):
+    from .model import SSVP
+
+    return SSVP(cfg.model).to(device)
+
+
+class FeatureSource:
+    """Frozen backbone features for a batch: from the images, or from the on-disk cache."""
+
+    def __init__(self, cfg: Config, model, device: torch.device):
+        self.model = model
+        self.cache = None
+        if cfg.train.feature_cache:
+            from .features import FeatureCache
+
+            self.cache = FeatureCache(cfg.train.feature_cache, model.backbones, cfg.model)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor):
+        if self.cache is not None:
+            return self.cache.get_batch(images)
+        return self.model.backbones(images)
+
+
+def _loader(ds: Dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int, sampler=None) -> DataLoader:
+    from .data import collate
+
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=cfg.train.num_workers,
+        collate_fn=collate,
+        generator=gen,
+        drop_last=False,
+        persistent_workers=False,
+    )
+
+
+def _progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """Two learning-rate groups (Alg. 3): prompt embeddings vs VAE, attention and projections."""
+    groups = model.trainable_parameters()
+    param_groups = [
+        {"params": list(groups["prompt"]), "lr": cfg.train.lr_prompt, "name": "prompt"},
+        {"params": list(groups["head"]), "lr": cfg.train.lr_head, "name": "head"},
+    ]
+    param_groups = [g for g in param_groups if g["params"]]
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(param_groups, weight_decay=cfg.train.weight_decay)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | Path, cfg: Config, model, optimizer, scheduler, epoch: int, extra: dict) -> Path:
+    """Write ``head.pt`` + ``config.json`` atomically into ``path`` (heads only, never backbones)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    state = {
+        "head": model.head.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+        **extra,
+    }
+    torch.save(state, tmp / CHECKPOINT_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {file} (expected a directory holding {CHECKPOINT_FILE})")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {file}: {exc}") from exc
+
+
+def config_from_checkpoint(path: str | Path) -> Config:
+    path = Path(path)
+    file = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}")
+    return Config.from_dict(json.loads(file.read_text()))
+
+
+def load_head(model, path: str | Path) -> dict:
+    state = load_checkpoint(path)
+    try:
+        model.head.load_state_dict(state["head"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not match this model config: {exc}") from exc
+    return state
+
+
+# --------------------------------------------------------------------------- training
+def fit(
+    cfg: Config,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    splits: tuple | None = None,
+) -> FitResult:
+    """Train the SSVP heads (Algorithm 3) and validate on held-out source categories each epoch.
+
+    ``on_epoch(epoch, metrics, checkpoint_path)`` is called after every epoch (on every
+    rank under DDP; ``checkpoint_path`` is the epoch's checkpoint directory, written by
+    rank 0 only, else None). ``resume_from`` continues from a checkpoint directory.
+    ``splits`` = (train_ds, val_ds) overrides the datasets built from ``cfg.data``.
+    """
+    from .losses import total_loss
+
+    rank, world = _dist()
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    image_size = image_size_of(cfg)
+    if splits is None:
+        from .data import zero_shot_splits
+
+        train_ds, val_ds, _ = zero_shot_splits(cfg.data, image_size)
+    else:
+        train_ds, val_ds = splits[:2]
+    if len(train_ds) == 0:
+        raise ValueError(f"the source training split of {cfg.data.source} is empty")
+
+    model = build_model(cfg, device)
+    features = FeatureSource(cfg, model, device)
+    head = model.head
+    if world > 1:
+        head = torch.nn.parallel.DistributedDataParallel(
+            model.head, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    optimizer = make_optimizer(cfg, model)
+
+    sampler = None
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    steps_per_epoch = math.ceil(len(train_ds) / world / cfg.train.batch_size)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.train.epochs * steps_per_epoch))
+
+    result = FitResult(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    start_epoch = 0
+    if resume_from:
+        state = load_head(model, resume_from)
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        result.history = list(state.get("history", []))
+        result.best_epoch = int(state.get("best_epoch", -1))
+        result.best_metrics = dict(state.get("best_metrics", {}))
+        rng = state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    show = cfg.train.progress and rank == 0
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = _loader(train_ds, cfg.train.batch_size, True, cfg, cfg.train.seed + epoch, sampler)
+        model.head.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        bar = _progress(loader, show, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            feats = features(images)
+            with _autocast(device, cfg.model.bf16):
+                out = head(feats, list(batch["cls_name"]), images.shape[-1])
+            loss, parts = total_loss(out, masks, labels, cfg.model)
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                raise NonFiniteLossError(
+                    f"loss is {float(loss)} at epoch {epoch + 1}, step {step + 1} ({detail}); "
+                    "lower the learning rates or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.head.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n_steps += 1
+            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + float(v)
+            if show and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+
+        metrics = {k: v / max(1, n_steps) for k, v in sums.items()}
+        metrics["epoch"] = epoch + 1
+        metrics["lr_prompt"] = optimizer.param_groups[0]["lr"]
+        if val_ds is not None and len(val_ds):
+            report = evaluate_dataset(cfg, model, val_ds, device, features)
+            for k, v in report["mean"].items():
+                if isinstance(v, (int, float)):
+                    metrics[f"val_{k}"] = float(v)
+            vals = [metrics.get(f"val_{k}") for k in OBJECTIVE_KEYS]
+            vals = [v for v in vals if v is not None and math.isfinite(v)]
+            metrics["val_objective"] = float(np.mean(vals)) if vals else float("nan")
+        result.history.append(metrics)
+        improved = result.best_epoch < 0 or _better(metrics, result.best_metrics)
+        if improved:
+            result.best_epoch, result.best_metrics = epoch + 1, dict(metrics)
+
+        ckpt_path = None
+        if checkpoint_dir is not None and rank == 0:
+            extra = {"history": result.history, "best_epoch": result.best_epoch, "best_metrics": result.best_metrics}
+            ckpt_path = save_checkpoint(Path(checkpoint_dir) / "last", cfg, model, optimizer, scheduler, epoch, extra)
+            if improved:
+                best = Path(checkpoint_dir) / "best"
+                tmp = Path(checkpoint_dir) / ".best.tmp"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                shutil.copytree(ckpt_path, tmp)
+                if best.exists():
+                    shutil.rmtree(best)
+                os.replace(tmp, best)
+            ckpt_path = str(ckpt_path)
+        if show:
+            shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+            log.info("epoch %d: %s", epoch + 1, shown)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics, ckpt_path)
+    return result
+
+
+def _better(new: Mapping[str, float], old: Mapping[str, float]) -> bool:
+    key = "val_objective" if "val_objective" in new else "train_loss"
+    a, b = new.get(key, float("nan")), old.get(key, float("nan"))
+    if not math.isfinite(b):
+        return math.isfinite(a)
+    if not math.isfinite(a):
+        return False
+    return a > b if key == "val_objective" else a < b
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_dataset(cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource) -> dict:
+    """Scores and maps per class: ``{cls: {labels, scores, masks, maps, paths}}`` as numpy arrays."""
+    model.head.eval()
+    loader = _loader(ds, cfg.train.eval_batch_size, False, cfg, 0)
+    per_class: dict[str, dict[str, list]] = {}
+    for batch in _progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval"):
+        images = batch["image"].to(device, non_blocking=True)
+        feats = features(images)
+        with _autocast(device, cfg.model.bf16):
+            out = model.head(feats, list(batch["cls_name"]), images.shape[-1])
+        scores = out.score.float().cpu().numpy()
+        maps = out.anomaly_map.float().cpu().numpy()
+        for i, cls in enumerate(batch["cls_name"]):
+            rec = per_class.setdefault(cls, {"labels": [], "scores": [], "masks": [], "maps": [], "paths": []})
+            rec["labels"].append(int(batch["label"][i]))
+            rec["scores"].append(float(scores[i]))
+            rec["masks"].append(batch["mask"][i].numpy().astype(np.uint8))
+            rec["maps"].append(maps[i].astype(np.float32))
+            rec["paths"].append(batch["path"][i])
+    return {
+        cls: {
+            "labels": np.asarray(r["labels"]),
+            "scores": np.asarray(r["scores"], dtype=np.float32),
+            "masks": np.stack(r["masks"]),
+            "maps": np.stack(r["maps"]),
+            "paths": r["paths"],
+        }
+        for cls, r in per_class.items()
+    }
+
+
+def evaluate_dataset(cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource) -> dict:
+    from .metrics import evaluate_predictions
+
+    preds = predict_dataset(cfg, model, ds, device, features)
+    return evaluate_predictions(
+        {c: {k: v for k, v in p.items() if k != "paths"} for c, p in preds.items()},
+        smoothing_sigma=cfg.data.smoothing_sigma,
+    )
+
+
+def evaluate(
+    cfg: Config | None,
+    checkpoint: str | Path | None,
+    datasets: list[str] | None = None,
+    model=None,
+) -> dict:
+    """Evaluate on the target datasets: ``{target_spec: {"per_class": {...}, "mean": {...}}}``.
+
+    ``cfg`` may be None to take the config stored with ``checkpoint``; ``datasets``
+    overrides ``cfg.data.targets``.
+    """
+    from .data import open_dataset
+
+    if cfg is None:
+        if checkpoint is None:
+            raise ValueError("evaluate needs a config or a checkpoint")
+        cfg = config_from_checkpoint(checkpoint)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    if model is None:
+        model = build_model(cfg, device)
+        if checkpoint is not None:
+            load_head(model, checkpoint)
+    features = FeatureSource(cfg, model, device)
+    out = {}
+    for spec in datasets or cfg.data.targets:
+        ds = open_dataset(
+            spec,
+            split="test",
+            image_size=image_size_of(cfg),
+            skip_bad_files=cfg.data.skip_bad_files,
+            max_per_class=cfg.data.max_per_class,
+        )
+        out[spec] = evaluate_dataset(cfg, model, ds, device, features)
+    return out
+
+
+@torch.no_grad()
+def predict_paths(cfg: Config, checkpoint: str | Path | None, paths: list[Path], class_name: str, model=None) -> list[dict]:
+    """Score image files: ``[{path, score, map (HxW numpy at the model's input size)}]``."""
+    from .data import load_image
+
+    device = resolve_device(cfg.train.device)
+    if model is None:
+        model = build_model(cfg, device)
+        if checkpoint is not None:
+            load_head(model, checkpoint)
+    model.head.eval()
+    features = FeatureSource(cfg, model, device)
+    size = image_size_of(cfg)
+    results = []
+    bs = cfg.train.eval_batch_size
+    for start in range(0, len(paths), bs):
+        chunk = paths[start : start + bs]
+        images = torch.stack([load_image(p, size) for p in chunk]).to(device)
+        feats = features(images)
+        with _autocast(device, cfg.model.bf16):
+            out = model.head(feats, [class_name] * len(chunk), size)
+        for i, p in enumerate(chunk):
+            results.append(
+                {
+                    "path": str(p),
+                    "score": float(out.score[i].float()),
+                    "map": out.anomaly_map[i].float().cpu().numpy(),
+                    "image": images[i].cpu(),
+                }
+            )
+    return results
