@@ -1,0 +1,33 @@
+"""Shared test setup: offline hubs, loopback-only Ray, headless plotting, built-in synthetic data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray port on 127.0.0.1
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TIRE = (REPO.parent / "shared" / "data" / "mvtec3d_tire_rgb").resolve()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The built-in synthetic benchmark (two MVTec-layout domains), generated once per session."""
+    from ssvp.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tire_root() -> Path:
+    if not (TIRE / "tire").is_dir():
+        pytest.skip(f"real MVTec-layout photographs not present at {TIRE}")
+    return TIRE
