@@ -301,22 +301,27 @@ def _sweep_variants(sweeps: Any, base: Config, taken: set[str], where: str) -> l
         centers[param] = float(center)
         parsed.append((param, [float(v) for v in values]))
 
+    if "default" in taken:
+        raise GridError(f"{where}: the name 'default' is reserved for the sweeps' center point")
+    # The center point (every swept key at its base value) is one shared variant, 'default',
+    # placed where its value falls in the first sweep that lists it.
+    center_desc = ", ".join(f"{p} = {c:g}" for p, c in centers.items())
+    default = Variant(name="default", overrides={}, description=f"base values ({center_desc})",
+                      coords=dict(centers))
     out: list[Variant] = []
     for param, values in parsed:
         for value in values:
             if math.isclose(value, centers[param], rel_tol=0, abs_tol=1e-12):
-                continue  # the center is the shared 'default' variant below
+                if default not in out:
+                    out.append(default)
+                continue
             name = f"{param}={value:g}"
             if name in taken:
                 raise GridError(f"{where}: sweep variant {name!r} clashes with a listed variant")
             out.append(Variant(name=name, overrides={param: value}, description=f"{param} = {value:g}",
                                coords={param: value}))
-    # Every sweep also needs its center point: the shared default (all swept keys at base values).
-    if "default" in taken:
-        raise GridError(f"{where}: the name 'default' is reserved for the sweeps' center point")
-    center_desc = ", ".join(f"{p} = {c:g}" for p, c in centers.items())
-    out.append(Variant(name="default", overrides={}, description=f"base values ({center_desc})",
-                       coords=dict(centers)))
+    if default not in out:
+        out.append(default)
     return out
 
 

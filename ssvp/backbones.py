@@ -26,9 +26,11 @@ raises ``BackboneWeightsError`` naming it and saying how to supply it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import socket
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,26 @@ class BackboneFeatures:
 # --------------------------------------------------------------------------------------
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_reachable(endpoint: str) -> bool:
+    """One quick TCP probe of the hub (3 s), so a machine without network fails fast."""
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _local_files_only() -> bool:
+    """Read the local cache only: HF_HUB_OFFLINE=1, or the hub cannot be reached."""
+    if _hub_offline():
+        return True
+    return not _hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def _looks_like_path(value: str) -> bool:
@@ -218,7 +240,7 @@ def _hf_download(repo_id: str, filenames: Sequence[str]) -> str:
     last: Exception | None = None
     for filename in filenames:
         try:
-            return hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=_hub_offline())
+            return hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=_local_files_only())
         except Exception as exc:  # noqa: BLE001 - try the next candidate, report the last
             last = exc
     raise FileNotFoundError(f"none of {list(filenames)} found in {repo_id!r}: {type(last).__name__}: {last}")
@@ -264,8 +286,8 @@ def _resolve_clip_source(model_name: str, pretrained: str) -> tuple[str, str | N
         target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if target.is_file():
             return model_name, str(target), quick_gelu
-        if _hub_offline():
-            raise FileNotFoundError(f"{target} not cached and HF_HUB_OFFLINE=1")
+        if _local_files_only():
+            raise FileNotFoundError(f"{target} not cached and no network (or HF_HUB_OFFLINE=1)")
         from open_clip.pretrained import download_pretrained_from_url
 
         return model_name, download_pretrained_from_url(url), quick_gelu
@@ -290,19 +312,15 @@ def build_clip(model_name: str, pretrained: str, grid: int) -> tuple[nn.Module, 
         spec, checkpoint, quick_gelu = _resolve_clip_source(model_name, pretrained)
         patch = _clip_patch_size(spec)
         kwargs: dict[str, Any] = dict(force_image_size=patch * grid, force_quick_gelu=quick_gelu)
+        # device: the default device, so `with torch.device("meta"):` builds without memory
+        kwargs["device"] = torch.get_default_device()
+        loads_weights = checkpoint is not None or spec.startswith("local-dir:")
         try:
             with _seeded_init():
                 model = open_clip.create_model(spec, pretrained=checkpoint, **kwargs)
-        except BackboneWeightsError:
-            raise
-        except RuntimeError as exc:
-            if "not found in built-ins" in str(exc):
-                raise ValueError(
-                    f"model.clip_model={model_name!r} is not an open_clip model name; "
-                    "use e.g. 'ViT-L-14', 'hf-hub:org/repo' or 'tiny'"
-                ) from exc
-            raise _clip_weights_error(model_name, pretrained, f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - unreadable checkpoint, wrong keys, ...
+            if not loads_weights:
+                raise
             raise _clip_weights_error(model_name, pretrained, f"{type(exc).__name__}: {exc}") from exc
         try:
             tokenizer = open_clip.get_tokenizer(spec)
@@ -345,9 +363,9 @@ def _load_tiny_clip(path: str, grid: int) -> nn.Module:
     with _seeded_init():
         model = CLIP(**tiny_clip_config(grid))
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        model.load_state_dict(state)
+        from open_clip.factory import load_checkpoint
+
+        load_checkpoint(model, str(p), strict=True)  # resamples positional embeddings to this grid
     except Exception as exc:  # noqa: BLE001
         raise _clip_weights_error("tiny", path, f"{type(exc).__name__}: {exc}") from exc
     return model
@@ -546,7 +564,7 @@ def build_dino_model(name: str, weights: str, grid: int) -> tuple[nn.Module, Din
     source = str(path) if path.is_dir() else weights
     try:
         model = model_cls.from_pretrained(
-            source, local_files_only=_hub_offline() or path.is_dir(), dtype=torch.float32
+            source, local_files_only=path.is_dir() or _local_files_only(), dtype=torch.float32
         )
     except Exception as exc:  # noqa: BLE001 - missing, gated, offline, corrupt
         raise _dino_weights_error(name, weights, f"{type(exc).__name__}: {exc}") from exc

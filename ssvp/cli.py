@@ -69,8 +69,8 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 
     summary = make_synthetic(args.out, seed=args.seed)
     print(f"wrote synthetic benchmark to {args.out}")
-    if summary:
-        print(summary if isinstance(summary, str) else json.dumps(summary, indent=2, default=str))
+    if isinstance(summary, dict) and "text" in summary:
+        print(summary["text"])
     return 0
 
 

@@ -32,6 +32,7 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, focal_lambda: float) ->
     """Binary focal loss on abnormal probabilities ``prob`` [B, H, W] vs masks {0, 1} (Eq. 20)."""
     if prob.shape != target.shape:
         raise ValueError(f"anomaly map {tuple(prob.shape)} and mask {tuple(target.shape)} differ in shape")
+    prob = prob.float()
     target = target.to(prob.dtype)
     p = prob.clamp(_EPS, 1.0 - _EPS)
     p_t = torch.where(target > 0.5, p, 1.0 - p)
@@ -42,6 +43,7 @@ def bce_loss(score_logit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy on sigma(S_final) against image labels (Eq. 21)."""
     if score_logit.shape != labels.shape:
         raise ValueError(f"score_logit {tuple(score_logit.shape)} and labels {tuple(labels.shape)} differ in shape")
+    score_logit = score_logit.float()
     return F.binary_cross_entropy_with_logits(score_logit, labels.to(score_logit.dtype))  # Eq. 21
 
 
@@ -49,14 +51,15 @@ def vae_loss(
     recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_VAE, reconstruction, KL) of Eq. 9; ``target`` is detached (treated as data)."""
-    rec = F.mse_loss(recon, target.detach())
+    mu, logvar = mu.float(), logvar.float()
+    rec = F.mse_loss(recon.float(), target.detach().float())
     kl = (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).mean()
     return rec + beta * kl, rec, kl  # Eq. 9
 
 
 def margin_loss(t_final: torch.Tensor, t_init: torch.Tensor, xi: float) -> torch.Tensor:
     """mean relu(xi - cos(T_final, sg(T_init))) over all prompt embeddings (Eq. 12)."""
-    cos = F.cosine_similarity(t_final, t_init.detach(), dim=-1)  # sg(T_init)
+    cos = F.cosine_similarity(t_final.float(), t_init.detach().float(), dim=-1)  # sg(T_init)
     return F.relu(xi - cos).mean()  # Eq. 12
 
 

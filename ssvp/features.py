@@ -1,0 +1,233 @@
+"""Frozen-feature cache: compute the tapped CLIP and DINO tokens of an image once, read them after.
+
+Both backbones are frozen, so every trial and epoch of a sweep sees the same features for
+the same image. ``FeatureCache`` stores them on disk, content-addressed:
+
+    root/<spec_hash>/spec.json                 what the features depend on (readable)
+    root/<spec_hash>/<key[:2]>/<key>.npy       one flat array per image (fp16 by default)
+
+* ``spec_hash`` = sha256 of a canonical JSON of ``Backbones.spec()`` (backbone names, weights
+  identity and a fingerprint of the weights, image sizes, grid, taps, DINO norm, bf16) plus the
+  storage format and library versions. Any change gives a new folder: stale features are
+  never served.
+* ``key`` = sha256 of ``spec_hash``, the image shape and the image's float32 bytes after
+  preprocessing (the ``[3, S, S]`` tensor in [0, 1] the model would receive).
+* Files are written to a temporary name in the same folder and renamed atomically
+  (``os.replace``), so concurrent writers on one node are safe: a reader sees a complete file
+  or none. A file that cannot be read is recomputed and replaced.
+* Reads are memory-mapped (``np.load(mmap_mode="r")``).
+
+``get_batch(images)`` returns ``BackboneFeatures`` like ``Backbones(images)``: hits are read,
+misses are computed in one backbone call and stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import BackboneFeatures, Backbones
+
+__all__ = ["FeatureCache", "FeatureCacheError", "spec_hash_of", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_NAMES = BackboneFeatures.names()
+_FP16_MAX = 65504.0
+
+
+class FeatureCacheError(ValueError):
+    """The cache folder is unusable (not writable, spec clash); the message names the path."""
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+    import transformers
+
+    return {"torch": torch.__version__.split("+")[0], "open_clip": open_clip.__version__, "transformers": transformers.__version__}
+
+
+def spec_hash_of(spec: dict[str, Any]) -> str:
+    """sha256 of a canonical JSON (sorted keys, no whitespace) of ``spec``."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class FeatureCache:
+    """Disk-backed, content-addressed cache of ``Backbones`` outputs (see the module docstring).
+
+    Args:
+        root: cache folder (created). Several specs can share one root.
+        backbones: the frozen ``Backbones`` whose features are cached.
+        model_cfg: optional; only used to check it matches ``backbones`` (grid, taps).
+        dtype: storage dtype, ``"float16"`` (default) or ``"float32"`` (bit-exact). Images whose
+            features overflow fp16 are stored in fp32.
+    """
+
+    def __init__(self, root: str | os.PathLike, backbones: Backbones, model_cfg: Any = None, dtype: str = "float16"):
+        if dtype not in ("float16", "float32"):
+            raise FeatureCacheError(f"FeatureCache dtype must be float16 or float32, got {dtype!r}")
+        if model_cfg is not None:
+            for key in ("grid", "clip_model", "clip_pretrained", "clip_layers", "dino_model", "dino_weights", "dino_layers", "fusion"):
+                if getattr(model_cfg, key) != getattr(backbones.model_cfg, key):
+                    raise FeatureCacheError(
+                        f"FeatureCache: model.{key}={getattr(model_cfg, key)!r} differs from the backbones' "
+                        f"{getattr(backbones.model_cfg, key)!r}"
+                    )
+        self.backbones = backbones
+        self.dtype = np.dtype(dtype)
+        self.spec = {
+            "backbones": backbones.spec(),
+            "format": FORMAT_VERSION,
+            "dtype": dtype,
+            "versions": _versions(),
+        }
+        self.spec_hash = spec_hash_of(self.spec)
+        self.root = Path(root).expanduser()
+        self.dir = self.root / self.spec_hash[:24]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FeatureCacheError(f"feature cache folder {self.dir} cannot be created: {exc}") from exc
+        if not os.access(self.dir, os.W_OK):
+            raise FeatureCacheError(f"feature cache folder {self.dir} is not writable")
+        self._write_spec()
+        bb = backbones
+        n = bb.grid * bb.grid
+        self.shapes = {
+            "clip_patch": (len(bb.clip.taps), n, bb.clip_dim),
+            "clip_global": (bb.clip_dim,),
+            "dino_patch": (len(bb.dino.taps), n, bb.dino_dim) if bb.dino is not None else (0, n, 0),
+            "dino_global": (bb.dino_dim,),
+        }
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        self._offsets = np.cumsum([0, *sizes]).tolist()
+        self.hits = 0
+        self.misses = 0
+
+    # ----- keys and paths -----
+    def _write_spec(self) -> None:
+        path = self.dir / "spec.json"
+        text = json.dumps({"spec_hash": self.spec_hash, **self.spec}, indent=2, sort_keys=True, default=str)
+        if path.is_file():
+            try:
+                if json.loads(path.read_text()).get("spec_hash") == self.spec_hash:
+                    return
+            except (OSError, ValueError):
+                pass
+        _atomic_write_bytes(path, text.encode())
+
+    def key_for(self, image: torch.Tensor) -> str:
+        """Content key of one preprocessed image ``[3, S, S]`` (float in [0, 1]) under this spec."""
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"FeatureCache.key_for expects one image [3, S, S], got {tuple(image.shape)}")
+        arr = image.detach().to("cpu", torch.float32).contiguous().numpy()
+        h = hashlib.sha256()
+        h.update(self.spec_hash.encode())
+        h.update(repr(tuple(arr.shape)).encode())
+        h.update(arr.tobytes())
+        return h.hexdigest()
+
+    def path_for(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path_for(key).is_file()
+
+    # ----- read / write one image -----
+    def _pack(self, feats: BackboneFeatures, i: int) -> np.ndarray:
+        parts = [getattr(feats, name)[i].detach().float().cpu().reshape(-1).numpy() for name in _NAMES]
+        flat = np.concatenate(parts)
+        if self.dtype == np.float16 and np.isfinite(flat).all() and np.abs(flat).max(initial=0.0) <= _FP16_MAX:
+            return flat.astype(np.float16)
+        return flat.astype(np.float32)
+
+    def _store(self, key: str, flat: np.ndarray) -> None:
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(path, flat)
+
+    def _load(self, key: str) -> list[np.ndarray] | None:
+        path = self.path_for(key)
+        if not path.is_file():
+            return None
+        try:
+            flat = np.load(path, mmap_mode="r", allow_pickle=False)
+            if flat.ndim != 1 or flat.shape[0] != self._offsets[-1]:
+                return None
+        except (OSError, ValueError):
+            return None  # truncated or foreign file: recompute and replace
+        o = self._offsets
+        return [flat[o[j] : o[j + 1]].reshape(self.shapes[name]) for j, name in enumerate(_NAMES)]
+
+    # ----- batches -----
+    def get_batch(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> BackboneFeatures:
+        """Features of ``images`` [B, 3, S, S]: read hits, compute and store misses (one backbone call)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"FeatureCache.get_batch expects images [B, 3, S, S], got {tuple(images.shape)}")
+        keys = list(keys) if keys is not None else [self.key_for(img) for img in images]
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"FeatureCache.get_batch: {len(keys)} keys for {images.shape[0]} images")
+        loaded = [self._load(k) for k in keys]
+        miss = [i for i, item in enumerate(loaded) if item is None]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if miss:
+            fresh = self.backbones(images[miss])
+            for j, i in enumerate(miss):
+                flat = self._pack(fresh, j)
+                self._store(keys[i], flat)
+                o = self._offsets
+                loaded[i] = [flat[o[t] : o[t + 1]].reshape(self.shapes[n]) for t, n in enumerate(_NAMES)]
+        device = self.backbones.device
+        out = []
+        for t, name in enumerate(_NAMES):
+            stacked = np.stack([np.asarray(item[t]) for item in loaded])
+            out.append(torch.from_numpy(stacked).to(device=device, dtype=torch.float32))
+        return BackboneFeatures(*out)
+
+    def warm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Fill the cache from an iterable of image batches; returns the number of images computed."""
+        before = self.misses
+        for images in batches:
+            self.get_batch(images)
+        return self.misses - before
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*/*.npy"))
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.dir)!r}, hits={self.hits}, misses={self.misses})"

@@ -1,0 +1,171 @@
+"""SSVP (Algorithm 1): frozen CLIP + DINO backbones and the trainable SSVP head.
+
+    feats   = Backbones(images)                                   Eq. 1 (frozen)
+    F_l, V  = HSVS(F_c^l, F_d^l), HSVS(F_c^g, F_d^g)              Eq. 2-5, per tapped layer + global
+    T_init  = E_text([V]bg [V]state [cls])                        Eq. 6
+    z       = VAE(V)                                              Eq. 7-9
+    T_final = LN(T_init + alpha * Attn(T_init, z))                Eq. 10-11
+    maps, S = VTAM(F_l, V, T_final)                               Eq. 13-19
+
+Ablation switches (Table 3): ``model.fusion`` atf | concat | none (CLIP only),
+``model.vcpg`` (off: T = T_init, no VAE), ``model.vtam`` (off: plain mean of the layer
+maps and S_final = S_global). Modules of a switched-off component are not built, so
+they hold no parameters.
+
+``SSVPHead`` holds every trainable parameter and works on ``BackboneFeatures``, so a
+trainer can feed cached features. Text prompts are encoded once per forward for the
+unique class names of the batch; nothing holding a graph is cached across steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hsvs import HSVSFusion
+from .vcpg import VCPG, PromptLearner
+from .vtam import VTAM
+
+__all__ = ["SSVPOutput", "SSVPHead", "SSVP"]
+
+
+@dataclass
+class SSVPOutput:
+    """What a forward returns (see docs/ARCHITECTURE.md).
+
+    anomaly_map [B, H, W] abnormal probability per pixel (upsampled to ``out_size``);
+    score [B] = sigma(S_final); score_logit [B] = S_final (Eq. 19);
+    aux: layer_maps [B, L, 2, H, W] (normal / abnormal, upsampled), map_grid [B, 2, g, g],
+    patches [B, L, N, D] (fused patch tokens), v_global [B, D], z / mu / logvar [B, latent]
+    and recon [B, D] (None with VCPG off), t_init / t_final [B, 2, D] (per-state mean over
+    the P prompts), t_init_prompts / t_final_prompts [B, 2, P, D], text [B, 2, D] (unit
+    state embeddings the maps are computed with), s_global / s_local [B],
+    scale_weights [B, L], spatial_weights [B, L, g, g], alpha (0-dim; None with VCPG off).
+    """
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+    score_logit: torch.Tensor
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class SSVPHead(nn.Module):
+    """All trainable parts of SSVP on top of frozen features (Algorithm 1 after Eq. 1)."""
+
+    def __init__(self, model_cfg: Any, clip_dim: int, dino_dim: int, text_encoder: Any) -> None:
+        super().__init__()
+        cfg = model_cfg
+        self.model_cfg = cfg
+        self.n_layers = len(cfg.clip_layers)
+        self.clip_dim = int(clip_dim)
+        object.__setattr__(self, "_text_encoder", text_encoder)  # frozen, owned by Backbones: not registered
+        width = int(getattr(text_encoder, "width", 0)) or int(
+            text_encoder.token_embedding(text_encoder.tokenize(["x"])).shape[-1]
+        )
+        self.fusion = HSVSFusion(cfg.fusion, self.n_layers, clip_dim, dino_dim, cfg.attn_heads)
+        self.prompts = PromptLearner(cfg.n_ctx_bg, cfg.n_ctx_state, cfg.n_prompts, width)
+        self.vcpg = VCPG(clip_dim, cfg.latent_dim, cfg.attn_heads, cfg.alpha_init) if cfg.vcpg else None
+        self.vtam = VTAM(self.n_layers, clip_dim, cfg.tau, cfg.gamma, cfg.s_local, enabled=cfg.vtam)
+
+    @property
+    def text_encoder(self) -> Any:
+        return self._text_encoder
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """{"prompt": learnable prompt contexts, "head": everything else} (the two LR groups of Alg. 3)."""
+        prompt = [p for p in self.prompts.parameters() if p.requires_grad]
+        ids = {id(p) for p in prompt}
+        head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return {"prompt": prompt, "head": head}
+
+    def encode_prompts(self, class_names: list[str]) -> torch.Tensor:
+        """T_init [B, 2, P, D] for a batch: each unique class name is encoded once (Eq. 6)."""
+        unique = list(dict.fromkeys(class_names))
+        t_cls = self.prompts(self.text_encoder, unique)  # [C, 2, P, D]
+        index = torch.tensor([unique.index(c) for c in class_names], device=t_cls.device)
+        return t_cls[index]
+
+    def forward(self, feats: Any, class_names: list[str] | tuple[str, ...], out_size: int | tuple[int, int]) -> SSVPOutput:
+        b = feats.clip_patch.shape[0]
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != b:
+            raise ValueError(f"got {len(class_names)} class names for a batch of {b} images")
+        size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+        device = next(self.prompts.parameters()).device
+        clip_patch = feats.clip_patch.to(device).float()
+        clip_global = feats.clip_global.to(device).float()
+        dino_patch = feats.dino_patch.to(device).float() if self.fusion.mode != "none" else None
+        dino_global = feats.dino_global.to(device).float() if self.fusion.mode != "none" else None
+
+        patches, v_global = self.fusion(clip_patch, clip_global, dino_patch, dino_global)  # Eq. 2-5
+        t_init = self.encode_prompts(class_names)  # Eq. 6, [B, 2, P, D]
+        aux: dict[str, Any] = {"z": None, "mu": None, "logvar": None, "recon": None, "alpha": None}
+        if self.vcpg is not None:
+            vc = self.vcpg(v_global.float(), t_init)  # Eq. 7-11
+            t_final = vc.pop("t_final")
+            aux.update(vc)
+            aux["alpha"] = self.vcpg.alpha
+        else:
+            t_final = t_init  # Table 3 C: static learnable prompts
+        # state embeddings: mean of the unit prompt embeddings per state
+        text = F.normalize(F.normalize(t_final.float(), dim=-1).mean(dim=2), dim=-1)  # [B, 2, D]
+
+        with torch.autocast(device.type, enabled=False):  # similarities / tau in float32
+            v = self.vtam(patches.float(), v_global.float(), text.float())  # Eq. 13-19
+        g = v["map"].shape[-1]
+        anomaly_map = F.interpolate(v["map"][:, 1:2], size=size, mode="bilinear", align_corners=False)[:, 0]
+        layer_maps = F.interpolate(
+            v["layer_maps"].flatten(1, 2), size=size, mode="bilinear", align_corners=False
+        ).view(b, self.n_layers, 2, *size)
+        s_final = v["s_final"]
+        aux.update(
+            {
+                "layer_maps": layer_maps,
+                "map_grid": v["map"],
+                "patches": patches,
+                "v_global": v_global,
+                "t_init": t_init.mean(dim=2),
+                "t_final": t_final.mean(dim=2),
+                "t_init_prompts": t_init,
+                "t_final_prompts": t_final,
+                "text": text,
+                "s_global": v["s_global"],
+                "s_local": v["s_local"],
+                "scale_weights": v["scale_weights"],
+                "spatial_weights": v["spatial_weights"],
+                "grid": g,
+            }
+        )
+        return SSVPOutput(anomaly_map=anomaly_map, score=torch.sigmoid(s_final), score_logit=s_final, aux=aux)
+
+
+class SSVP(nn.Module):
+    """Frozen ``Backbones`` + trainable ``SSVPHead``; ``model(images, class_names) -> SSVPOutput``."""
+
+    def __init__(self, model_cfg: Any, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        from .backbones import Backbones
+
+        self.model_cfg = model_cfg
+        self.backbones = Backbones(model_cfg, device=device)
+        bb = self.backbones
+        self.head = SSVPHead(model_cfg, bb.clip_dim, bb.dino_dim, bb.text)
+        if device is not None:
+            self.head.to(device)
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return self.head.trainable_parameters()
+
+    def train(self, mode: bool = True) -> "SSVP":
+        super().train(mode)
+        self.backbones.train(False)  # frozen backbones stay in eval mode
+        return self
+
+    def forward(
+        self, images: torch.Tensor, class_names: list[str] | tuple[str, ...], out_size: int | None = None
+    ) -> SSVPOutput:
+        feats = self.backbones(images)
+        return self.head(feats, class_names, out_size or images.shape[-1])

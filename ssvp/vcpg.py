@@ -1,0 +1,141 @@
+"""Vision-Conditioned Prompt Generator (VCPG): decoupled prompts, VAE latent, gated text update.
+
+Decoupled prompts (Eq. 6). For class word ``[cls]`` and state s in {normal, abnormal},
+prompt k in 1..P (P = ``model.n_prompts``)::
+
+    p_{s,k} = [SOS] [V]bg_1 .. [V]bg_m  [V]state_{s,k,1} .. [V]state_{s,k,n}  [cls] . [EOS]
+    T_init[s, k] = E_text(p_{s,k})                                            (Eq. 6)
+
+``[V]bg`` (m = ``n_ctx_bg`` vectors) is one learnable context shared by every prompt;
+``[V]state`` (n = ``n_ctx_state`` vectors) is learnable per state and prompt. The frozen
+CLIP text tower maps the embeddings to the joint space (gradients reach the contexts).
+
+VAE on the visual global feature V_global (Eq. 7-9)::
+
+    mu, log sigma^2 = Enc(V_global)                                           (Eq. 7)
+    z = mu + sigma * eps,  eps ~ N(0, I)    (training; z = mu in eval mode)   (Eq. 8)
+    V_hat = Dec(z);  L_VAE = ||V_global - V_hat||^2 + beta KL                 (Eq. 9, ssvp.losses)
+
+Text-latent cross-attention and gate (Eq. 10-11)::
+
+    H = Attn(Q = T_init W_q, K = Z W_k, V = Z W_v) W_o,  Z = tokens(z)        (Eq. 10)
+    T_final = LN(T_init + alpha * H),  alpha initialised to ``alpha_init`` (0) (Eq. 11)
+
+``Z`` splits z into ``n_latent_tokens`` (4) tokens of width D_c by one linear map: over a
+single key the softmax would be identically 1 and every prompt would receive the same
+update, so several latent tokens let each prompt query weight them. With alpha = 0,
+T_final = LN(T_init) and the attention weights get exactly zero gradient until alpha
+moves (alpha itself gets a gradient from the first step).
+
+The margin loss (Eq. 12) keeps T_final near sg(T_init); see ``ssvp.losses``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hsvs import CrossAttention
+
+__all__ = ["PromptLearner", "VCPG"]
+
+_LOGVAR_RANGE = (-10.0, 10.0)
+
+
+class PromptLearner(nn.Module):
+    """Learnable ``[V]bg`` (shared) and ``[V]state`` (normal / abnormal x P) contexts (Eq. 6)."""
+
+    def __init__(self, n_ctx_bg: int, n_ctx_state: int, n_prompts: int, width: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.n_ctx_bg = n_ctx_bg
+        self.n_ctx_state = n_ctx_state
+        self.n_prompts = n_prompts
+        self.ctx_bg = nn.Parameter(torch.randn(n_ctx_bg, width) * init_std)
+        self.ctx_state = nn.Parameter(torch.randn(2, n_prompts, n_ctx_state, width) * init_std)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_ctx_bg + self.n_ctx_state
+
+    def forward(self, text_encoder: Any, class_names: list[str]) -> torch.Tensor:
+        """Unique class names -> T_init [C, 2, P, D] (normal = index 0, abnormal = 1)."""
+        n_cls, p, w = len(class_names), self.n_prompts, self.ctx_bg.shape[-1]
+        placeholder = " ".join(["X"] * self.n_ctx)
+        texts = [f"{placeholder} {name.replace('_', ' ')}." for name in class_names]
+        ids = text_encoder.tokenize(texts).to(self.ctx_bg.device)  # [C, T]
+        if ids.shape[1] < self.n_ctx + 3:
+            raise ValueError(f"text context length {ids.shape[1]} is too short for {self.n_ctx} prompt tokens")
+        eot = text_encoder.eot_index(ids)
+        # every prompt ends with '.' right before EOS; a truncated prompt does not
+        dot = text_encoder.tokenize(["."]).to(ids.device)[0, 1]
+        fits = (eot > self.n_ctx + 1) & (ids[torch.arange(n_cls, device=ids.device), (eot - 1).clamp(min=0)] == dot)
+        if not bool(fits.all()):
+            bad = [class_names[i] for i in torch.nonzero(~fits).flatten().tolist()]
+            raise ValueError(
+                f"class names {bad} do not fit the text encoder's context of {ids.shape[1]} tokens "
+                f"after {self.n_ctx} prompt tokens (model.n_ctx_bg + model.n_ctx_state)"
+            )
+        with torch.no_grad():
+            emb = text_encoder.token_embedding(ids).to(self.ctx_bg.dtype)  # [C, T, W]
+        prefix = emb[:, :1]  # SOS
+        suffix = emb[:, 1 + self.n_ctx :]  # class word, '.', EOS, padding
+        t_len = emb.shape[1]
+        ctx = torch.cat([self.ctx_bg.expand(2, p, -1, -1), self.ctx_state], dim=2)  # [2, P, n_ctx, W]
+        x = torch.cat(
+            [
+                prefix[:, None, None].expand(n_cls, 2, p, 1, w),
+                ctx[None].expand(n_cls, -1, -1, -1, -1),
+                suffix[:, None, None].expand(n_cls, 2, p, t_len - 1 - self.n_ctx, w),
+            ],
+            dim=3,
+        ).reshape(n_cls * 2 * p, t_len, w)
+        eot = eot.repeat_interleave(2 * p)
+        t_init = text_encoder.encode_embeddings(x, eot)  # Eq. 6
+        return t_init.float().view(n_cls, 2, p, -1)
+
+
+class VCPG(nn.Module):
+    """VAE over V_global + text-latent cross-attention + gate alpha + LayerNorm (Eq. 7-11)."""
+
+    def __init__(
+        self, dim: int, latent_dim: int, heads: int, alpha_init: float = 0.0, n_latent_tokens: int = 4
+    ) -> None:
+        super().__init__()
+        hidden = dim
+        self.n_latent_tokens = n_latent_tokens
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.GELU())  # Enc of Eq. 7
+        self.to_mu = nn.Linear(hidden, latent_dim)
+        self.to_logvar = nn.Linear(hidden, latent_dim)
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))  # Dec, Eq. 9
+        self.latent_tokens = nn.Linear(latent_dim, n_latent_tokens * dim)  # Z = tokens(z)
+        self.cross = CrossAttention(dim, dim, dim, heads)  # Eq. 10
+        self.cross_out = nn.Linear(dim, dim)  # W_o of Eq. 10
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))  # Eq. 11 gate
+        self.norm = nn.LayerNorm(dim)  # Eq. 11
+
+    def encode(self, v_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(v_global)
+        mu = self.to_mu(h)  # Eq. 7
+        logvar = self.to_logvar(h).clamp(*_LOGVAR_RANGE)  # Eq. 7 (clamped for stability)
+        return mu, logvar
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return mu
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # Eq. 8
+
+    def update_text(self, t_init: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """t_init [B, ..., D], z [B, latent] -> T_final, same shape as t_init (Eq. 10-11)."""
+        b, d = t_init.shape[0], t_init.shape[-1]
+        q = t_init.reshape(b, -1, d)
+        mem = self.latent_tokens(z).view(b, self.n_latent_tokens, d)
+        h = self.cross_out(self.cross(q, mem))  # Eq. 10
+        return self.norm(q + self.alpha * h).view_as(t_init)  # Eq. 11
+
+    def forward(self, v_global: torch.Tensor, t_init: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu, logvar = self.encode(v_global)
+        z = self.reparameterize(mu, logvar)
+        recon = self.decoder(z)  # V_hat of Eq. 9
+        t_final = self.update_text(t_init, z)
+        return {"mu": mu, "logvar": logvar, "z": z, "recon": recon, "t_final": t_final}

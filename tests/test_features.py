@@ -1,0 +1,178 @@
+"""Frozen-feature cache: equal to fresh features, keyed by everything they depend on, no recompute."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ssvp.backbones import Backbones
+from ssvp.config import Config
+from ssvp.features import FeatureCache, FeatureCacheError
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return Backbones(Config.tiny().model)
+
+
+class CountCalls:
+    """Counts real forward passes of a module through a forward hook."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.images = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        self.images += args[0].shape[0]
+
+
+def _images(n, seed=0, size=112):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cached_equals_fresh_and_second_read_skips_backbone(bb, tmp_path):
+    cache = FeatureCache(tmp_path, bb, Config.tiny().model)
+    counter = CountCalls(bb)
+    images = _images(4)
+    fresh = bb(images)
+    assert counter.calls == 1
+    first = cache.get_batch(images)  # all misses: one backbone call for the batch
+    assert counter.calls == 2 and counter.images == 8
+    second = cache.get_batch(images)  # all hits: no backbone call
+    assert counter.calls == 2
+    assert (cache.hits, cache.misses) == (4, 4)
+    for name in fresh.names():
+        a, b, c = getattr(fresh, name), getattr(first, name), getattr(second, name)
+        assert a.shape == b.shape == c.shape
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-3)  # fp16 storage
+        assert torch.equal(b, c)  # computed-and-stored and read-back are identical
+    assert len(cache) == 4
+    # a fresh cache object (another trial / process) reads the same files, still no backbone call
+    other = FeatureCache(tmp_path, bb)
+    third = other.get_batch(images[1:3])
+    assert counter.calls == 2 and other.hits == 2
+    assert torch.equal(third.dino_patch, second.dino_patch[1:3])
+    counter.handle.remove()
+
+
+def test_mixed_hits_and_misses_run_only_the_misses(bb, tmp_path):
+    cache = FeatureCache(tmp_path, bb, dtype="float32")
+    images = _images(5, seed=1)
+    cache.get_batch(images[[0, 2]])
+    counter = CountCalls(bb)
+    feats = cache.get_batch(images)
+    assert counter.calls == 1 and counter.images == 3  # only images 1, 3, 4 ran
+    fresh = bb(images)
+    for name in fresh.names():  # float32 storage: exact up to batch-composition noise
+        torch.testing.assert_close(getattr(feats, name), getattr(fresh, name), atol=1e-5, rtol=1e-5)
+    counter.handle.remove()
+
+
+def test_files_are_memory_mappable_fp16(bb, tmp_path):
+    cache = FeatureCache(tmp_path, bb)
+    img = _images(1, seed=2)
+    cache.get_batch(img)
+    path = cache.path_for(cache.key_for(img[0]))
+    arr = np.load(path, mmap_mode="r")
+    assert isinstance(arr, np.memmap) and arr.dtype == np.float16
+    assert arr.shape == (4 * 64 * 64 + 64 + 4 * 64 * 64 + 64,)
+    spec = json.loads((cache.dir / "spec.json").read_text())
+    assert spec["spec_hash"] == cache.spec_hash
+    assert spec["backbones"]["clip_layers"] == [1, 2, 3, 4]
+    assert not list(cache.dir.glob("**/*.tmp"))  # no temporaries left behind
+
+
+def test_key_depends_on_image_taps_grid_weights(bb, tmp_path):
+    img = _images(1, seed=3)[0]
+    base = FeatureCache(tmp_path, bb)
+    k = base.key_for(img)
+    assert k == base.key_for(img.clone())  # content, not identity
+    changed = img.clone()
+    changed[0, 0, 0] += 1e-3
+    assert base.key_for(changed) != k
+
+    def key_with(**over):
+        return FeatureCache(tmp_path, Backbones(Config.tiny(**over).model)).key_for(img)
+
+    other_taps = key_with(clip_layers=[1, 2, 3], dino_layers=[1, 2, 4])
+    other_grid = key_with(grid=7)
+    no_dino = key_with(fusion="none")
+    assert len({k, other_taps, other_grid, no_dino}) == 4
+    # other weights: same names and taps, different weights -> different spec and key
+    bb2 = Backbones(Config.tiny().model)
+    with torch.no_grad():
+        bb2.dino.model.embeddings.cls_token.add_(0.1)
+    changed_weights = FeatureCache(tmp_path, bb2)
+    assert changed_weights.spec_hash != base.spec_hash and changed_weights.key_for(img) != k
+    # storage dtype is part of the spec too
+    assert FeatureCache(tmp_path, bb, dtype="float32").key_for(img) != k
+    # and the same configuration rebuilt elsewhere maps to the same key (shared across trials)
+    assert key_with() == k
+
+
+def test_corrupt_file_is_recomputed(bb, tmp_path):
+    cache = FeatureCache(tmp_path, bb)
+    img = _images(1, seed=4)
+    good = cache.get_batch(img)
+    path = cache.path_for(cache.key_for(img[0]))
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    counter = CountCalls(bb)
+    again = cache.get_batch(img)
+    assert counter.calls == 1
+    assert torch.equal(again.clip_patch, good.clip_patch)
+    assert np.load(path).shape[0] > 1000  # replaced by a complete file
+    counter.handle.remove()
+
+
+def test_bad_arguments(bb, tmp_path):
+    with pytest.raises(FeatureCacheError, match="dtype"):
+        FeatureCache(tmp_path, bb, dtype="int8")
+    with pytest.raises(FeatureCacheError, match="model.grid=7"):
+        FeatureCache(tmp_path, bb, Config.tiny(grid=7).model)
+    cache = FeatureCache(tmp_path, bb)
+    with pytest.raises(ValueError, match=r"\[B, 3, S, S\]"):
+        cache.get_batch(torch.rand(3, 112, 112))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FeatureCacheError, match="cannot be created"):
+        FeatureCache(blocker / "sub", bb)
+
+
+def _writer(root, seed, queue):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(1)
+    bb = Backbones(Config.tiny().model)
+    cache = FeatureCache(root, bb)
+    feats = cache.get_batch(_images(3, seed=seed))
+    queue.put(feats.clip_patch.numpy())
+
+
+def test_concurrent_writers_same_images(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), 7, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    np.testing.assert_array_equal(results[0], results[1])
+    files = list(tmp_path.glob("*/*/*.npy"))
+    assert len(files) == 3 and not list(tmp_path.glob("**/*.tmp"))
+    bb = Backbones(Config.tiny().model)
+    counter = CountCalls(bb)
+    read = FeatureCache(tmp_path, bb).get_batch(_images(3, seed=7))
+    assert counter.calls == 0
+    np.testing.assert_array_equal(read.clip_patch.numpy(), results[0])

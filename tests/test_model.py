@@ -1,0 +1,265 @@
+"""SSVP (Algorithm 1) on the tiny real-class backbones: shapes, gradients, ablation switches."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssvp.backbones import Backbones
+from ssvp.config import Config
+from ssvp.losses import total_loss
+from ssvp.model import SSVP, SSVPHead, SSVPOutput
+from ssvp.hsvs import ATFBlock, ConcatFusion
+
+SIZE = 112  # tiny preset: 8 x 8 grid, CLIP at 112 px
+NAMES = ["bottle", "screw", "bottle"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return Config.tiny()
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return SSVP(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def feats(model, images):
+    return model.backbones(images)
+
+
+def _loss(out, b=3, size=SIZE, cfg=None):
+    masks = torch.zeros(b, size, size)
+    masks[0, 10:30, 20:40] = 1
+    labels = torch.tensor([1, 0, 0][:b])
+    return total_loss(out, masks, labels, (cfg or Config.tiny()).model)
+
+
+def test_output_shapes_tiny(model, images, cfg):
+    out = model(images, NAMES)
+    assert isinstance(out, SSVPOutput)
+    b, n_layers, g = 3, len(cfg.model.clip_layers), cfg.model.grid
+    d, p, latent = model.backbones.clip_dim, cfg.model.n_prompts, cfg.model.latent_dim
+    assert out.anomaly_map.shape == (b, SIZE, SIZE)
+    assert out.score.shape == out.score_logit.shape == (b,)
+    torch.testing.assert_close(out.score, torch.sigmoid(out.score_logit))
+    expected = {
+        "layer_maps": (b, n_layers, 2, SIZE, SIZE),
+        "map_grid": (b, 2, g, g),
+        "patches": (b, n_layers, g * g, d),
+        "v_global": (b, d),
+        "z": (b, latent),
+        "mu": (b, latent),
+        "logvar": (b, latent),
+        "recon": (b, d),
+        "t_init": (b, 2, d),
+        "t_final": (b, 2, d),
+        "t_init_prompts": (b, 2, p, d),
+        "t_final_prompts": (b, 2, p, d),
+        "text": (b, 2, d),
+        "s_global": (b,),
+        "s_local": (b,),
+        "scale_weights": (b, n_layers),
+        "spatial_weights": (b, n_layers, g, g),
+        "alpha": (),
+    }
+    for key, shape in expected.items():
+        assert tuple(out.aux[key].shape) == shape, key
+    assert out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
+    torch.testing.assert_close(out.aux["layer_maps"].sum(2), torch.ones(b, n_layers, SIZE, SIZE))
+    # another output size: maps follow out_size
+    out2 = model.head(model.backbones(images), NAMES, 64)
+    assert out2.anomaly_map.shape == (b, 64, 64) and out2.aux["layer_maps"].shape[-2:] == (64, 64)
+
+
+def test_head_on_cached_features_equals_full_model(model, images, feats):
+    model.eval()
+    try:
+        full = model(images, NAMES)
+        cached = model.head(feats, NAMES, SIZE)
+    finally:
+        model.train()
+    torch.testing.assert_close(full.anomaly_map, cached.anomaly_map)
+    torch.testing.assert_close(full.score_logit, cached.score_logit)
+    assert not model.backbones.training  # SSVP.train() keeps the frozen backbones in eval mode
+
+
+def test_prompt_assembly_matches_text_encoder_on_plain_words(model):
+    """With every context vector set to the word embedding of 'x', T_init is CLIP's 'X X X X bottle.' (Eq. 6)."""
+    head, text = model.head, model.backbones.text
+    x_emb = text.token_embedding(text.tokenize(["x"]))[0, 1]
+    saved = {k: v.clone() for k, v in head.prompts.state_dict().items()}
+    try:
+        with torch.no_grad():
+            head.prompts.ctx_bg.copy_(x_emb.expand_as(head.prompts.ctx_bg))
+            head.prompts.ctx_state.copy_(x_emb.expand_as(head.prompts.ctx_state))
+            t = head.prompts(text, ["bottle", "metal nut"])
+        n = head.prompts.n_ctx
+        ref = text.encode_text([" ".join(["X"] * n) + " bottle.", " ".join(["X"] * n) + " metal nut."])
+        for s in range(2):
+            for k in range(head.prompts.n_prompts):
+                torch.testing.assert_close(t[:, s, k], ref, rtol=1e-4, atol=1e-4)
+    finally:
+        head.prompts.load_state_dict(saved)
+    with pytest.raises(ValueError, match="do not fit"):
+        head.prompts(text, ["very long name " * 20])
+
+
+def test_states_and_classes_get_distinct_prompts_and_unique_names_are_encoded_once(model, feats, monkeypatch):
+    text = model.backbones.text
+    rows = []
+    original = text.encode_embeddings
+
+    def counting(x, eot):
+        rows.append(x.shape[0])
+        return original(x, eot)
+
+    monkeypatch.setattr(text, "encode_embeddings", counting)
+    out = model.head(feats, NAMES, SIZE)
+    p = model.model_cfg.n_prompts
+    assert rows == [2 * 2 * p]  # two unique names x {normal, abnormal} x P prompts, one call
+    t = out.aux["t_init_prompts"]
+    torch.testing.assert_close(t[0], t[2])  # same class, same static prompts
+    assert (t[0] - t[1]).abs().max() > 1e-4  # another class word
+    assert (t[0, 0] - t[0, 1]).abs().max() > 1e-4  # normal vs abnormal contexts
+
+
+def test_gradients_reach_every_trainable_parameter_and_never_the_backbones(cfg, images):
+    torch.manual_seed(0)
+    model = SSVP(cfg.model)
+    with torch.no_grad():
+        model.head.vcpg.alpha.fill_(0.5)  # with alpha = 0 the text-latent attention gets zero gradient (Eq. 11)
+    loss, _ = _loss(model(images, NAMES))
+    loss.backward()
+    head_params = dict(model.head.named_parameters())
+    assert head_params
+    no_grad = [n for n, p in head_params.items() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert no_grad == []
+    assert all(not p.requires_grad and p.grad is None for p in model.backbones.parameters())
+    assert sum(p.numel() for p in model.backbones.parameters()) > 0
+
+
+def test_alpha_zero_leaves_only_text_latent_attention_without_gradient(model, feats):
+    model.head.zero_grad(set_to_none=True)
+    assert float(model.head.vcpg.alpha.detach()) == 0.0  # model.alpha_init
+    out = model.head(feats, NAMES, SIZE)
+    torch.testing.assert_close(out.aux["t_final_prompts"], F.layer_norm(out.aux["t_init_prompts"], (out.aux["t_init_prompts"].shape[-1],)))
+    _loss(out)[0].backward()
+    zero = sorted(
+        n for n, p in model.head.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0
+    )
+    assert zero and all(n.startswith(("vcpg.cross", "vcpg.latent_tokens")) for n in zero), zero
+    assert model.head.vcpg.alpha.grad.abs() > 0
+    model.head.zero_grad(set_to_none=True)
+
+
+def test_trainable_parameter_groups(model):
+    groups = model.trainable_parameters()
+    prompt_ids = {id(p) for p in groups["prompt"]}
+    head_ids = {id(p) for p in groups["head"]}
+    assert prompt_ids == {id(model.head.prompts.ctx_bg), id(model.head.prompts.ctx_state)}
+    assert not prompt_ids & head_ids
+    assert prompt_ids | head_ids == {id(p) for p in model.head.parameters()}
+    assert id(model.head.vcpg.alpha) in head_ids
+    state = model.head.state_dict()
+    assert not any("clip_model" in k or "backbones" in k or "dino" in k for k in state)
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in model.head.parameters())
+
+
+def test_eval_is_deterministic_and_train_samples_z(model, feats):
+    head = model.head
+    head.eval()
+    a, b = head(feats, NAMES, SIZE), head(feats, NAMES, SIZE)
+    torch.testing.assert_close(a.aux["z"], a.aux["mu"])
+    torch.testing.assert_close(a.score_logit, b.score_logit)
+    head.train()
+    c = head(feats, NAMES, SIZE)
+    assert (c.aux["z"] - c.aux["mu"]).abs().max() > 0
+
+
+def _variant_head(model, **overrides):
+    cfg = Config.tiny(**overrides)
+    bb = model.backbones
+    torch.manual_seed(0)
+    return cfg, SSVPHead(cfg.model, bb.clip_dim, bb.dino_dim, bb.text)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"fusion": "atf"},
+        {"fusion": "concat"},
+        {"fusion": "none"},
+        {"vcpg": False},
+        {"vtam": False},
+        {"fusion": "none", "vcpg": False, "vtam": False},
+        {"s_local": "mean_maxpool", "gamma": 1.0},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_ablation_switches_run_and_change_the_parameter_set(model, feats, overrides):
+    cfg, head = _variant_head(model, **overrides)
+    names = {n.split(".")[0] for n, _ in head.named_parameters()}
+    block_types = {type(m) for m in head.fusion.modules()}
+    fusion = cfg.model.fusion
+    if fusion == "atf":
+        assert ATFBlock in block_types and ConcatFusion not in block_types
+        assert len(head.fusion.layers) == len(cfg.model.clip_layers)
+    elif fusion == "concat":
+        assert ConcatFusion in block_types and ATFBlock not in block_types
+    else:
+        assert "fusion" not in names
+    assert ("vcpg" in names) == cfg.model.vcpg
+    assert ("vtam" in names) == cfg.model.vtam
+    assert "prompts" in names
+
+    out = head(feats, NAMES, SIZE)
+    loss, parts = _loss(out, cfg=cfg)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert head.prompts.ctx_state.grad is not None and head.prompts.ctx_state.grad.abs().sum() > 0
+    if fusion == "none":
+        torch.testing.assert_close(out.aux["patches"], feats.clip_patch)
+        torch.testing.assert_close(out.aux["v_global"], feats.clip_global)
+    if not cfg.model.vcpg:
+        assert out.aux["mu"] is None and out.aux["z"] is None
+        assert float(parts["vae"]) == 0.0 and float(parts["margin"]) == 0.0
+        torch.testing.assert_close(out.aux["t_final_prompts"], out.aux["t_init_prompts"])
+    if not cfg.model.vtam:
+        torch.testing.assert_close(out.score_logit, out.aux["s_global"])
+        torch.testing.assert_close(out.aux["map_grid"], _grid_mean(out))
+    else:
+        g = cfg.model.gamma
+        torch.testing.assert_close(out.score_logit, (1 - g) * out.aux["s_global"] + g * out.aux["s_local"])
+
+
+def _grid_mean(out):
+    # plain mean of the per-layer maps on the patch grid (Table 3, VTAM off)
+    g = out.aux["map_grid"].shape[-1]
+    patches, text = out.aux["patches"], out.aux["text"]
+    from ssvp.vtam import state_probs
+
+    tau = Config.tiny().model.tau
+    p = state_probs(patches, text, tau)  # [B, L, N, 2]
+    return p.mean(1).permute(0, 2, 1).reshape(p.shape[0], 2, g, g)
+
+
+def test_fusion_none_never_needs_dino(cfg):
+    torch.manual_seed(0)
+    model = SSVP(Config.tiny(fusion="none").model)
+    assert model.backbones.dino is None
+    out = model(torch.rand(2, 3, SIZE, SIZE), ["bottle", "screw"])
+    assert out.anomaly_map.shape == (2, SIZE, SIZE)
+
+
+def test_bad_input_errors(model, feats):
+    with pytest.raises(ValueError, match="class names"):
+        model.head(feats, ["bottle"], SIZE)

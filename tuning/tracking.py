@@ -1,0 +1,478 @@
+"""MLflow recording of sweeps: one parent run per sweep, one child run per Tune trial.
+
+Everything is logged from the Tune *driver* by :class:`MLflowTrialCallback` (a Tune
+``Callback``), keyed by trial id, so that
+
+* a trial's run is created when it starts (params = the whole resolved config, tags
+  ``sweep_id``, ``trial_id``, ``role=trial``, ``variant``, ``seed``, ``git_commit``,
+  ``mlflow.parentRunId``; the resolved config as an artifact),
+* each epoch's metrics are logged with ``step = epoch`` exactly once (on a resumed or
+  restarted trial, epochs at or below the last logged one are skipped: the last
+  logged epoch is read back from MLflow, the source of truth),
+* a finished trial gets its final / best source-validation metrics, its best
+  checkpoint (heads) and worker placement records as artifacts and ends FINISHED,
+* a failed trial ends FAILED with the reason (tag ``error`` and ``error.txt``),
+* nothing stays RUNNING: :meth:`SweepTracker.close_open_children` marks what an
+  interrupted sweep left running as KILLED, and ``--resume`` reopens those runs
+  (found again by their ``trial_id`` tag, never duplicated).
+
+Tracking store: SQLite by default (``sqlite:////ABS/runs/mlflow.db``, absolute because
+trials run in their own working directories) with artifacts in a local folder
+(``ABS/runs/mlartifacts``); any ``--tracking-uri`` (e.g. ``http://server:5000``) works.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+try:  # the callback base class; tracking helpers also work without a Ray session
+    from ray.tune import Callback as _TuneCallback
+except Exception:  # noqa: BLE001
+    _TuneCallback = object  # type: ignore[assignment,misc]
+
+__all__ = [
+    "default_tracking_uri",
+    "default_artifact_location",
+    "normalize_tracking_uri",
+    "is_local_store",
+    "git_commit",
+    "error_summary",
+    "SweepTracker",
+    "MLflowTrialCallback",
+    "TUNE_AUTO_KEYS",
+]
+
+PARENT_TAG = "mlflow.parentRunId"
+# keys Tune adds to every result; everything else numeric in a result is a metric of the run
+TUNE_AUTO_KEYS = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
+    "time_since_restore", "iterations_since_restore", "experiment_tag", "checkpoint_path",
+    "should_checkpoint", "experiment_id", "episodes_total", "timesteps_total", "timesteps_since_restore",
+    "target_eval_done", "epoch",
+}
+_WRAPPER_ERRORS = {
+    "TrainingFailedError", "WorkerGroupError", "RayTaskError", "TuneError", "ActorDiedError",
+    "RayActorError", "ControllerError", "RayTaskError(TrainingFailedError)",
+}
+
+
+# --------------------------------------------------------------------------- locations
+def default_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
+    """``sqlite:////ABS/runs/mlflow.db`` under ``base_dir`` (default: the working directory)."""
+    root = Path(base_dir or os.getcwd()).resolve() / "runs"
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def default_artifact_location(base_dir: str | os.PathLike | None = None) -> str:
+    return str(Path(base_dir or os.getcwd()).resolve() / "runs" / "mlartifacts")
+
+
+def normalize_tracking_uri(uri: str | None, base_dir: str | os.PathLike | None = None) -> str:
+    """Absolute tracking URI: ``None``/"" -> the default SQLite file; a bare path -> ``sqlite:///ABS``.
+
+    ``sqlite:///relative.db`` is made absolute; ``file:`` stores are refused (MLflow 3
+    needs ``MLFLOW_ALLOW_FILE_STORE``; use SQLite or a server).
+    """
+    if not uri:
+        return default_tracking_uri(base_dir)
+    if uri.startswith("file:") or (("://" not in uri) and Path(uri).suffix not in (".db", ".sqlite")):
+        raise ValueError(
+            f"tracking URI {uri!r}: use a SQLite file (sqlite:////abs/path/mlflow.db or a path ending in .db) "
+            "or a tracking server (http://host:5000); MLflow's file store is not supported"
+        )
+    if "://" not in uri:
+        path = Path(uri)
+        if not path.is_absolute():
+            path = Path(base_dir or os.getcwd()).resolve() / path
+        return f"sqlite:///{path}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        return f"sqlite:///{(Path(base_dir or os.getcwd()).resolve() / rel)}"
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _ensure_sqlite_dir(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """The repository's HEAD commit (``SSVP_GIT_COMMIT`` wins; ``unknown`` outside a git checkout)."""
+    env = os.environ.get("SSVP_GIT_COMMIT")
+    if env:
+        return env
+    repo = Path(repo or Path(__file__).resolve().parents[1])
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def error_summary(trace: str | None) -> str:
+    """The most telling ``SomeError: message`` line of a (nested Ray) traceback."""
+    if not trace:
+        return "unknown error"
+    lines = [ln.strip() for ln in str(trace).splitlines() if ln.strip()]
+    pattern = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))(?:\([^)]*\))?: (.+)$")
+    hits = [(m.group(1).rsplit(".", 1)[-1], ln) for ln in lines if (m := pattern.match(ln))]
+    for name, line in hits:
+        if name not in _WRAPPER_ERRORS:
+            return line[:2000]
+    if hits:
+        return hits[-1][1][:2000]
+    return lines[-1][:2000] if lines else "unknown error"
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- tracker
+class SweepTracker:
+    """MLflow bookkeeping of one sweep (parent run + child runs); picklable, client made lazily."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep_id: str,
+        artifact_location: str | None = None,
+        parent_run_id: str | None = None,
+        experiment_id: str | None = None,
+    ):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.sweep_id = sweep_id
+        self.artifact_location = artifact_location
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            _ensure_sqlite_dir(self.tracking_uri)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # ----- experiment and parent
+    def ensure_experiment(self) -> str:
+        """Create the experiment (in the driver) if missing; returns its id."""
+        if self.experiment_id:
+            return self.experiment_id
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            location = None
+            if is_local_store(self.tracking_uri):
+                root = Path(self.artifact_location or default_artifact_location()).resolve()
+                root.mkdir(parents=True, exist_ok=True)
+                location = (root / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.experiment)).as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            except Exception:  # noqa: BLE001 - created concurrently by another driver
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+                self.experiment_id = exp.experiment_id
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+        return self.experiment_id
+
+    def find_parent(self):
+        runs = self.client.search_runs(
+            [self.ensure_experiment()],
+            filter_string=f"tags.sweep_id = '{self.sweep_id}' and tags.role = 'sweep'",
+            max_results=5,
+        )
+        return runs[0] if runs else None
+
+    def start_parent(self, run_name: str, tags: Mapping[str, str] | None = None, resume: bool = False) -> str:
+        """Create the sweep's parent run (or reopen it on resume); returns its id."""
+        existing = self.find_parent()
+        if existing is not None:
+            if not resume:
+                raise RuntimeError(
+                    f"MLflow experiment {self.experiment!r} already has a sweep with id {self.sweep_id!r} "
+                    f"(run {existing.info.run_id}); resume it or choose another sweep name"
+                )
+            self.parent_run_id = existing.info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+            self.client.set_tag(self.parent_run_id, "resumed", "true")
+            return self.parent_run_id
+        all_tags = {"sweep_id": self.sweep_id, "role": "sweep", "git_commit": git_commit(), **(tags or {})}
+        run = self.client.create_run(self.ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+        self.parent_run_id = run.info.run_id
+        return self.parent_run_id
+
+    def end_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    # ----- logging helpers
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(str(k), _param_value(v)) for k, v in params.items() if str(k) not in existing]
+        for start in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[start : start + 90])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(str(k), float(v), now, int(step or 0))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    # ----- children
+    def children(self, role: str | None = None) -> list:
+        filt = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+        if role:
+            filt += f" and tags.role = '{role}'"
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.ensure_experiment()], filter_string=filt, max_results=1000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def find_child(self, trial_id: str):
+        runs = self.client.search_runs(
+            [self.ensure_experiment()],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.trial_id = '{trial_id}'",
+            max_results=5,
+        )
+        return runs[0] if runs else None
+
+    def start_child(self, run_name: str, tags: Mapping[str, Any]) -> str:
+        all_tags = {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, "git_commit": git_commit(), **tags}
+        run = self.client.create_run(
+            self.ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+        )
+        return run.info.run_id
+
+    def last_logged_step(self, run_id: str, key: str = "epoch") -> int:
+        history = self.client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=0)
+
+    def close_open_children(self, status: str = "KILLED") -> list[str]:
+        """Mark child runs still RUNNING as ``status`` (an interrupted sweep); returns their ids."""
+        closed = []
+        for run in self.children():
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, "interrupted", "true")
+                self.client.set_terminated(run.info.run_id, status=status)
+                closed.append(run.info.run_id)
+        return closed
+
+
+# --------------------------------------------------------------------------- Tune callback
+class MLflowTrialCallback(_TuneCallback):
+    """Tune callback (driver side) that records every trial as a child run of the sweep's parent.
+
+    ``base`` is the base config dict and ``variants`` the named override bundles, so the
+    callback can log each trial's fully resolved config. ``epochs`` tells an early-stopped
+    trial (ASHA) from a complete one.
+    """
+
+    def __init__(
+        self,
+        tracker: SweepTracker,
+        base: Mapping[str, Any],
+        variants: Mapping[str, Any] | None = None,
+        epochs: int | None = None,
+        metric: str = "val_objective",
+        mode: str = "max",
+    ):
+        self.tracker = tracker
+        self.base = dict(base)
+        self.variants = dict(variants or {})
+        self.epochs = epochs
+        self.metric = metric
+        self.mode = mode
+        self._runs: dict[str, str] = {}
+        self._last_epoch: dict[str, int] = {}
+        self._best: dict[str, tuple[float, int]] = {}
+        self._checkpoint: dict[str, str] = {}
+        self._train_storage: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in ("_runs", "_last_epoch", "_best", "_checkpoint"):
+            state[key] = {}
+        return state
+
+    # Tune's own callback checkpointing: MLflow is the source of truth, keep nothing
+    def get_state(self):
+        return None
+
+    # ----- helpers
+    def _resolved(self, trial) -> tuple[dict, str | None]:
+        from tuning.trial import resolve_trial_config
+
+        cfg, variant = resolve_trial_config(self.base, trial.config, self.variants)
+        return cfg, variant
+
+    def run_id(self, trial) -> str:
+        """The trial's child run, created (or found again after a resume) on first use."""
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        tr = self.tracker
+        existing = tr.find_child(tid)
+        if existing is not None:
+            run_id = existing.info.run_id
+            if existing.info.status != "RUNNING":
+                tr.client.update_run(run_id, status="RUNNING")
+            self._last_epoch[tid] = tr.last_logged_step(run_id)
+            self._runs[tid] = run_id
+            return run_id
+        try:
+            cfg, variant = self._resolved(trial)
+            params = cfg.flat()
+            seed = cfg.train.seed
+        except Exception as exc:  # noqa: BLE001 - a config the trial will refuse too
+            cfg, variant, params, seed = None, trial.config.get("variant"), dict(trial.config), "?"
+            params["config_error"] = str(exc)
+        tags = {"trial_id": tid, "role": "trial", "variant": variant or "", "seed": seed, "trial_name": str(trial)}
+        run_id = tr.start_child(run_name=f"{tr.sweep_id}/{tid}", tags=tags)
+        tr.log_params(run_id, {**params, **({"variant": variant} if variant else {})})
+        tr.log_dict(run_id, dict(trial.config), "config/trial_params.json")
+        if cfg is not None:
+            tr.log_dict(run_id, cfg.to_dict(), "config/config.json")
+        self._runs[tid] = run_id
+        self._last_epoch[tid] = 0
+        return run_id
+
+    # ----- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid = trial.trial_id
+        run_id = self.run_id(trial)
+        if result.get("checkpoint_path"):
+            self._checkpoint[tid] = str(result["checkpoint_path"])
+        metrics = {
+            k: v for k, v in result.items()
+            if k not in TUNE_AUTO_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if result.get("target_eval_done"):
+            target = {k: v for k, v in metrics.items() if k.startswith("target_")}
+            self.tracker.log_metrics(run_id, target)
+            return
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        if epoch <= self._last_epoch.get(tid, 0):
+            return  # already logged (resumed or restarted trial)
+        self.tracker.log_metrics(run_id, {**metrics, "epoch": epoch}, step=epoch)
+        self._last_epoch[tid] = epoch
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        retries = int(self.tracker.client.get_run(run_id).data.tags.get("retries", "0")) + 1
+        self.tracker.client.set_tag(run_id, "retries", str(retries))
+        self.tracker.client.set_tag(run_id, f"retry_{retries}_error", error_summary(trial.get_error()))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finish_trial(trial, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finish_trial(trial, status="FAILED", error=trial.get_error() or "trial failed (no error text)")
+
+    # ----- completion (also used by the runner to reconcile after a resume)
+    def finish_trial(self, trial, status: str, error: str | None = None, checkpoint_path: str | None = None) -> str:
+        tr = self.tracker
+        tid = trial.trial_id
+        run_id = self.run_id(trial)
+        summary = self.final_metrics(run_id)
+        if summary:
+            tr.log_metrics(run_id, summary)
+            if self.epochs and summary.get("epochs_done", 0) < self.epochs and status == "FINISHED":
+                tr.client.set_tag(run_id, "early_stopped", "true")
+        ckpt = checkpoint_path or self._checkpoint.get(tid) or (trial.last_result or {}).get("checkpoint_path")
+        if ckpt and Path(ckpt).is_dir():
+            tr.client.set_tag(run_id, "checkpoint_path", str(ckpt))
+            best = Path(ckpt) / "best"
+            if best.is_dir() and not tr.client.list_artifacts(run_id, "checkpoints/best"):
+                tr.log_artifacts(run_id, best, "checkpoints/best")
+            placement = Path(ckpt).parent / "placement"
+            if placement.is_dir() and not tr.client.list_artifacts(run_id, "placement"):
+                tr.log_artifacts(run_id, placement, "placement")
+        if error:
+            tr.client.set_tag(run_id, "error", error_summary(error))
+            tr.log_text(run_id, str(error), "error.txt")
+        tr.client.set_terminated(run_id, status=status)
+        return run_id
+
+    def final_metrics(self, run_id: str) -> dict[str, float]:
+        """``best_<metric>``, ``best_epoch``, ``final_<metric>``s and ``epochs_done`` from the logged history."""
+        client = self.tracker.client
+        history = client.get_metric_history(run_id, self.metric)
+        if not history:
+            return {}
+        by_step = {m.step: m.value for m in history}
+        finite = {s: v for s, v in by_step.items() if _finite(v)}
+        out: dict[str, float] = {"epochs_done": float(max(by_step))}
+        if finite:
+            pick = max if self.mode == "max" else min
+            best_step = pick(finite, key=lambda s: finite[s])
+            out[f"best_{self.metric}"] = finite[best_step]
+            out["best_epoch"] = float(best_step)
+        run = client.get_run(run_id)
+        last_step = max(by_step)
+        for key in run.data.metrics:
+            if key.startswith("val_") or key.startswith("train_"):
+                values = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+                if last_step in values:
+                    out[f"final_{key}"] = values[last_step]
+        return out
