@@ -172,11 +172,26 @@ def test_exact_aupro_equals_brute_force(seed):
     assert got == pytest.approx(brute_force_aupro(masks, maps, limit), abs=1e-6)
 
 
+@pytest.mark.parametrize("limit", [0.3, 0.07])
+def test_exact_aupro_cut_in_a_bucket_without_anomalous_scores(limit):
+    # anomalous pixels all score above every normal pixel: the FPR cut lands among normal
+    # scores whose histogram bucket holds no anomalous score (PRO is flat there)
+    rng = np.random.default_rng(11)
+    masks, maps = random_masks_maps(rng, n=5, h=20, w=20)
+    maps = (maps + 3 * masks).astype(np.float32)
+    maps[masks] -= rng.random(masks.sum()).astype(np.float32) * 3.5  # some anomalous pixels dip low
+    got = M.aupro(masks, maps, fpr_limit=limit, n_threads=1)
+    assert got == pytest.approx(brute_force_aupro(masks, maps, limit), abs=1e-6)
+
+
 def test_aupro_thresholds_equals_peers_region_loop():
     rng = np.random.default_rng(5)
     masks, maps = random_masks_maps(rng, n=6, h=32, w=32, smooth=1.5)
-    loop = _bench_module().aupro_peer_loop(masks, maps, max_step=200, expect_fpr=0.3)
+    bench = _bench_module()
+    loop = bench.aupro_peer_loop(masks, maps, max_step=200, expect_fpr=0.3)
     assert M.aupro_thresholds(masks, maps, n_thresholds=200) == pytest.approx(loop, abs=1e-9)
+    relabel = bench.aupro_peer_loop(masks[:3], maps[:3], max_step=50, expect_fpr=0.3, relabel=True)
+    assert M.aupro_thresholds(masks[:3], maps[:3], n_thresholds=50) == pytest.approx(relabel, abs=1e-9)
 
 
 def test_threshold_variant_close_to_exact_on_smooth_maps():

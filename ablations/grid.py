@@ -1,0 +1,400 @@
+"""Run an ablation grid (variants x seeds) on Ray and write the paper-style tables and plots.
+
+    python ablations/grid.py --grid ablations/configs/quick.yaml --local            # this machine
+    ray job submit --working-dir . -- python ablations/grid.py --grid ablations/configs/table3.yaml
+    python ablations/grid.py --grid ablations/configs/table3.yaml --resume          # continue / retry report
+
+Each variant-seed pair is one Ray Tune trial of a plain grid (``BasicVariantGenerator``:
+``seed`` is a grid key, the variant a named bundle of overrides), each trial one Ray
+Train run (``tuning.runner.run_trials``), all under one MLflow parent run with a child
+run per trial. Every finished trial evaluates its best heads on the grid's target
+datasets (``target_eval="all"``); the grid then aggregates the per-seed results into
+``results.md`` / ``results.csv`` / ``paired.csv`` and PNG plots (``ablations.aggregate``),
+writes them under ``--out`` and logs them to the parent run.
+
+A failed variant-seed stays in the table as failed ("E: 2/3 seeds, 1 failed").
+``--resume`` continues an interrupted grid (same ``--name``/storage): finished and failed
+trials are kept, unfinished ones continue from their last checkpoint, and the MLflow
+parent run is reopened rather than duplicated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+if __package__ in (None, ""):  # run as a script (ray job submit ... -- python ablations/grid.py): repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ablations.aggregate import METRICS, write_report
+from ablations.spec import Grid, GridError, load_grid
+
+__all__ = ["build_parser", "main", "run_grid", "records_from_summary", "ensure_synthetic", "GRID_STATE"]
+
+GRID_STATE = "grid.json"  # what was run: grid file, seeds, sweep name, MLflow ids (in --out)
+SEED_KEY = "seed"
+EXPERIMENT = "ssvp-ablations"
+
+
+# --------------------------------------------------------------------------- data
+def ensure_synthetic(cfg) -> list[Path]:
+    """Generate the built-in synthetic benchmark where a ``synthetic:`` root is missing.
+
+    Only roots named like a synthetic domain (``.../domain_a``) are generated, into
+    their parent folder, with seed 0 (the quick grid's data); returns the folders written.
+    """
+    from ssvp.data.synthetic import DOMAINS, make_synthetic
+
+    written = []
+    for spec in [cfg.data.source, *cfg.data.targets]:
+        fmt, _, root = spec.partition(":")
+        path = Path(root)
+        if fmt != "synthetic" or path.exists():
+            continue
+        if path.name not in DOMAINS:
+            raise GridError(f"dataset {spec}: {path} does not exist (and is not a synthetic domain: {', '.join(DOMAINS)})")
+        print(f"[ablations] generating the synthetic benchmark under {path.parent}", flush=True)
+        make_synthetic(path.parent, seed=0)
+        written.append(path.parent)
+    return written
+
+
+# --------------------------------------------------------------------------- results
+def _target_metrics(trial_metrics: Mapping[str, float], targets: list[str]) -> dict[str, dict[str, Any]]:
+    from tuning.trial import target_metric_name
+
+    out: dict[str, dict[str, Any]] = {}
+    for spec in targets:
+        mean = {}
+        for key, _ in METRICS:
+            value = trial_metrics.get(target_metric_name(spec, key))
+            if value is not None:
+                mean[key] = float(value)
+        if mean:
+            out[spec] = {"mean": mean}
+    return out
+
+
+def _placement(train_dir: Path, trial_id: str) -> dict[str, Any]:
+    f = train_dir / trial_id / "placement" / "rank0.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def records_from_summary(summary, base_cfg) -> list[dict[str, Any]]:
+    """One record per variant-seed trial of a ``tuning.runner.ResultSummary``.
+
+    Finished trials with target metrics are ``ok``; failed ones (and finished ones whose
+    target evaluation produced nothing) are ``failed`` with the reason; interrupted
+    trials give no record (they show as missing until resumed).
+    """
+    train_dir = Path(f"{summary.experiment_path}.train")
+    targets = list(base_cfg.data.targets)
+    records = []
+    for t in summary.trials:
+        variant = t.variant or t.params.get("variant")
+        seed = t.params.get(SEED_KEY)
+        if variant is None or seed is None or t.status == "KILLED":
+            continue
+        place = _placement(train_dir, t.trial_id)
+        rec: dict[str, Any] = {
+            "trial_id": t.trial_id,
+            "variant": variant,
+            "seed": int(seed),
+            "run_id": t.run_id,
+            "checkpoint": t.checkpoint,
+            "node_id": place.get("node_id"),
+            "hostname": place.get("hostname"),
+        }
+        report = getattr(t, "target_report", None)  # full per-class report when the runner provides it
+        metrics = {spec: table for spec, table in report.items()} if report else _target_metrics(t.metrics, targets)
+        if t.status in ("FINISHED", "EARLY_STOPPED") and metrics:
+            rec.update(status="ok", metrics=metrics,
+                       val={k: v for k, v in t.metrics.items() if k.startswith(("best_", "final_"))})
+        else:
+            rec.update(status="failed", error=t.error or f"trial {t.status.lower()} without target metrics")
+        records.append(rec)
+    return records
+
+
+def _evaluate_checkpoint(cfg_dict: dict, checkpoint: str) -> dict:
+    """Ray task: the full per-class target report of one trial's best heads (``--per-class``)."""
+    import torch
+
+    from ssvp import engine
+    from ssvp.config import Config
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return engine.evaluate(Config.from_dict(cfg_dict).override({"device": device}), checkpoint)
+
+
+def add_per_class(records: list[dict[str, Any]], base_cfg, variants: Mapping[str, Any], use_gpu: bool, cpus: float) -> None:
+    """Fill per-class tables by evaluating each ok trial's best heads (when the runner gave only means)."""
+    import ray
+
+    from tuning.trial import resolve_trial_config
+
+    todo = [r for r in records if r["status"] == "ok" and r.get("checkpoint")
+            and not any(len(t) > 1 or "per_class" in t for t in r["metrics"].values())]
+    if not todo:
+        return
+    remote = ray.remote(_evaluate_checkpoint).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+    refs = []
+    for r in todo:
+        cfg, _ = resolve_trial_config(base_cfg.to_dict(), {"variant": r["variant"], SEED_KEY: r["seed"]}, variants)
+        refs.append(remote.remote(cfg.to_dict(), r["checkpoint"]))
+    for r, ref in zip(todo, refs):
+        try:
+            r["metrics"] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - keep the means, say why per-class is absent
+            r["per_class_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def write_records(records: list[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+# --------------------------------------------------------------------------- CLI
+def _key_value(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str) and "," in parsed and key.strip() in ("targets", "data.targets"):
+        parsed = [v.strip() for v in parsed.split(",") if v.strip()]
+    if key.strip() in ("targets", "data.targets") and isinstance(parsed, str):
+        parsed = [parsed]
+    return key.strip(), parsed if parsed is not None else value
+
+
+def _bool_or_auto(text: str):
+    t = text.lower()
+    if t == "auto":
+        return "auto"
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false; got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ablations/grid.py",
+        description="Run an SSVP ablation grid (variants x seeds) with Ray Tune + Ray Train, recorded in MLflow.",
+    )
+    p.add_argument("--grid", required=True, help="grid YAML (ablations/configs/NAME.yaml, or just NAME)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the grid's 'seeds')")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="start Ray in this process (127.0.0.1 only)")
+    where.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a --local Ray (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted grid (same --name and storage)")
+    p.add_argument("--name", default=None, help="grid run name: Tune experiment + MLflow parent run (default: grid name)")
+    p.add_argument("--out", default=None, help="folder for records.jsonl, tables and plots (default runs/ablations/NAME)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:////CWD/runs/mlflow.db)")
+    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument("--storage-path", default=None, help="Ray Tune/Train storage (default: SSVP_STORAGE_PATH, else runs/ray)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of variants (names or letters)")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key for every variant (repeatable), e.g. --set source=visa:/data/VisA")
+    p.add_argument("--per-class", action="store_true", help="also tabulate each class of each target")
+    p.add_argument("--use-gpu", type=_bool_or_auto, default=None, help="auto | true | false (default: auto)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs of a trial's Train worker (default: grid resources.cpu)")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs of a trial's Train worker (default: grid resources.gpu)")
+    p.add_argument("--resources-per-trial", type=json.loads, default=None, metavar="JSON",
+                   help='extra custom Ray resources per trial, e.g. \'{"gpu_node": 1}\'')
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: grid max_concurrent, else what fits)")
+    p.add_argument("--dry-run", action="store_true", help="check the grid and print its trials; start nothing")
+    p.add_argument("--quiet", action="store_true", help="no live Tune progress table")
+    return p
+
+
+def _grid_path(text: str) -> Path:
+    p = Path(text)
+    if p.is_file():
+        return p
+    candidate = Path(__file__).resolve().parent / "configs" / f"{text}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise GridError(f"grid file {text} does not exist (nor ablations/configs/{text}.yaml)")
+
+
+def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the grid described by parsed CLI ``args``; returns a summary dict."""
+    grid = load_grid(_grid_path(args.grid))
+    seeds = grid.seed_values(args.seeds)
+    chosen = [grid.variant(v.strip()).name for v in args.variants.split(",")] if args.variants else grid.variant_names
+    if args.variants and grid.reference not in chosen:
+        chosen.append(grid.reference)  # the paired comparison needs the reference
+    extra = dict(args.set)
+    name = args.name or grid.name
+    out = Path(args.out or Path("runs") / "ablations" / name).resolve()
+
+    from tuning.runner import absolutize_paths
+
+    base = absolutize_paths(grid.base_config(extra))
+    variants = {v: grid.variant(v).overrides for v in chosen}
+    for v in chosen:  # every variant must build before anything starts
+        grid.variant_config(v, seeds[0], extra)
+
+    state_file = out / GRID_STATE
+    if args.resume and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("seeds") != seeds or state.get("variants") != chosen:
+            raise GridError(
+                f"--resume: {state_file} was run with seeds {state.get('seeds')} and variants {state.get('variants')}; "
+                f"now {seeds} and {chosen}. Resume with the same --seeds/--variants, or use another --name/--out."
+            )
+    if args.dry_run:
+        print(f"grid {grid.name} ({grid.path}): {len(chosen)} variants x {len(seeds)} seeds = {len(chosen) * len(seeds)} trials")
+        for v in chosen:
+            var = grid.variant(v)
+            print(f"  {var.label:<28} {json.dumps(var.overrides)}")
+        print(f"seeds: {seeds}; reference: {grid.reference}; resources per trial: {grid.resources}")
+        print(f"base: source={base.data.source} targets={base.data.targets} clip={base.model.clip_model} "
+              f"dino={base.model.dino_model} epochs={base.train.epochs}")
+        return {"dry_run": True, "trials": len(chosen) * len(seeds)}
+
+    ensure_synthetic(base)
+    from tuning.runner import init_ray, run_trials
+
+    if args.local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        init_ray(None, num_cpus=args.num_cpus)
+    else:
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        init_ray(address or None, num_cpus=args.num_cpus if not address else None)
+
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else grid.resources["cpu"]
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else grid.resources["gpu"]
+    use_gpu = args.use_gpu if args.use_gpu is not None else ("auto" if gpus > 0 else False)
+    storage = args.storage_path or os.environ.get("SSVP_STORAGE_PATH") or "runs/ray"
+    max_concurrent = args.max_concurrent if args.max_concurrent is not None else (grid.max_concurrent or None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    grid_copy = out / "grid.yaml"
+    grid_copy.write_text(Path(grid.path).read_text())
+    started = time.time()
+    summary = run_trials(
+        base,
+        {SEED_KEY: {"type": "grid", "values": seeds}},
+        name=name,
+        search="grid",
+        num_samples=1,
+        seed=0,
+        points_to_evaluate=None,
+        scheduler=None,  # every variant-seed trains its full schedule: no early stopping in ablations
+        max_concurrent_trials=max_concurrent,
+        variants=variants,
+        storage_path=storage,
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
+        experiment=args.experiment,
+        resume=args.resume,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus if gpus > 0 else 1.0,
+        resources_per_worker=args.resources_per_trial,
+        target_eval="all",
+        parent_run_tags={"role_detail": "ablation_grid", "grid": grid.name, "seeds": ",".join(map(str, seeds)),
+                         "reference": grid.reference},
+        extra_parent_params={"grid.name": grid.name, "grid.seeds": len(seeds), "grid.variants": ",".join(chosen),
+                             "grid.reference": grid.reference},
+        extra_parent_artifacts={"ablation": str(grid_copy)},
+        verbose=0 if args.quiet else 1,
+    )
+
+    records = records_from_summary(summary, base)
+    if args.per_class:
+        import ray
+
+        gpu_eval = gpus > 0 and (use_gpu is True or (use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1))
+        add_per_class(records, base, variants, use_gpu=gpu_eval, cpus=cpus)
+    write_records(records, out / "records.jsonl")
+    state = {
+        "grid": grid.name, "grid_file": str(Path(grid.path).resolve()), "name": name, "seeds": seeds,
+        "variants": chosen, "reference": grid.reference, "tracking_uri": summary.tracking_uri,
+        "experiment": summary.experiment, "parent_run_id": summary.parent_run_id,
+        "experiment_path": summary.experiment_path, "interrupted": summary.interrupted,
+        "seconds": round(time.time() - started, 1),
+    }
+    state_file.write_text(json.dumps(state, indent=2))
+
+    sub = _subgrid(grid, chosen)
+    written = write_report(sub, records, out, seeds=seeds, per_class=args.per_class)
+    _log_to_parent(summary, out, [state_file, out / "records.jsonl", *written.values()])
+    print((out / "results.md").read_text(), flush=True)
+    print(f"[ablations] tables and plots in {out}; MLflow parent run {summary.parent_run_id} "
+          f"(experiment {summary.experiment!r}, {summary.mlflow_ui})", flush=True)
+    return {"summary": summary, "records": records, "out": out, "written": written, "state": state}
+
+
+def _subgrid(grid: Grid, chosen: list[str]) -> Grid:
+    import copy
+
+    sub = copy.copy(grid)
+    sub.variants = [v for v in grid.variants if v.name in chosen]
+    return sub
+
+
+def _log_to_parent(summary, out: Path, files: list[Path]) -> None:
+    """The grid's tables, plots and records as artifacts of the MLflow parent run (folder ``ablation/``)."""
+    from tuning.tracking import SweepTracker
+
+    tracker = SweepTracker(summary.tracking_uri, summary.experiment, sweep_id=summary.name,
+                           parent_run_id=summary.parent_run_id, experiment_id=summary.experiment_id)
+    for f in files:
+        if Path(f).is_file():
+            tracker.log_artifact(summary.parent_run_id, f, "ablation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ssvp.config import ConfigError
+
+    try:
+        result = run_grid(args)
+    except (GridError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "SweepExistsError" and "already has a sweep" not in str(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.get("dry_run"):
+        return 0
+    summary = result["summary"]
+    failed = [r for r in result["records"] if r["status"] != "ok"]
+    if summary.interrupted:
+        print("[ablations] the grid was interrupted: rerun the same command with --resume", file=sys.stderr)
+        return 3
+    return 1 if failed and len(failed) == len(result["records"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

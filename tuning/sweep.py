@@ -1,0 +1,190 @@
+"""Run a hyperparameter sweep of SSVP on Ray Tune + Ray Train, recorded in MLflow.
+
+Local (Ray started in this process on 127.0.0.1; one GPU per trial if there are GPUs,
+else CPU)::
+
+    python tuning/sweep.py --config tuning/configs/quick.yaml --local
+
+On an existing Ray cluster (``ray.init(address="auto")`` inside the job)::
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python tuning/sweep.py --config tuning/configs/paper.yaml \\
+        --tracking-uri http://MLFLOW:5000 --storage-path /shared/ray_results
+
+(with ``--working-dir .`` the job runs in a copy of the repository, so give absolute or
+shared locations for ``--storage-path`` and a tracking server or an absolute
+``sqlite:////...`` path for ``--tracking-uri``: the copy is deleted after the job).
+
+Continue an interrupted sweep (finished trials are not run again; unfinished ones go
+on from their last checkpoint; MLflow runs are reopened, not duplicated)::
+
+    python tuning/sweep.py --config tuning/configs/quick.yaml --local --resume [--name NAME]
+
+Without ``--name`` a new sweep is named ``<config name>-<YYYYmmdd-HHMMSS>`` and
+``--resume`` picks the newest sweep of that config under the storage path.
+
+See the results (parent run = the sweep, child runs = its trials, plus the
+``role=target_eval`` run of the best configuration on the target datasets)::
+
+    mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db
+
+Exit status: 0 when the sweep ran to its end (failed trials are listed, not fatal),
+2 for a bad config or search space, 130 when interrupted (resume with ``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ensure_importable() -> None:
+    """``python tuning/sweep.py`` puts tuning/ (not the repo root) first on sys.path.
+
+    Drop tuning/ (its modules must be imported as ``tuning.*``) and put the repository
+    root on the path when ``ssvp`` / ``tuning`` are not installed, e.g. inside the copy
+    of the repository that ``ray job submit --working-dir .`` runs in. Ray hands the
+    driver's sys.path to its workers, so trials import the same code.
+    """
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:
+        import ssvp  # noqa: F401
+        import tuning  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def _bool_or_auto(text: str):
+    low = text.lower()
+    if low == "auto":
+        return "auto"
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python tuning/sweep.py",
+        description="SSVP hyperparameter sweep on Ray Tune/Train with Optuna and MLflow.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="View results: mlflow ui --backend-store-uri sqlite:///ABS/PATH/runs/mlflow.db",
+    )
+    p.add_argument("--config", required=True, help="sweep YAML (or the name of one in tuning/configs)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="start Ray in this process (127.0.0.1 only)")
+    where.add_argument("--address", default=None, help="Ray cluster address (default: auto, i.e. RAY_ADDRESS or a local head)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    p.add_argument("--name", default=None, help="sweep name (default <config name>-<timestamp>)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:////CWD/runs/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    p.add_argument("--storage-path", default=None, help="Ray Tune/Train storage folder (shared on a cluster)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of trials (Optuna) / grid repeats")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (DDP when > 1)")
+    p.add_argument("--use-gpu", type=_bool_or_auto, default=None, help="auto | true | false")
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: what fits)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a --local Ray (default: all)")
+    p.add_argument("--target-eval", choices=("best", "all", "none"), default=None)
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key (repeatable), e.g. --set epochs=3")
+    p.add_argument("--quiet", action="store_true", help="no live progress table")
+    return p
+
+
+def _latest_sweep(storage: Path, prefix: str) -> str | None:
+    if not storage.is_dir():
+        return None
+    cands = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith(prefix) and (d / "tuner.pkl").is_file()]
+    if not cands:
+        return None
+    return max(cands, key=lambda d: d.stat().st_mtime).name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: loopback only
+    _ensure_importable()
+
+    from ssvp.config import ConfigError
+    from tuning.settings import SweepConfigError, build_base_config, load_sweep_config
+    from tuning.space import SpaceError, parse_space
+
+    try:
+        sweep = load_sweep_config(args.config)
+        base = build_base_config(sweep)
+        if args.set:
+            base = base.override(dict(args.set))
+        parse_space(sweep.space, base)  # reject a bad space before Ray starts
+    except (SweepConfigError, SpaceError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    kwargs = sweep.run_kwargs()
+    if args.storage_path:
+        kwargs["storage_path"] = args.storage_path
+    storage = Path(kwargs["storage_path"]).expanduser()
+    storage = storage if storage.is_absolute() else (Path.cwd() / storage).resolve()
+    kwargs["storage_path"] = str(storage)
+    if args.name:
+        kwargs["name"] = args.name
+    elif args.resume:
+        latest = _latest_sweep(storage, f"{sweep.name}-")
+        if latest is None:
+            print(f"error: --resume: no sweep of config {sweep.name!r} under {storage}; pass --name", file=sys.stderr)
+            return 2
+        kwargs["name"] = latest
+    else:
+        kwargs["name"] = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for flag, key in (("tracking_uri", "tracking_uri"), ("experiment", "experiment"), ("num_samples", "num_samples"),
+                      ("workers_per_trial", "num_workers_per_trial"), ("use_gpu", "use_gpu"),
+                      ("gpus_per_worker", "gpus_per_worker"), ("cpus_per_worker", "cpus_per_worker"),
+                      ("max_concurrent", "max_concurrent_trials"), ("target_eval", "target_eval")):
+        value = getattr(args, flag)
+        if value is not None:
+            kwargs[key] = value
+    kwargs["verbose"] = 0 if args.quiet else 1
+    kwargs["resume"] = args.resume
+    kwargs["parent_run_tags"] = {"config_file": sweep.source_file, "launcher": "tuning/sweep.py"}
+    kwargs["extra_parent_artifacts"] = {"sweep_config": sweep.source_file}
+
+    from tuning.runner import SweepExistsError, init_ray, run_trials
+
+    if args.local:
+        init_ray(None, num_cpus=args.num_cpus)
+    else:
+        init_ray(args.address or "auto")
+    print(f"[sweep] {kwargs['name']}: {sweep.search.algorithm} search, {kwargs['num_samples']} samples, "
+          f"storage {storage}", flush=True)
+    try:
+        summary = run_trials(base, sweep.space, **kwargs)
+    except (SpaceError, ConfigError, SweepExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(summary.format(), flush=True)
+    if summary.interrupted:
+        print(f"\nresume with: python tuning/sweep.py --config {args.config} "
+              f"{'--local ' if args.local else ''}--resume --name {summary.name}", flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
