@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resources-per-trial", type=json.loads, default=None, metavar="JSON",
                    help='extra custom Ray resources per trial, e.g. \'{"gpu_node": 1}\'')
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: grid max_concurrent, else what fits)")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="Ray Train restarts of a failing trial's worker group before it counts as failed (default 1)")
     p.add_argument("--dry-run", action="store_true", help="check the grid and print its trials; start nothing")
     p.add_argument("--quiet", action="store_true", help="no live Tune progress table")
     return p
@@ -319,6 +321,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         cpus_per_worker=cpus,
         gpus_per_worker=gpus if gpus > 0 else 1.0,
         resources_per_worker=args.resources_per_trial,
+        max_failures=args.max_failures,
         target_eval="all",
         parent_run_tags={"role_detail": "ablation_grid", "grid": grid.name, "seeds": ",".join(map(str, seeds)),
                          "reference": grid.reference},

@@ -84,6 +84,19 @@ def build_model(cfg: Config, device: torch.device):
     return SSVP(cfg.model).to(device)
 
 
+FEATURE_CACHE_DTYPE_ENV = "SSVP_FEATURE_CACHE_DTYPE"
+
+
+def feature_cache_dtype(cfg: Config) -> str:
+    """Storage dtype of the feature cache: ``train.feature_cache_dtype`` when the config has that
+    key, else the ``SSVP_FEATURE_CACHE_DTYPE`` environment variable, else ``float16``.
+    ``float32`` makes cached training bit-identical to training from images."""
+    value = getattr(cfg.train, "feature_cache_dtype", "") or os.environ.get(FEATURE_CACHE_DTYPE_ENV, "") or "float16"
+    if value not in ("float16", "float32"):
+        raise ValueError(f"feature cache dtype must be float16 or float32 (from {FEATURE_CACHE_DTYPE_ENV}?), got {value!r}")
+    return value
+
+
 class FeatureSource:
     """Frozen backbone features for a batch: from the images, or from the on-disk cache."""
 
@@ -93,7 +106,9 @@ class FeatureSource:
         if cfg.train.feature_cache:
             from .features import FeatureCache
 
-            self.cache = FeatureCache(cfg.train.feature_cache, model.backbones, cfg.model)
+            self.cache = FeatureCache(
+                cfg.train.feature_cache, model.backbones, cfg.model, dtype=feature_cache_dtype(cfg)
+            )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor):
@@ -290,7 +305,7 @@ def fit(
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
                 raise NonFiniteLossError(
-                    f"loss is {float(loss)} at epoch {epoch + 1}, step {step + 1} ({detail}); "
+                    f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({detail}); "
                     "lower the learning rates or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)

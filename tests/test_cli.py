@@ -1,0 +1,108 @@
+"""`ssvp train` then `ssvp eval` then `ssvp predict`, as a user runs them (subprocesses)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ssvp.config import Config
+from ssvp.engine import NonFiniteLossError, fit
+
+
+def ssvp(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssvp.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    return proc
+
+
+def test_train_eval_predict(tmp_path, synthetic_root):
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(
+        "preset: tiny\n"
+        "train: {epochs: 2, max_steps_per_epoch: 3}\n"
+        f"data: {{source: 'synthetic:{synthetic_root}/domain_a', targets: ['synthetic:{synthetic_root}/domain_b'], max_per_class: 4}}\n"
+    )
+    out = tmp_path / "run"
+    proc = ssvp("train", "--config", str(cfg_file), "--set", "gamma=0.4", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best epoch" in proc.stdout and "mean" in proc.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(0.0 <= h["val_image_auroc"] <= 1.0 for h in history)
+    best = out / "checkpoints" / "best"
+    assert (best / "head.pt").is_file() and (best / "config.json").is_file()
+    saved = json.loads((best / "config.json").read_text())
+    assert saved["model"]["gamma"] == 0.4
+    # checkpoints hold the heads only, never the frozen backbones
+    import torch
+
+    state = torch.load(best / "head.pt", weights_only=False)
+    assert not any(k.startswith(("backbones", "clip", "dino")) for k in state["head"])
+
+    csv_out = tmp_path / "eval.csv"
+    proc = ssvp("eval", "--checkpoint", str(best), "--out", str(csv_out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(csv_out.open()))
+    classes = {r["class"] for r in rows}
+    assert "mean" in classes and len(classes) == 6  # five domain-B classes + mean
+    assert all(0.0 <= float(r["image_auroc"]) <= 1.0 for r in rows)
+
+    cls = sorted((synthetic_root / "domain_b").iterdir())[0].name
+    images = synthetic_root / "domain_b" / cls / "test"
+    pred = tmp_path / "pred"
+    proc = ssvp("predict", "--checkpoint", str(best), "--input", str(images), "--class-name", cls, "--out", str(pred), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = list(csv.DictReader((pred / "scores.csv").open()))
+    n_images = len(list(images.rglob("*.png")))
+    assert len(scores) == n_images
+    overlay = Image.open(scores[0]["overlay"])
+    assert overlay.width == 2 * overlay.height - 2 * 14 or overlay.width > overlay.height
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in scores)
+
+
+def test_resume_continues_from_checkpoint(tmp_path, synthetic_root):
+    cfg = Config.tiny(
+        source=f"synthetic:{synthetic_root}/domain_a",
+        targets=[f"synthetic:{synthetic_root}/domain_b"],
+        max_per_class=3,
+        epochs=2,
+        max_steps_per_epoch=2,
+    )
+    full = fit(cfg, checkpoint_dir=tmp_path / "full")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(epoch, metrics, ckpt):
+        assert metrics == full.history[0]  # same seed, same result
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(cfg, checkpoint_dir=tmp_path / "part", on_epoch=stop_after_first)
+    seen = []
+    resumed = fit(cfg, checkpoint_dir=tmp_path / "part", resume_from=tmp_path / "part" / "last",
+                  on_epoch=lambda e, m, c: seen.append(e))
+    assert seen == [2]
+    assert resumed.history[1]["val_objective"] == pytest.approx(full.history[1]["val_objective"], abs=1e-6)
+
+
+def test_nan_loss_stops_with_step(tmp_path, synthetic_root):
+    cfg = Config.tiny(
+        source=f"synthetic:{synthetic_root}/domain_a",
+        targets=[f"synthetic:{synthetic_root}/domain_b"],
+        max_per_class=3,
+        epochs=1,
+        lr_head=1e30,
+        lr_prompt=1e30,
+        grad_clip=0.0,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step \d+"):
+        fit(cfg)
+
+
+def test_cli_reports_bad_config_value(tmp_path):
+    proc = ssvp("train", "--set", "gamma=3", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert proc.returncode == 2 and "model.gamma" in proc.stderr
