@@ -18,7 +18,15 @@ the same image. ``FeatureCache`` stores them on disk, content-addressed:
 * Reads are memory-mapped (``np.load(mmap_mode="r")``).
 
 ``get_batch(images)`` returns ``BackboneFeatures`` like ``Backbones(images)``: hits are read,
-misses are computed in one backbone call and stored.
+misses are computed in one backbone call and stored. ``get_keyed(keys, images_for)`` does the
+same from content keys alone and asks for images only for misses.
+
+Path index (``root/<spec_hash>/paths/``): lets a reader skip decoding an image file whose
+content key is already known. The caller builds a token from everything the preprocessed
+image depends on (real path, size, mtime_ns, ctime_ns, inode, target size and an identity of
+the decoding code); ``PathIndex`` maps sha256(token) to the content key. A rewritten file
+changes its mtime/ctime/size, so its token misses and the image is decoded and hashed again:
+the content key, not the path, stays the authority, and stale features are never served.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import torch
 
 from .backbones import BackboneFeatures, Backbones
 
-__all__ = ["FeatureCache", "FeatureCacheError", "spec_hash_of", "FORMAT_VERSION"]
+__all__ = ["FeatureCache", "FeatureCacheError", "PathIndex", "spec_hash_of", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _NAMES = BackboneFeatures.names()
@@ -84,6 +92,38 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         except OSError:
             pass
         raise
+
+
+class PathIndex:
+    """token (file identity + transform) -> content key; small files, atomic writes, picklable.
+
+    Lives next to the features of one spec (``content_dir``), so ``has_features(key)`` can
+    check that the features a token points to are still there.
+    """
+
+    def __init__(self, content_dir: str | os.PathLike):
+        self.content_dir = Path(content_dir)
+        self.dir = self.content_dir / "paths"
+
+    def _file(self, token: str) -> Path:
+        h = hashlib.sha256(token.encode()).hexdigest()
+        return self.dir / h[:2] / h
+
+    def get(self, token: str) -> str | None:
+        """The content key recorded for ``token``, or None."""
+        try:
+            key = self._file(token).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else None
+
+    def put(self, token: str, key: str) -> None:
+        path = self._file(token)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(path, key.encode())
+
+    def has_features(self, key: str) -> bool:
+        return (self.content_dir / key[:2] / f"{key}.npy").is_file()
 
 
 class FeatureCache:
@@ -137,6 +177,7 @@ class FeatureCache:
         self._offsets = np.cumsum([0, *sizes]).tolist()
         self.hits = 0
         self.misses = 0
+        self.paths = PathIndex(self.dir)
 
     # ----- keys and paths -----
     def _write_spec(self) -> None:
@@ -201,12 +242,27 @@ class FeatureCache:
         keys = list(keys) if keys is not None else [self.key_for(img) for img in images]
         if len(keys) != images.shape[0]:
             raise ValueError(f"FeatureCache.get_batch: {len(keys)} keys for {images.shape[0]} images")
+        return self.get_keyed(keys, lambda idx: (images[idx], [keys[i] for i in idx]))
+
+    def get_keyed(self, keys: Sequence[str], images_for) -> BackboneFeatures:
+        """Features for content ``keys``; a batch of hits needs no image at all.
+
+        ``images_for(indices)`` is called once, for the misses only, and returns
+        ``(images [len(indices), 3, S, S], their content keys)``; the keys it returns are
+        the ones stored (a caller that decodes a file again may find a different content).
+        """
+        keys = list(keys)
         loaded = [self._load(k) for k in keys]
         miss = [i for i, item in enumerate(loaded) if item is None]
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
         if miss:
-            fresh = self.backbones(images[miss])
+            images, miss_keys = images_for(miss)
+            if len(miss_keys) != len(miss) or images.shape[0] != len(miss):
+                raise ValueError(f"FeatureCache.get_keyed: images_for returned {images.shape[0]} images / {len(miss_keys)} keys for {len(miss)} misses")
+            for i, k in zip(miss, miss_keys):
+                keys[i] = k
+            fresh = self.backbones(images)
             for j, i in enumerate(miss):
                 flat = self._pack(fresh, j)
                 self._store(keys[i], flat)

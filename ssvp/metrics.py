@@ -74,6 +74,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -328,9 +329,10 @@ class _Pixels:
     n_buckets: int = 1
     cum_excl: np.ndarray | None = None  # int64 [n_buckets]: # normal pixels in lower buckets
     cum_incl: np.ndarray | None = None
-    flagged: np.ndarray | None = None  # bool [n_buckets]: bucket's normal pixels are in `sub`
-    sub: np.ndarray | None = None  # sorted float32 normal scores of the flagged buckets
-    bsub: np.ndarray | None = None  # their bucket indices (non-decreasing)
+    flagged: np.ndarray | None = None  # bool [n_buckets]: bucket's normal pixels are in `subs`
+    subs: list | None = None  # sorted float32 pieces (one per thread) of the flagged buckets' normal scores
+    bsubs: list | None = None  # their bucket indices (non-decreasing)
+    threads: int = 1
     bpos: np.ndarray | None = None  # bucket index of each anomalous pixel (non-decreasing)
     lt: np.ndarray | None = None  # int64: # normal pixels with score <  pos[i]
     le: np.ndarray | None = None  # int64: # normal pixels with score <= pos[i]
@@ -340,6 +342,8 @@ class _Pixels:
         return int(self.pos.size)
 
     def bucket(self, x: np.ndarray) -> np.ndarray:
+        if self.n_buckets == 1:
+            return np.zeros(np.shape(x), np.intp)
         f = (np.asarray(x, np.float32) - self.lo) * self.scale
         return np.clip(f, 0, self.n_buckets - 1).astype(np.intp)  # monotone in x
 
@@ -348,10 +352,31 @@ class _Pixels:
         for values outside [lo, hi] (the top bucket is always empty, see ``scale``)."""
         values = np.asarray(values, np.float32)
         b = self.bucket(values)
-        first = np.searchsorted(self.bsub, b, "left")
-        lt = self.cum_excl[b] + np.searchsorted(self.sub, values, "left") - first
-        le = self.cum_excl[b] + np.searchsorted(self.sub, values, "right") - first
-        return lt.astype(np.int64), le.astype(np.int64)
+
+        def piece(k):
+            sub, bsub = self.subs[k], self.bsubs[k]
+            first = np.searchsorted(bsub, b, "left")
+            left = np.searchsorted(sub, values, "left")
+            right = left.copy()  # '<=' differs from '<' only where a normal score equals the value
+            tie = left < sub.size
+            tie[tie] = sub[left[tie]] == values[tie]
+            if tie.any():
+                right[tie] = np.searchsorted(sub, values[tie], "right")
+            return left - first, right - first
+
+        parts = _run(piece, list(range(len(self.subs))), self.threads)
+        lt = self.cum_excl[b].astype(np.int64)
+        le = lt.copy()
+        for a, c in parts:
+            lt += a
+            le += c
+        return lt, le
+
+    def bucket_values(self, b: int) -> np.ndarray:
+        """Sorted normal scores of flagged bucket b."""
+        vals = [sub[np.searchsorted(bs, b, "left"):np.searchsorted(bs, b, "right")]
+                for sub, bs in zip(self.subs, self.bsubs)]
+        return np.sort(np.concatenate(vals))
 
     def w_ge(self, v: float) -> float:  # PRO reached at threshold score >= v
         i = int(np.searchsorted(self.pos, np.float32(v), "left"))
@@ -360,6 +385,14 @@ class _Pixels:
     def w_gt(self, v: float) -> float:  # PRO reached at threshold score > v
         i = int(np.searchsorted(self.pos, np.float32(v), "right"))
         return float(self.cw[-1] - (self.cw[i - 1] if i > 0 else 0.0))
+
+
+def _run(fn, items: list, threads: int) -> list:
+    """``[fn(x) for x in items]`` on up to ``threads`` threads (numpy releases the GIL)."""
+    if len(items) <= 1 or threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as ex:
+        return list(ex.map(fn, items))
 
 
 def _region_structure(connectivity: int) -> np.ndarray:
@@ -371,6 +404,7 @@ def _region_structure(connectivity: int) -> np.ndarray:
 
 
 _CHUNK_PIXELS = 1 << 24  # pixels per work item: bounds the temporaries (~0.3 GB per thread)
+_DENSE_FRACTION = 0.5  # above this share of normal pixels in flagged buckets: sort them all
 
 
 def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int | None = None,
@@ -420,13 +454,7 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
             n_reg += n
         return lo, hi, pos_s, pos_w, n_reg
 
-    def run(fn, items):
-        if len(items) == 1 or threads == 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(min(threads, len(items))) as ex:
-            return list(ex.map(fn, items))
-
-    r1 = run(pass1, ranges)
+    r1 = _run(pass1, ranges, threads)
     lo = np.float32(min(r[0] for r in r1))
     hi = np.float32(max(r[1] for r in r1))
     pos_s = [x for r in r1 for x in r[2]]
@@ -446,31 +474,60 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
     # (n_buckets - 2) keeps float32 rounding of (hi - lo) * scale below n_buckets
     px.scale = np.float32((n_buckets - 2) / float(hi - lo)) if hi > lo else np.float32(0)
     flagged = np.zeros(n_buckets, bool)
+    flagged[px.bucket(pos)] = True
+    probe_values = np.asarray(probes(lo, hi), np.float32) if probes is not None else None
+    if probe_values is not None:
+        flagged[px.bucket(probe_values)] = True
+    # Dense anomalous scores flag most buckets: then the histogram saves nothing and one
+    # bucket (a plain sort of the normal scores) is cheaper. Decide on a strided sample.
+    if n_buckets > 1 and n_px > (1 << 18):
+        k = max(1, int(math.sqrt(n_px / (1 << 18))))  # every k-th row and column: ~2^18 pixels
+        if isinstance(m, np.ndarray):
+            sample = s[:, ::k, ::k][~m[:, ::k, ::k]]
+        else:
+            sample = np.concatenate([si[::k, ::k][~mi[::k, ::k]] for mi, si in zip(m, s)])
+        if sample.size and flagged[px.bucket(sample)].mean() > _DENSE_FRACTION:
+            n_buckets = px.n_buckets = 1
+            px.scale = np.float32(0)
+            flagged = np.ones(1, bool)
     px.bpos = px.bucket(pos)
-    flagged[px.bpos] = True
-    if probes is not None:
-        flagged[px.bucket(np.asarray(probes(lo, hi), np.float32))] = True
+
+    hist = np.zeros(n_buckets, np.int64)
+    lock = threading.Lock()
 
     def pass2(r):  # histogram of normal scores; keep those in flagged buckets
         neg = normal_scores(*r)
+        if n_buckets == 1:
+            with lock:
+                hist[0] += neg.size
+            return neg
         f = neg - px.lo
         f *= px.scale
         b = f.astype(np.intp)  # == px.bucket(neg): the scores lie in [lo, hi]
         del f
-        hist = np.bincount(b, minlength=n_buckets)
+        h = np.bincount(b, minlength=n_buckets)
         keep = neg[flagged[b]]
-        return hist, keep
+        with lock:
+            hist[:] += h
+        return keep
 
-    r2 = run(pass2, ranges)
-    hist = r2[0][0].copy()
-    for h, _ in r2[1:]:
-        hist += h
+    keeps = _run(pass2, ranges, threads)
     px.cum_incl = np.cumsum(hist)
     px.cum_excl = px.cum_incl - hist
     px.n_neg = int(px.cum_incl[-1])
-    sub = np.concatenate([k for _, k in r2]) if r2 else np.zeros(0, np.float32)
-    sub.sort()
-    px.sub, px.bsub, px.flagged = sub, px.bucket(sub), flagged
+
+    def sort_piece(idx):  # one sorted piece per thread
+        a = np.concatenate([keeps[i] for i in idx]) if len(idx) else np.zeros(0, np.float32)
+        for i in idx:
+            keeps[i] = None  # free the chunk copies as soon as they are merged
+        a.sort()
+        return a, px.bucket(a)
+
+    groups = [g.tolist() for g in np.array_split(np.arange(len(keeps)), max(1, min(threads, len(keeps))))]
+    pieces = _run(sort_piece, groups, threads)
+    del keeps
+    px.subs, px.bsubs = [p[0] for p in pieces], [p[1] for p in pieces]
+    px.flagged, px.threads = flagged, threads
     if with_counts and px.n_pos and px.n_neg:
         px.lt, px.le = px.count_lt_le(px.pos)
     return px
@@ -482,8 +539,7 @@ def _value_at_rank(px: _Pixels, r: int):
     b = int(np.searchsorted(px.cum_incl, r, "right"))
     if not px.flagged[b]:
         return b, False
-    i = int(np.searchsorted(px.bsub, b, "left")) + (r - int(px.cum_excl[b]))
-    return float(px.sub[i]), True
+    return float(px.bucket_values(b)[r - int(px.cum_excl[b])]), True
 
 
 def _undefined_reason(px: _Pixels, metric: str) -> str | None:

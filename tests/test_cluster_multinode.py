@@ -1,16 +1,16 @@
 """A two-node Ray cluster on loopback runs a small ablation grid across both nodes.
 
-Node A is the head (``ray start --head --node-ip-address 127.0.0.1 --dashboard-host
-127.0.0.1``, custom resource ``node_a``), node B joins it (``node_b``), each with its own
-ports. The grid (2 working variants + 1 that fails at start-up, 2 seeds, tiny backbones,
+Node A is the head (node IP 127.0.0.1, dashboard on 127.0.0.1, custom resource ``node_a``),
+node B joins it (``node_b``), each with its own ports; see ``_HELPER`` for how they start. The grid (2 working variants + 1 that fails at start-up, 2 seeds, tiny backbones,
 synthetic data) is submitted the way a cluster user does: ``python ablations/grid.py
 --address 127.0.0.1:PORT`` from the repo root. Checks: every trial of the working variants
 finished and recorded the node it ran on, trials ran on both nodes, the failing variant
 shows as "0/2 seeds, 2 failed", one MLflow parent run holds a child per trial and the
 tables/plots as artifacts, and ``--resume`` reuses that parent without rerunning trials.
 
-Teardown stops only the processes this test started (found by a marker in their
-environment), not every Ray instance on the machine as ``ray stop`` would.
+Teardown stops only the processes this test started (the helper, then anything left that
+carries this test's marker in its environment), not every Ray instance on the machine as
+``ray stop`` would (other test sessions may be running their own).
 """
 from __future__ import annotations
 
@@ -91,14 +91,27 @@ def _env(token: str) -> dict[str, str]:
     return env
 
 
-def _node_ports(ports: list[int]) -> list[str]:
-    node_manager, object_manager, agent_grpc, agent_http, metrics, runtime_env, wmin = ports
-    return [
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-        f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 40}",
-    ]
+# Both nodes are started by Ray's own multi-node-on-one-machine utility (ray.cluster_utils.Cluster,
+# what Ray's test suite uses), in a helper process. Why not two `ray start` commands: a joining
+# `ray start --address` aborts while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with the flag at 1 the
+# CLI rewrites 127.0.0.1 to the machine's outside address. Cluster starts each node with an explicit
+# node IP (127.0.0.1, loopback only), and the head with --dashboard-host 127.0.0.1 as `ray start`
+# would; every port is chosen free or by the OS.
+_HELPER = r"""
+import json, signal, sys, time
+from ray.cluster_utils import Cluster
+spec = json.loads(sys.argv[1])
+cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=spec["head"])
+cluster.add_node(**spec["worker"])
+cluster.wait_for_nodes()
+def stop(*_):
+    cluster.shutdown()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print(json.dumps({"address": cluster.address}), flush=True)
+while True:
+    time.sleep(1)
+"""
 
 
 @pytest.fixture()
@@ -106,29 +119,32 @@ def loopback_cluster(synthetic_root):
     token = uuid.uuid4().hex[:12]
     env = _env(token)
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash, client = _free_ports(3)
-    # worker ports: two disjoint ranges well above the ephemeral ones just handed out
-    base = 20000 + (os.getpid() % 200) * 100
-    head = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", f"--port={gcs}",
-            "--dashboard-host", "127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-            "--num-cpus=2", "--num-gpus=0", "--resources", json.dumps({"node_a": 1}),
-            "--object-store-memory", str(200 * 1024 * 1024), f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            *_node_ports(_free_ports(6) + [base])]
-    worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-              "--num-cpus=2", "--num-gpus=0", "--resources", json.dumps({"node_b": 1}),
-              "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats",
-              *_node_ports(_free_ports(6) + [base + 50])]
-    # `ray start --address` refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the flag only
-    # switches Ray's own IP detection to loopback and blocks joining); the joining node names its
-    # loopback address explicitly instead, so every node still lives on 127.0.0.1.
-    join_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    gcs, dash, agent_a, agent_b, metrics_a, metrics_b, rtenv_a, rtenv_b, client = _free_ports(9)
+    common = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "num_gpus": 0,
+              "object_store_memory": 200 * 1024 * 1024}
+    spec = {
+        "head": {**common, "resources": {"node_a": 1}, "gcs_server_port": gcs, "include_dashboard": True,
+                 "dashboard_host": "127.0.0.1", "dashboard_port": dash, "dashboard_agent_listen_port": agent_a,
+                 "metrics_export_port": metrics_a, "runtime_env_agent_port": rtenv_a,
+                 "ray_client_server_port": client, "temp_dir": temp_dir},
+        "worker": {**common, "resources": {"node_b": 1}, "dashboard_agent_listen_port": agent_b,
+                   "metrics_export_port": metrics_b, "runtime_env_agent_port": rtenv_b},
+    }
+    proc = subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for cmd, cmd_env in ((head, env), (worker, join_env)):
-            out = subprocess.run(cmd, env=cmd_env, capture_output=True, text=True, timeout=180)
-            assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr}"
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, "token": token}
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout=30)
+            pytest.fail(f"the loopback cluster did not start:\n{proc.stderr.read()[-4000:]}")
+        yield {"address": json.loads(line)["address"], "env": env, "token": token}
     finally:
-        _stop_marked(token)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        _stop_marked(token)  # anything left of this cluster (found by the marker in its environment)
 
 
 def _cluster_nodes(address: str, env: dict) -> dict[str, dict]:

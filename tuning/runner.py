@@ -45,6 +45,7 @@ __all__ = [
     "TrialSummary",
     "SweepExistsError",
     "init_ray",
+    "free_port",
     "absolutize_paths",
     "mlflow_ui_command",
     "STATE_FILE",
@@ -140,6 +141,15 @@ def mlflow_ui_command(tracking_uri: str) -> str:
 
 
 # --------------------------------------------------------------------------- Ray session
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def init_ray(
     address: str | None = None,
     *,
@@ -147,13 +157,16 @@ def init_ray(
     num_gpus: int | None = None,
     resources: Mapping[str, float] | None = None,
     object_store_memory: int = 400 * 1024 * 1024,
-    include_dashboard: bool = False,
+    dashboard_port: int | None = None,
 ) -> None:
     """Connect to a cluster (``address="auto"`` / ``ray://...``) or start Ray in-process.
 
     A local start binds every port to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``)
-    and keeps memory modest. ``num_gpus=None`` lets Ray count the GPUs (one per
-    trial worker is what a local sweep uses).
+    and keeps memory modest. It runs the dashboard (on 127.0.0.1) because Ray Train's
+    placement-group cleaner asks the state API whether a trial's controller is still
+    alive, and it exports ``RAY_API_SERVER_ADDRESS`` to every Ray process so that
+    lookup finds *this* instance even when other Ray instances run on the machine.
+    ``num_gpus=None`` lets Ray count the GPUs.
     """
     import ray
 
@@ -168,10 +181,15 @@ def init_ray(
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    port = dashboard_port or free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by raylet and workers
     kwargs: dict[str, Any] = dict(
+        address="local",
         num_cpus=num_cpus,
         object_store_memory=object_store_memory,
-        include_dashboard=include_dashboard,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
         log_to_driver=True,
     )
     if num_gpus is not None:
@@ -463,7 +481,10 @@ def run_trials(
     if variants:
         tune_space[VARIANT_KEY] = (tune.grid_search if search == "grid" else tune.choice)(list(variants))
 
-    callback = MLflowTrialCallback(tracker, base.to_dict(), variants, epochs=base.train.epochs, metric=metric, mode=mode)
+    callback = MLflowTrialCallback(
+        tracker, base.to_dict(), variants, epochs=base.train.epochs, metric=metric, mode=mode,
+        train_storage=str(train_storage),
+    )
     started = time.time()
     try:
         if restoring:

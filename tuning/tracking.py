@@ -330,7 +330,9 @@ class MLflowTrialCallback(_TuneCallback):
         epochs: int | None = None,
         metric: str = "val_objective",
         mode: str = "max",
+        train_storage: str | None = None,
     ):
+        self.train_storage = train_storage
         self.tracker = tracker
         self.base = dict(base)
         self.variants = dict(variants or {})
@@ -341,7 +343,6 @@ class MLflowTrialCallback(_TuneCallback):
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, int]] = {}
         self._checkpoint: dict[str, str] = {}
-        self._train_storage: dict[str, str] = {}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -424,10 +425,18 @@ class MLflowTrialCallback(_TuneCallback):
         self.tracker.client.set_tag(run_id, f"retry_{retries}_error", error_summary(trial.get_error()))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
         self.finish_trial(trial, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
         self.finish_trial(trial, status="FAILED", error=trial.get_error() or "trial failed (no error text)")
+
+    def _release(self, trial) -> None:
+        if self.train_storage:
+            from tuning.trial import release_trial_placement_group
+
+            release_trial_placement_group(self.train_storage, trial.trial_id)
 
     # ----- completion (also used by the runner to reconcile after a resume)
     def finish_trial(self, trial, status: str, error: str | None = None, checkpoint_path: str | None = None) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "train_loop_per_worker",
     "target_metric_name",
     "flatten_target_report",
+    "release_trial_placement_group",
     "VARIANT_KEY",
 ]
 
@@ -168,6 +169,44 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _current_pg_hex() -> str | None:
+    import ray.util
+
+    pg = ray.util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
+def release_trial_placement_group(train_storage: str, trial_id: str) -> bool:
+    """Remove the worker group's placement group of a trial that Tune stopped (ASHA) or lost.
+
+    Ray Train V2 ties the worker group's placement group to the job; when Tune kills a
+    trial's driver (early stopping) the controller dies with it and only Train's
+    ``PlacementGroupCleaner`` (which needs the dashboard's state API) would free the
+    resources. The driver calls this after every trial ends, using the id rank 0
+    wrote into its placement record, so the next trial never waits for them.
+    Returns True when a placement group was removed.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    record = Path(train_storage) / trial_id / "placement" / "rank0.json"
+    try:
+        pg_hex = json.loads(record.read_text()).get("placement_group_id")
+    except (OSError, ValueError):
+        return False
+    if not pg_hex:
+        return False
+    try:
+        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+        state = ray.util.placement_group_table(pg).get("state")
+        if state in ("CREATED", "PENDING", "RESCHEDULING"):
+            ray.util.remove_placement_group(pg)
+            return True
+    except Exception:  # noqa: BLE001 - already gone, or no longer known to the GCS
+        return False
+    return False
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker body: train with ``ssvp.engine.fit`` and report each epoch."""
     import ray
@@ -199,6 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # the device this worker takes when CUDA is present (what the placement logic decides)
         "gpu_ordinal": gpu_index_for_worker(local_rank, gpu_ids, visible) if use_gpu else None,
         "distributed": bool(torch.distributed.is_available() and torch.distributed.is_initialized()),
+        "placement_group_id": _current_pg_hex(),
     }
     placement_dir = loop_config.get("placement_dir")
     if placement_dir:

@@ -1,0 +1,302 @@
+"""Benchmark: sweep cost with the frozen-feature cache vs from images (same config, same run).
+
+Default (tiny preset, CPU): a synthetic two-domain benchmark, then three trials of
+``ssvp.engine.fit`` with the same config:
+
+  A  from images            (backbones run every step and every validation pass)
+  B  cache, first trial     (epoch 1 computes and stores features, later epochs read them)
+  C  cache, second trial    (another gamma; every feature read from the cache)
+
+and prints per-epoch and per-trial wall time (train + validation), the per-epoch ratio
+images / cached, and a per-image breakdown of one training step (decode, backbone forward,
+cache read, head step) that explains the ratio: the cache removes only the backbone
+forward, so the ratio is bounded by (decode + backbone + head) / (decode + read + head).
+
+``--full``: full-size random-weight backbones (CLIP ViT-L/14 @ 518 px and DINOv3 ViT-L/16
+@ 592 px stopped after block 11, grid 37, the paper's heads) on a few random images;
+reports per-image figures of the same breakdown (a full trial on a CPU would take hours).
+
+    .venv/bin/python bench/bench_sweep.py                       # tiny, ~1-2 min on 2 cores
+    .venv/bin/python bench/bench_sweep.py --full --images 2     # ViT-L, a few minutes
+    .venv/bin/python bench/bench_sweep.py --json out.json       # also write the figures
+
+Prints figures; asserts nothing about time (the test of equality is
+tests/test_feature_training.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+class VisionForwards:
+    """Counts forward calls of the frozen vision backbones through a global forward hook."""
+
+    def __init__(self):
+        from ssvp.backbones import Backbones
+
+        self.kind = Backbones
+        self.calls = 0
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if isinstance(module, self.kind):
+            self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def _best(fn, repeats: int) -> float:
+    """Best-of-``repeats`` wall time of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _timed_fit(cfg):
+    """Run ``fit``; per-epoch wall times from the epoch callback, and the total."""
+    from ssvp.engine import fit
+
+    marks = [time.perf_counter()]
+    counter = VisionForwards()
+    try:
+        result = fit(cfg, on_epoch=lambda e, m, p: marks.append(time.perf_counter()))
+    finally:
+        counter.close()
+    epochs = [b - a for a, b in zip(marks, marks[1:])]
+    return {
+        "total_s": marks[-1] - marks[0],
+        "epoch_s": epochs,
+        "backbone_calls": counter.calls,
+        "val_objective": [h.get("val_objective") for h in result.history],
+        "train_loss": [h["train_loss"] for h in result.history],
+    }
+
+
+def _head_step_fn(model, feats, batch, cfg, size):
+    """One optimizer step of the heads on given features (what a cached step costs)."""
+    from ssvp.engine import make_optimizer
+    from ssvp.losses import total_loss
+
+    opt = make_optimizer(cfg, model)
+    model.head.train()
+
+    def step():
+        out = model.head(feats, list(batch["cls_name"]), size)
+        loss, _ = total_loss(out, batch["mask"], batch["label"], cfg.model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def breakdown(cfg, model, ds, batch_size: int, cache_dir: Path, repeats: int, dtype: str) -> dict:
+    """Per-image seconds of: decode, backbone forward, cache read (hits), head train step."""
+    from ssvp.data import collate
+    from ssvp.features import FeatureCache
+
+    items = [ds[i % len(ds)] for i in range(batch_size)]
+    batch = collate(items)
+    images = batch["image"]
+    size = images.shape[-1]
+    cache = FeatureCache(cache_dir, model.backbones, cfg.model, dtype=dtype)
+    cache.get_batch(images)  # store
+    feats = model.backbones(images)
+    out = {
+        "decode": _best(lambda: [ds[i % len(ds)] for i in range(batch_size)], repeats),
+        "backbone": _best(lambda: model.backbones(images), repeats),
+        "cache_read": _best(lambda: cache.get_batch(images), repeats),
+        "cache_key": _best(lambda: [cache.key_for(im) for im in images], repeats),
+        "head_step": _best(_head_step_fn(model, feats, batch, cfg, size), repeats),
+    }
+    per_image = {k: v / batch_size for k, v in out.items()}
+    from_images = per_image["decode"] + per_image["backbone"] + per_image["head_step"]
+    cached = per_image["decode"] + per_image["cache_read"] + per_image["head_step"]
+    per_image["step_from_images"] = from_images
+    per_image["step_cached"] = cached
+    per_image["ratio_step"] = from_images / cached
+    per_image["ratio_features"] = (per_image["backbone"]) / per_image["cache_read"]
+    per_image["head_share_of_image_step"] = per_image["head_step"] / from_images
+    per_image["feature_bytes"] = int(cache.path_for(cache.key_for(images[0])).stat().st_size)
+    return per_image
+
+
+def run_tiny(args) -> dict:
+    from ssvp.config import Config
+    from ssvp.data import make_synthetic, zero_shot_splits
+    from ssvp.engine import build_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    try:
+        if args.data:
+            root = Path(args.data)
+        else:
+            root = work / "data"
+            make_synthetic(root, seed=0, size=args.image_px, n_train=1, n_test=args.max_per_class)
+        cfg = Config.tiny(
+            source=f"synthetic:{root}/domain_a",
+            targets=[f"synthetic:{root}/domain_b"],
+            epochs=args.epochs,
+            max_per_class=args.max_per_class,
+            batch_size=args.batch_size,
+            eval_batch_size=args.batch_size,
+            device="cpu",
+            progress=False,
+        )
+        os.environ["SSVP_FEATURE_CACHE_DTYPE"] = args.dtype
+        train_ds, val_ds, _ = zero_shot_splits(cfg.data, 14 * cfg.model.grid)
+        model = build_model(cfg, torch.device("cpu"))  # also pays the one-off imports outside the timings
+        cache = work / "cache"
+        res: dict = {"train_images": len(train_ds), "val_images": len(val_ds)}
+        res["A_images"] = _timed_fit(cfg)
+        res["B_cache_first"] = _timed_fit(cfg.override({"feature_cache": str(cache)}))
+        res["C_cache_second"] = _timed_fit(cfg.override({"feature_cache": str(cache), "gamma": 0.2}))
+        img_epoch = float(np.mean(res["A_images"]["epoch_s"]))
+        warm = res["C_cache_second"]["epoch_s"] + res["B_cache_first"]["epoch_s"][1:]
+        cached_epoch = float(np.mean(warm))
+        res["epoch_images_s"] = img_epoch
+        res["epoch_cached_s"] = cached_epoch
+        res["ratio_epoch"] = img_epoch / cached_epoch
+        res["ratio_trial"] = res["A_images"]["total_s"] / res["C_cache_second"]["total_s"]
+        res["breakdown_per_image_s"] = breakdown(cfg, model, train_ds, args.batch_size, work / "cache_b", args.repeats, args.dtype)
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_full(args) -> dict:
+    """Full-size backbones, random weights, a few random images: per-image figures."""
+    from ssvp.config import Config
+    from ssvp.engine import build_model
+    from ssvp.features import FeatureCache
+
+    cfg = Config.from_dict({"clip_pretrained": "", "dino_weights": "", "device": "cpu", "batch_size": args.batch_size})
+    t = time.perf_counter()
+    model = build_model(cfg, torch.device("cpu"))
+    build_s = time.perf_counter() - t
+    size = 14 * cfg.model.grid
+    gen = torch.Generator().manual_seed(0)
+    n = args.images
+    images = torch.rand(n, 3, size, size, generator=gen)
+    masks = (torch.rand(n, size, size, generator=gen) > 0.97).float()
+    labels = torch.tensor([i % 2 for i in range(n)])
+    batch = {"image": images, "mask": masks, "label": labels, "cls_name": ["bottle"] * n}
+    work = Path(tempfile.mkdtemp(prefix="bench_sweep_full_"))
+    try:
+        cache = FeatureCache(work, model.backbones, cfg.model, dtype=args.dtype)
+        t = time.perf_counter()
+        feats = cache.get_batch(images)  # misses: backbone forward + store
+        miss_s = time.perf_counter() - t
+        bb_s = _best(lambda: model.backbones(images), max(1, args.repeats - 2))
+        read_s = _best(lambda: cache.get_batch(images), args.repeats)
+        head_s = _best(_head_step_fn(model, feats, batch, cfg, size), max(1, args.repeats - 2))
+        per = {
+            "build_models_s": build_s,
+            "backbone": bb_s / n,
+            "cache_first_pass": miss_s / n,
+            "cache_read": read_s / n,
+            "head_step": head_s / n,
+        }
+        per["step_from_images"] = per["backbone"] + per["head_step"]
+        per["step_cached"] = per["cache_read"] + per["head_step"]
+        per["ratio_step"] = per["step_from_images"] / per["step_cached"]
+        per["ratio_features"] = per["backbone"] / per["cache_read"]
+        per["head_share_of_image_step"] = per["head_step"] / per["step_from_images"]
+        per["feature_bytes"] = int(cache.path_for(cache.key_for(images[0])).stat().st_size)
+        return {"images": n, "batch": n, "per_image_s": per}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:9.2f} ms"
+
+
+def report(res: dict, args) -> str:
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, cache dtype {args.dtype}"
+    ]
+    if args.full:
+        p = res["per_image_s"]
+        lines += [
+            f"full size (CLIP ViT-L/14 @518 + DINOv3 ViT-L/16 @592 to block 11, grid 37), {res['images']} random images, "
+            f"batch {res['batch']}; models built in {p['build_models_s']:.1f} s",
+            "per image:",
+            f"  backbone forward        {_ms(p['backbone'])}",
+            f"  cache first pass        {_ms(p['cache_first_pass'])}   (forward + store)",
+            f"  cache read (hit)        {_ms(p['cache_read'])}   ({p['feature_bytes'] / 2**20:.1f} MiB per image on disk)",
+            f"  head train step         {_ms(p['head_step'])}",
+            f"  step from images        {_ms(p['step_from_images'])}",
+            f"  step from cache         {_ms(p['step_cached'])}",
+            f"  ratio step              {p['ratio_step']:9.1f} x   (features alone: {p['ratio_features']:.0f} x)",
+        ]
+        return "\n".join(lines)
+    a, b, c = res["A_images"], res["B_cache_first"], res["C_cache_second"]
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    lines += [
+        f"tiny preset, {res['train_images']} train + {res['val_images']} val images per epoch, {args.epochs} epochs, batch {args.batch_size}",
+        f"  A from images        trial {a['total_s']:7.2f} s   epochs [{fmt(a['epoch_s'])}] s   backbone calls {a['backbone_calls']}",
+        f"  B cache, 1st trial   trial {b['total_s']:7.2f} s   epochs [{fmt(b['epoch_s'])}] s   backbone calls {b['backbone_calls']}",
+        f"  C cache, 2nd trial   trial {c['total_s']:7.2f} s   epochs [{fmt(c['epoch_s'])}] s   backbone calls {c['backbone_calls']}",
+        f"  per epoch: images {res['epoch_images_s']:.3f} s, cached {res['epoch_cached_s']:.3f} s -> {res['ratio_epoch']:.2f} x; "
+        f"per trial (A vs C): {res['ratio_trial']:.2f} x",
+    ]
+    p = res["breakdown_per_image_s"]
+    lines += [
+        "  one training step, per image:",
+        f"    decode (PNG + resize)  {_ms(p['decode'])}",
+        f"    backbone forward       {_ms(p['backbone'])}",
+        f"    cache read (hit)       {_ms(p['cache_read'])}   (of which key hashing {_ms(p['cache_key'])}; {p['feature_bytes'] / 1024:.0f} KiB per image)",
+        f"    head train step        {_ms(p['head_step'])}   ({100 * p['head_share_of_image_step']:.0f} % of the step from images)",
+        f"    step images / cached   {p['ratio_step']:.2f} x   (features alone: backbone / cache read = {p['ratio_features']:.1f} x)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="full-size ViT-L random-weight backbones, per-image figures")
+    ap.add_argument("--images", type=int, default=2, help="--full: number of random images (one batch)")
+    ap.add_argument("--data", default="", help="tiny: synthetic benchmark root (default: generate one in a temp dir)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--max-per-class", type=int, default=12)
+    ap.add_argument("--image-px", type=int, default=128, help="tiny: synthetic image size on disk")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="cache storage dtype")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", default="", help="also write the figures as JSON here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run_full(args) if args.full else run_tiny(args)
+    res["args"] = vars(args)
+    res["torch_threads"] = torch.get_num_threads()
+    print(report(res, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

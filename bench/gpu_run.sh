@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU benchmark for a session that has the lent H200 (one call of the `run` device tool):
+#   run(command="bash bench/gpu_run.sh", timeout_s=540)
+# The device image has torch, transformers and timm but not open_clip: install the wheels
+# carried in bench/wheels (open_clip_torch 3.3.0, ftfy, wcwidth; ~2.3 MB) without touching
+# the network, install this repo without dependencies, then run bench/gpu_bench.py, which
+# writes gpu_bench.json + gpu_bench.txt under $OUT and stops starting stages after
+# GPU_BENCH_BUDGET_S (default 420 s) so the whole call stays under 8 minutes.
+# Extra arguments go to gpu_bench.py (e.g. `bash bench/gpu_run.sh --batch 16`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench_out}"
+mkdir -p "$OUT"
+export OUT HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null || PY=python3
+{
+  echo "== $(date -u +%FT%TZ) $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+} 2>&1 | tee "$OUT/env.txt"
+
+t0=$(date +%s)
+if ! "$PY" -c 'import open_clip' 2>/dev/null; then
+  "$PY" -m pip install --no-deps --no-index bench/wheels/*.whl 2>&1 | tail -3 | tee -a "$OUT/env.txt"
+fi
+# editable install without build isolation (no network for setuptools); PYTHONPATH as fallback
+if ! "$PY" -m pip install --no-deps --no-index --no-build-isolation -e . >>"$OUT/env.txt" 2>&1; then
+  echo "pip install -e . failed (see env.txt); using PYTHONPATH" | tee -a "$OUT/env.txt"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c 'import open_clip, transformers, ssvp; print("open_clip", open_clip.__version__, "transformers", transformers.__version__)' 2>&1 | tee -a "$OUT/env.txt"
+echo "install took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+
+"$PY" bench/gpu_bench.py --out "$OUT" --budget-s "${GPU_BENCH_BUDGET_S:-420}" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+rc=${PIPESTATUS[0]}
+echo "gpu_bench exit $rc, total $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+exit "$rc"

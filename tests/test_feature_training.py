@@ -1,0 +1,166 @@
+"""Training from cached frozen features gives the results of training from images.
+
+The cache (``ssvp.features.FeatureCache``) stores fp16 by default and float32 on request
+(``SSVP_FEATURE_CACHE_DTYPE=float32``, read by ``ssvp.engine.feature_cache_dtype``):
+
+* float32 storage holds the backbone outputs bit for bit, so with the same seed every
+  per-epoch metric equals the image-trained one exactly. (Batch size 1: the CPU backbone
+  is not bit-invariant to batch composition, ~1e-8, and the image path recomputes each
+  image in a new shuffled batch every epoch, so exact equality is only defined per image.)
+* fp16 storage rounds each feature to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4);
+  the losses are smooth means over thousands of such values, so they move by a first-order
+  amount well under that bound (measured ~1e-5 relative): we allow 2e-3 relative. Pixel
+  metrics rank ~10^5 pixels, so a few swapped near-ties move them by ~1e-5: we allow 2e-3.
+  Image metrics rank 8 validation images: a score perturbation can at most swap a near-tied
+  (normal, anomalous) pair, so we allow one pair, 1 / (n_normal * n_anomalous).
+* A second trial with another gamma reuses the cache: no vision backbone forward at all
+  (counted with a global forward hook), no new cache file.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssvp.backbones import Backbones, ClipVisionEncoder, DinoEncoder
+from ssvp.config import Config
+from ssvp.data import make_synthetic, zero_shot_splits
+from ssvp.engine import FEATURE_CACHE_DTYPE_ENV, fit
+
+LOSS_RTOL = 2e-3
+PIXEL_ATOL = 2e-3
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(FEATURE_CACHE_DTYPE_ENV, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is faster and steadier on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic(root, seed=0, size=112, n_train=1, n_test=4)
+    return root
+
+
+def _cfg(root, **over) -> Config:
+    base = dict(
+        source=f"synthetic:{root}/domain_a",
+        targets=[f"synthetic:{root}/domain_b"],
+        epochs=2,
+        max_per_class=4,
+        batch_size=4,
+        eval_batch_size=8,
+        device="cpu",
+        seed=3,
+    )
+    base.update(over)
+    return Config.tiny(**base)
+
+
+class VisionForwards:
+    """Counts forward calls of the frozen vision backbones (any instance) with a global hook."""
+
+    kinds = (Backbones, ClipVisionEncoder, DinoEncoder)
+
+    def __init__(self):
+        self.calls = {k.__name__: 0 for k in self.kinds}
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        for k in self.kinds:
+            if isinstance(module, k):
+                self.calls[k.__name__] += 1
+
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    def close(self):
+        self.handle.remove()
+
+
+def _npy_files(cache_dir):
+    return sorted(p for p in cache_dir.glob("*/*/*.npy"))
+
+
+def _train_val_images(cfg) -> tuple[int, float]:
+    """(number of distinct train+val images, one (normal, anomalous) val pair as an AUROC step)."""
+    train_ds, val_ds, _ = zero_shot_splits(cfg.data, 14 * cfg.model.grid)
+    labels = val_ds.labels
+    n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
+    assert n_pos and n_neg, "validation split needs both normal and anomalous images"
+    return len(train_ds) + len(val_ds), 1.0 / (n_pos * n_neg)
+
+
+def test_float32_cache_training_is_bit_identical(data_root, tmp_path, monkeypatch):
+    cfg = _cfg(data_root, batch_size=1, max_steps_per_epoch=6)  # epoch 2 also meets unseen images
+    from_images = fit(cfg).history
+
+    monkeypatch.setenv(FEATURE_CACHE_DTYPE_ENV, "float32")
+    cache_dir = tmp_path / "cache32"
+    counter = VisionForwards()
+    try:
+        from_cache = fit(cfg.override({"feature_cache": str(cache_dir)})).history
+    finally:
+        counter.close()
+
+    assert len(from_images) == len(from_cache) == 2
+    for a, b in zip(from_images, from_cache):
+        assert a.keys() == b.keys()
+        assert {"train_loss", "val_image_auroc", "val_pixel_auroc", "val_pixel_aupro"} <= a.keys()
+        assert a == b  # every metric of every epoch, exactly
+    files = _npy_files(cache_dir)
+    assert files and all(np.load(f, mmap_mode="r").dtype == np.float32 for f in files)
+    # each image ran through the backbones once (misses only), never again
+    assert counter.calls["Backbones"] > 0
+    assert counter.calls["ClipVisionEncoder"] == counter.calls["DinoEncoder"] == counter.calls["Backbones"]
+
+
+def test_fp16_cache_matches_within_tolerance_and_second_trial_reuses_it(data_root, tmp_path):
+    cfg = _cfg(data_root)
+    n_images, one_pair = _train_val_images(cfg)
+    from_images = fit(cfg).history
+
+    cache_dir = tmp_path / "cache16"
+    cached_cfg = cfg.override({"feature_cache": str(cache_dir)})
+    first = fit(cached_cfg).history
+    files = _npy_files(cache_dir)
+    # every train and validation image is cached (validation reads the cache too), in fp16
+    assert len(files) == n_images
+    assert all(np.load(f, mmap_mode="r").dtype == np.float16 for f in files)
+
+    for a, b in zip(from_images, first, strict=True):
+        assert a.keys() == b.keys()
+        for key, va in a.items():
+            vb = b[key]
+            if key.startswith("train_") or key == "lr_prompt":
+                assert vb == pytest.approx(va, rel=LOSS_RTOL, abs=1e-6), key
+            elif key.startswith("val_pixel"):
+                assert abs(vb - va) <= PIXEL_ATOL, key
+            elif key.startswith("val_"):
+                assert abs(vb - va) <= one_pair + 1e-12, key
+            else:
+                assert va == vb, key
+
+    # second trial, another head hyperparameter: all features from the cache
+    counter = VisionForwards()
+    try:
+        second = fit(cached_cfg.override({"gamma": 0.1})).history
+    finally:
+        counter.close()
+    assert counter.total() == 0, counter.calls
+    assert _npy_files(cache_dir) == files  # nothing recomputed or added
+    assert len(second) == 2
+    # gamma weighs S_local vs S_global (Eq. 19): the BCE of the image score must change
+    assert second[0]["train_bce"] != pytest.approx(first[0]["train_bce"], rel=1e-6)
+
+
+def test_bad_cache_dtype_is_named(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(FEATURE_CACHE_DTYPE_ENV, "int8")
+    with pytest.raises(ValueError, match="SSVP_FEATURE_CACHE_DTYPE.*int8"):
+        fit(_cfg(data_root, feature_cache=str(tmp_path / "c"), epochs=1))
