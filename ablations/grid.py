@@ -28,8 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-if __package__ in (None, ""):  # run as a script (ray job submit ... -- python ablations/grid.py): repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    # Run as a script (`python ablations/grid.py`, also what `ray job submit -- ...` runs): Python put
+    # ablations/ first on sys.path; its modules must be imported as ablations.*, from the repo root.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 from ablations.aggregate import METRICS, write_report
 from ablations.spec import Grid, GridError, load_grid

@@ -110,11 +110,151 @@ class FeatureSource:
                 cfg.train.feature_cache, model.backbones, cfg.model, dtype=feature_cache_dtype(cfg)
             )
 
+        self.device = device
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor):
         if self.cache is not None:
             return self.cache.get_batch(images)
         return self.model.backbones(images)
+
+    def dataset(self, ds: Dataset) -> Dataset:
+        """``ds`` as the loader should read it: with a cache, items whose features are cached
+        skip decoding their image (see ``_SkipDecode``); otherwise ``ds`` itself."""
+        if self.cache is None:
+            return ds
+        from .data import AnomalyDataset
+
+        if not isinstance(ds, AnomalyDataset) or not ds.image_size:
+            return ds
+        decode_id = _decode_identity(ds)
+        return ds if decode_id is None else _SkipDecode(ds, self.cache.paths, decode_id)
+
+    @torch.no_grad()
+    def batch(self, batch: Mapping[str, Any]):
+        """Features of a loader batch (from ``dataset(ds)``): cached keys need no image."""
+        if "feature_key" not in batch:
+            return self(batch["image"].to(self.device, non_blocking=True))
+        cache = self.cache
+        images = batch["image"]
+        pos = {b: j for j, b in enumerate(batch["image_pos"])}
+        keys = list(batch["feature_key"])
+        for b, key in enumerate(keys):
+            if key is None:  # decoded this time: hash the content, remember it for the file
+                keys[b] = cache.key_for(images[pos[b]])
+                if batch["feature_token"][b]:
+                    cache.paths.put(batch["feature_token"][b], keys[b])
+        size = int(batch["mask"].shape[-1])
+
+        def images_for(idx: list[int]):
+            from .data import load_image
+
+            out, out_keys = [], []
+            for b in idx:
+                if b in pos:
+                    img, key = images[pos[b]], keys[b]
+                else:  # the features vanished since the index lookup: decode again, key by content
+                    img = load_image(batch["path"][b], size)
+                    key = cache.key_for(img)
+                out.append(img)
+                out_keys.append(key)
+            return torch.stack(out).to(self.device, non_blocking=True), out_keys
+
+        return cache.get_keyed(keys, images_for)
+
+
+def _decode_identity(ds: Dataset) -> str | None:
+    """A fingerprint of the code that decodes an item's image (part of every path-index token),
+    so a change of the decoding or resizing code invalidates the index; None when unknown."""
+    import hashlib
+    import inspect
+
+    import PIL
+
+    from .data import base
+
+    try:
+        src = "".join(inspect.getsource(f) for f in (type(ds).load, base._open, base._to_rgb))
+    except (OSError, TypeError, AttributeError):
+        return None
+    return hashlib.sha256(f"{src}|PIL {PIL.__version__}|numpy {np.__version__}".encode()).hexdigest()[:16]
+
+
+class _SkipDecode(Dataset):
+    """An ``AnomalyDataset`` whose items skip decoding the image when its features are cached.
+
+    A file's token = (real path, size, mtime_ns, ctime_ns, inode, device, target size, decoding
+    code identity). When the path index maps it to a content key whose features exist, the item
+    carries that key and no image (mask, label and names are still read). Otherwise the item is
+    decoded as usual and carries the token, so the main process can record token -> content key.
+    Items are plain dicts for ``_collate_keyed``. Picklable (DataLoader workers).
+    """
+
+    def __init__(self, ds, paths, decode_id: str):
+        self.ds = ds
+        self.paths = paths
+        self.decode_id = decode_id
+        self.image_size = int(ds.image_size)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def token(self, path: str) -> str | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        ident = [os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        return json.dumps([*ident, self.image_size, self.decode_id])
+
+    def __getitem__(self, index: int) -> dict:
+        from .data import DatasetError
+
+        rec = self.ds.records[index]
+        token = self.token(rec.image_path)
+        key = self.paths.get(token) if token else None
+        if key is not None and self.paths.has_features(key):
+            try:
+                return self._light(rec, key)
+            except DatasetError:
+                if not self.ds.skip_bad_files:
+                    raise
+        item = self.ds[index]  # decodes (and, with skip_bad_files, may substitute another item)
+        token = token if item.path == rec.image_path else self.token(item.path)
+        return {
+            "image": item.image, "mask": item.mask, "label": int(item.label), "cls_name": item.cls_name,
+            "defect": item.defect, "path": item.path, "feature_key": None, "feature_token": token,
+        }
+
+    def _light(self, rec, key: str) -> dict:
+        from .data import load_mask
+        from .data.base import header
+
+        S = self.image_size
+        if rec.mask_path is None:
+            mask = torch.zeros((S, S), dtype=torch.float32)
+        else:  # the mask must match the image's size: read it from the header only
+            mask = load_mask(rec.mask_path, header(rec.image_path, "image", full=False), S, rec.image_path)
+        return {
+            "image": None, "mask": mask, "label": int(rec.label), "cls_name": rec.cls_name,
+            "defect": rec.defect, "path": rec.image_path, "feature_key": key, "feature_token": None,
+        }
+
+
+def _collate_keyed(items: list[dict]) -> dict[str, Any]:
+    """Collate ``_SkipDecode`` items: ``image`` stacks the decoded ones (at ``image_pos``) or is None."""
+    pos = [i for i, it in enumerate(items) if it["image"] is not None]
+    return {
+        "image": torch.stack([items[i]["image"] for i in pos]) if pos else None,
+        "image_pos": pos,
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "cls_name": [it["cls_name"] for it in items],
+        "defect": [it["defect"] for it in items],
+        "path": [it["path"] for it in items],
+        "feature_key": [it["feature_key"] for it in items],
+        "feature_token": [it["feature_token"] for it in items],
+    }
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int, sampler=None) -> DataLoader:
@@ -128,7 +268,7 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=cfg.train.num_workers,
-        collate_fn=collate,
+        collate_fn=_collate_keyed if isinstance(ds, _SkipDecode) else collate,
         generator=gen,
         drop_last=False,
         persistent_workers=False,
@@ -247,6 +387,7 @@ def fit(
 
     model = build_model(cfg, device)
     features = FeatureSource(cfg, model, device)
+    train_source = features.dataset(train_ds)
     head = model.head
     if world > 1:
         head = torch.nn.parallel.DistributedDataParallel(
@@ -258,7 +399,7 @@ def fit(
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+        sampler = DistributedSampler(train_source, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     steps_per_epoch = math.ceil(len(train_ds) / world / cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -287,7 +428,7 @@ def fit(
     for epoch in range(start_epoch, cfg.train.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loader = _loader(train_ds, cfg.train.batch_size, True, cfg, cfg.train.seed + epoch, sampler)
+        loader = _loader(train_source, cfg.train.batch_size, True, cfg, cfg.train.seed + epoch, sampler)
         model.head.train()
         sums: dict[str, float] = {}
         n_steps = 0
@@ -295,12 +436,11 @@ def fit(
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            feats = features(images)
+            feats = features.batch(batch)  # backbones, or the cache (cached images are not even decoded)
             with _autocast(device, cfg.model.bf16):
-                out = head(feats, list(batch["cls_name"]), images.shape[-1])
+                out = head(feats, list(batch["cls_name"]), masks.shape[-1])
             loss, parts = total_loss(out, masks, labels, cfg.model)
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
@@ -374,13 +514,12 @@ def _better(new: Mapping[str, float], old: Mapping[str, float]) -> bool:
 def predict_dataset(cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource) -> dict:
     """Scores and maps per class: ``{cls: {labels, scores, masks, maps, paths}}`` as numpy arrays."""
     model.head.eval()
-    loader = _loader(ds, cfg.train.eval_batch_size, False, cfg, 0)
+    loader = _loader(features.dataset(ds), cfg.train.eval_batch_size, False, cfg, 0)
     per_class: dict[str, dict[str, list]] = {}
     for batch in _progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval"):
-        images = batch["image"].to(device, non_blocking=True)
-        feats = features(images)
+        feats = features.batch(batch)
         with _autocast(device, cfg.model.bf16):
-            out = model.head(feats, list(batch["cls_name"]), images.shape[-1])
+            out = model.head(feats, list(batch["cls_name"]), batch["mask"].shape[-1])
         scores = out.score.float().cpu().numpy()
         maps = out.anomaly_map.float().cpu().numpy()
         for i, cls in enumerate(batch["cls_name"]):

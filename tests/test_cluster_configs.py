@@ -357,3 +357,8 @@ def test_rayjob_entrypoints_name_real_scripts_and_valid_flags():
     args = grid_cli.build_parser().parse_args(argv[1:])  # the launcher accepts these flags
     assert (REPO / args.grid).is_file() and args.seeds == 3 and args.resume
     assert args.storage_path == "/mnt/ray-results"
+    from tuning import sweep as sweep_cli
+
+    argv = _entrypoint_argv(jobs["ssvp-sweep"])
+    args = sweep_cli.build_parser().parse_args(argv[1:])
+    assert (REPO / args.config).is_file() and args.storage_path == "/mnt/ray-results"

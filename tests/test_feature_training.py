@@ -14,7 +14,10 @@ The cache (``ssvp.features.FeatureCache``) stores fp16 by default and float32 on
   Image metrics rank 8 validation images: a score perturbation can at most swap a near-tied
   (normal, anomalous) pair, so we allow one pair, 1 / (n_normal * n_anomalous).
 * A second trial with another gamma reuses the cache: no vision backbone forward at all
-  (counted with a global forward hook), no new cache file.
+  (counted with a global forward hook), no new cache file, and no image file decoded
+  (the path index maps an unchanged file to its content key).
+* A file rewritten in place is decoded and hashed again: its new content is a miss
+  (one backbone call), never the stale features of the old content.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import torch
 
 from ssvp.backbones import Backbones, ClipVisionEncoder, DinoEncoder
 from ssvp.config import Config
-from ssvp.data import make_synthetic, zero_shot_splits
+from ssvp.data import base as data_base
+from ssvp.data import load_image, make_synthetic, zero_shot_splits
 from ssvp.engine import FEATURE_CACHE_DTYPE_ENV, fit
 
 LOSS_RTOL = 2e-3
@@ -84,6 +88,21 @@ class VisionForwards:
         self.handle.remove()
 
 
+class ImageDecodes:
+    """Counts image files opened for decoding (``ssvp.data.base._open(path, "image")``), calling the real one."""
+
+    def __init__(self, monkeypatch):
+        self.paths: list[str] = []
+        real = data_base._open
+
+        def counting_open(path, what):
+            if what == "image":
+                self.paths.append(str(path))
+            return real(path, what)
+
+        monkeypatch.setattr(data_base, "_open", counting_open)
+
+
 def _npy_files(cache_dir):
     return sorted(p for p in cache_dir.glob("*/*/*.npy"))
 
@@ -121,7 +140,8 @@ def test_float32_cache_training_is_bit_identical(data_root, tmp_path, monkeypatc
     assert counter.calls["ClipVisionEncoder"] == counter.calls["DinoEncoder"] == counter.calls["Backbones"]
 
 
-def test_fp16_cache_matches_within_tolerance_and_second_trial_reuses_it(data_root, tmp_path):
+def test_fp16_cache_matches_within_tolerance_and_second_trial_reuses_it(data_root, tmp_path, monkeypatch):
+    decodes = ImageDecodes(monkeypatch)
     cfg = _cfg(data_root)
     n_images, one_pair = _train_val_images(cfg)
     from_images = fit(cfg).history
@@ -148,12 +168,15 @@ def test_fp16_cache_matches_within_tolerance_and_second_trial_reuses_it(data_roo
                 assert va == vb, key
 
     # second trial, another head hyperparameter: all features from the cache
+    assert len(decodes.paths) >= n_images  # trials from images decode every image
     counter = VisionForwards()
+    decodes.paths.clear()
     try:
         second = fit(cached_cfg.override({"gamma": 0.1})).history
     finally:
         counter.close()
     assert counter.total() == 0, counter.calls
+    assert decodes.paths == []  # not one image decoded: masks and labels only
     assert _npy_files(cache_dir) == files  # nothing recomputed or added
     assert len(second) == 2
     # gamma weighs S_local vs S_global (Eq. 19): the BCE of the image score must change
@@ -164,3 +187,37 @@ def test_bad_cache_dtype_is_named(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv(FEATURE_CACHE_DTYPE_ENV, "int8")
     with pytest.raises(ValueError, match="SSVP_FEATURE_CACHE_DTYPE.*int8"):
         fit(_cfg(data_root, feature_cache=str(tmp_path / "c"), epochs=1))
+
+
+def test_rewritten_image_is_recomputed_not_served_stale(data_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    cfg = _cfg(root, epochs=1, val_fraction=0.0, feature_cache=str(tmp_path / "cache"))
+    train_ds, _, _ = zero_shot_splits(cfg.data, 112)
+    fit(cfg)
+    files = _npy_files(tmp_path / "cache")
+    assert len(files) == len(train_ds)
+
+    victim = train_ds.records[0].image_path  # same name and image size, new pixels
+    from PIL import Image
+
+    img = Image.open(victim)
+    img.load()
+    img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim)
+    counter = VisionForwards()
+    try:
+        fit(cfg)
+    finally:
+        counter.close()
+    assert counter.calls["Backbones"] == 1  # the rewritten image only
+    new_files = _npy_files(tmp_path / "cache")
+    assert len(new_files) == len(files) + 1
+    (added,) = set(new_files) - set(files)
+    # the new file holds the features of the new content, keyed by that content
+    from ssvp.backbones import Backbones as BB
+    from ssvp.features import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache", BB(cfg.model), cfg.model)
+    assert cache.path_for(cache.key_for(load_image(victim, 112))) == added

@@ -286,7 +286,9 @@ class SweepTracker:
     def find_child(self, trial_id: str):
         runs = self.client.search_runs(
             [self.ensure_experiment()],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.trial_id = '{trial_id}'",
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.trial_id = '{trial_id}' and tags.role = 'trial'"
+            ),
             max_results=5,
         )
         return runs[0] if runs else None
