@@ -272,7 +272,8 @@ class FeatureCache:
         out = []
         for t, name in enumerate(_NAMES):
             stacked = np.stack([np.asarray(item[t]) for item in loaded])
-            out.append(torch.from_numpy(stacked).to(device=device, dtype=torch.float32))
+            # copy in the stored dtype (half the bytes for fp16), widen on the device
+            out.append(torch.from_numpy(stacked).to(device).to(torch.float32))
         return BackboneFeatures(*out)
 
     def warm(self, batches: Iterable[torch.Tensor]) -> int:

@@ -404,7 +404,7 @@ def _region_structure(connectivity: int) -> np.ndarray:
 
 
 _CHUNK_PIXELS = 1 << 24  # pixels per work item: bounds the temporaries (~0.3 GB per thread)
-_DENSE_FRACTION = 0.5  # above this share of normal pixels in flagged buckets: sort them all
+_DENSE_FRACTION = 0.8  # above this share of normal pixels in flagged buckets: sort them all
 
 
 def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int | None = None,

@@ -226,14 +226,25 @@ def test_grid_runs_across_two_loopback_nodes(loopback_cluster, synthetic_root, t
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
     assert {"ablation/results.md", "ablation/results.csv", "ablation/paired.csv", "ablation/records.jsonl"} <= arts
 
-    # --resume: the same parent run, no trial runs again, the same table
+    # --resume: the same parent run, no trial runs again, the same table; --per-class adds the
+    # per-class tables by evaluating each finished trial's best heads on the cluster
     t0 = time.time()
-    again = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd + ["--resume", "--per-class"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     state2 = json.loads((out_dir / "grid.json").read_text())
     assert state2["parent_run_id"] == state["parent_run_id"]
     children2 = client.search_runs([parent.info.experiment_id],
                                    filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len([c for c in children2 if c.data.tags.get("role") == "trial"]) == 6
-    assert "| X: broken | 0/2 seeds, 2 failed | — |" in (out_dir / "results.md").read_text()
+    md2 = (out_dir / "results.md").read_text()
+    assert "| X: broken | 0/2 seeds, 2 failed | — |" in md2
+    classes = sorted(p.name for p in (synthetic_root / "domain_b").iterdir() if p.is_dir())
+    for cls in classes:
+        assert f", class `{cls}`" in md2
+    records2 = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines()]
+    full0 = next(r for r in records2 if (r["variant"], r["seed"]) == ("full", 0))
+    table = next(iter(full0["metrics"].values()))
+    assert set(table["per_class"]) == set(classes)
+    assert table["mean"]["image_auroc"] == pytest.approx(by[("full", 0)]["metrics"][next(iter(by[("full", 0)]["metrics"]))]["mean"]["image_auroc"])
     print(f"grid on 2 loopback nodes: {first_seconds:.0f} s; resume: {time.time() - t0:.0f} s")

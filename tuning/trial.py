@@ -275,7 +275,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if not best.is_dir() and resume_from:
                     best = Path(resume_from).parent / "best"
                 if best.is_dir():
-                    target = flatten_target_report(engine.evaluate(cfg, str(best)))
+                    report = engine.evaluate(cfg, str(best))
+                    target = flatten_target_report(report)
+                    if loop_config.get("trial_dir"):
+                        # the full per-class report: logged as target_report.json on the child run
+                        out = Path(loop_config["trial_dir"]) / "target_report.json"
+                        out.write_text(json.dumps(report, indent=2, default=float))
             final = {**last, **target, TARGET_DONE_KEY: 1.0, "best_epoch": float(result.best_epoch)}
             ray.train.report(final, checkpoint=None)
     finally:
@@ -298,6 +303,7 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
         "cfg": cfg.to_dict(),
         "use_gpu": settings.use_gpu,
         "placement_dir": os.path.join(storage, trial_id, "placement"),
+        "trial_dir": os.path.join(storage, trial_id),
         "target_eval": settings.target_eval,
     }
     trainer = TorchTrainer(

@@ -1,0 +1,243 @@
+"""End-to-end sweeps on a real in-process Ray session (127.0.0.1 only, 2 CPUs, CPU torch).
+
+One Ray session serves the whole module. It also declares 2 logical GPUs and 2 units of
+a custom ``fake_gpu`` resource so the worker-placement test can show each worker of a
+2-worker (DDP over gloo) trial getting its own device; the other sweeps run with
+``use_gpu=False``. MLflow is a real SQLite store queried with ``MlflowClient``; the
+Optuna study is a real SQLite study.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ssvp.config import Config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from tuning.runner import init_ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2, num_gpus=2, resources={"fake_gpu": 2}, object_store_memory=300 * 1024 * 1024)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    yield ray
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def tiny(root: Path, **overrides) -> Config:
+    base = dict(
+        source=f"synthetic:{root}/domain_a",
+        targets=[f"synthetic:{root}/domain_b"],
+        epochs=2,
+        max_steps_per_epoch=2,
+        max_per_class=3,
+        batch_size=4,
+        eval_batch_size=16,
+        progress=False,
+    )
+    base.update(overrides)
+    return Config.tiny(**base)
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def trial_runs(client, summary):
+    runs = client.search_runs(
+        [summary.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'"
+    )
+    return [r for r in runs if r.data.tags.get("role") == "trial"], [r for r in runs if r.data.tags.get("role") != "trial"]
+
+
+def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_path):
+    import optuna
+
+    from tuning.runner import run_trials
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = {
+        "gamma": {"type": "uniform", "low": 0.0, "high": 1.0},
+        "lr_head": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        "epochs": 2,
+    }
+    summary = run_trials(
+        tiny(synthetic_root),
+        space,
+        name="opt3",
+        search="optuna",
+        num_samples=3,
+        seed=0,
+        scheduler="asha",
+        storage_path=tmp_path / "ray",
+        tracking_uri=uri,
+        experiment="test-sweep",
+        use_gpu=False,
+        cpus_per_worker=0.5,
+        max_concurrent_trials=2,
+        verbose=0,
+    )
+    assert not summary.interrupted and not summary.errors
+    assert len(summary.trials) == 3
+    client = client_for(uri)
+
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["role"] == "sweep" and parent.data.tags["sweep_id"] == "opt3"
+    assert parent.data.params["space.gamma"] == "uniform[0.0, 1.0]"
+    parent_files = {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    assert {"results.csv", "results.md", "objective_vs_trial.png", "param_importance.png", "search_space.json",
+            "best_config.json", "base_config.json"} <= parent_files
+
+    children, others = trial_runs(client, summary)
+    assert len(children) == 3
+    assert len({r.data.tags["trial_id"] for r in children}) == 3
+    by_trial = {t.trial_id: t for t in summary.trials}
+    best_values = []
+    for run in children:
+        assert run.info.status == "FINISHED"
+        trial = by_trial[run.data.tags["trial_id"]]
+        # all params of the resolved config, sampled values included
+        assert float(run.data.params["gamma"]) == pytest.approx(trial.params["gamma"])
+        assert run.data.params["epochs"] == "2" and run.data.params["clip_model"] == "tiny"
+        assert run.data.params["source"] == f"synthetic:{synthetic_root}/domain_a"
+        # per-epoch metrics, step = epoch, each epoch once
+        hist = client.get_metric_history(run.info.run_id, "val_objective")
+        steps = [m.step for m in hist]
+        assert steps == sorted(set(steps)) and steps[0] == 1 and max(steps) <= 2
+        best = max(m.value for m in hist)
+        assert run.data.metrics["best_val_objective"] == pytest.approx(best)
+        best_values.append(best)
+        assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == set(steps)
+        # checkpoint (heads only) and the resolved config as artifacts
+        ckpt = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
+        assert {"checkpoints/best/head.pt", "checkpoints/best/config.json"} <= ckpt
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} >= {"config/config.json"}
+        assert run.data.tags["git_commit"] and run.data.tags["seed"] == "0"
+
+    # the paper's defaults are the first point; the study lives in SQLite
+    study = optuna.load_study(study_name="opt3", storage=f"sqlite:///{tmp_path}/ray/opt3/optuna.db")
+    assert len(study.trials) == 3
+    assert study.trials[0].params == {"gamma": 0.5, "lr_head": pytest.approx(1e-4)}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert any(t.params == {"gamma": 0.5, "lr_head": pytest.approx(1e-4)} for t in summary.trials)
+
+    # the best trial is the one with the best source-validation objective
+    assert summary.best.objective == pytest.approx(max(best_values))
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.tags["best_trial_id"] == summary.best.trial_id
+    assert parent.data.metrics["best_val_objective"] == pytest.approx(max(best_values))
+    assert Path(summary.best.checkpoint, "head.pt").is_file()
+
+    # target evaluation of the best heads: a separate child run
+    (target_run,) = [r for r in others if r.data.tags.get("role") == "target_eval"]
+    assert target_run.info.status == "FINISHED"
+    assert target_run.data.tags["trial_id"] == summary.best.trial_id
+    assert 0.0 <= target_run.data.metrics["target_domain_b_image_auroc"] <= 1.0
+    assert summary.target_metrics["target_domain_b_image_auroc"] == target_run.data.metrics["target_domain_b_image_auroc"]
+    # nothing left running
+    assert all(r.info.status != "RUNNING" for r in client.search_runs([summary.experiment_id]))
+
+
+def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, synthetic_root, tmp_path):
+    from tuning.runner import run_trials
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(synthetic_root / "domain_a", corrupt / "domain_a")
+    # zero-shot training reads the source's test split (the one with masks): break fabric's images there
+    broken = sorted((corrupt / "domain_a" / "fabric" / "test").rglob("*.png"))
+    assert len(broken) >= 3
+    for png in broken:
+        png.write_bytes(b"this is not a png")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary = run_trials(
+        tiny(synthetic_root),
+        {},
+        name="failing",
+        search="grid",
+        num_samples=1,
+        variants={"ok": {}, "corrupt": {"source": f"synthetic:{corrupt}/domain_a"}},
+        scheduler=None,
+        storage_path=tmp_path / "ray",
+        tracking_uri=uri,
+        experiment="test-failing",
+        use_gpu=False,
+        cpus_per_worker=0.5,
+        max_failures=0,
+        target_eval="none",
+        verbose=0,
+    )
+    assert not summary.interrupted
+    status = {t.variant: t.status for t in summary.trials}
+    assert status == {"ok": "FINISHED", "corrupt": "FAILED"}
+    (failed_id,) = summary.errors
+    # the root cause raised in the worker, not Ray's wrapper exception
+    assert summary.errors[failed_id].startswith("ssvp.data.base.DatasetError: cannot read image")
+    assert "fabric/test" in summary.errors[failed_id]
+
+    client = client_for(uri)
+    children, _ = trial_runs(client, summary)
+    runs = {r.data.tags["variant"]: r for r in children}
+    assert runs["corrupt"].info.status == "FAILED"
+    assert "cannot read image" in runs["corrupt"].data.tags["error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(runs["corrupt"].info.run_id)}
+    assert runs["ok"].info.status == "FINISHED" and runs["ok"].data.metrics["best_val_objective"] > 0
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_failed"] == 1 and parent.data.metrics["n_finished"] == 1
+
+
+def test_each_worker_of_a_two_worker_trial_gets_its_own_device(ray_session, synthetic_root, tmp_path):
+    from tuning.runner import run_trials
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary = run_trials(
+        tiny(synthetic_root, epochs=1),
+        {},
+        name="ddp2",
+        search="grid",
+        num_samples=1,
+        scheduler=None,
+        storage_path=tmp_path / "ray",
+        tracking_uri=uri,
+        experiment="test-placement",
+        num_workers_per_trial=2,
+        use_gpu=True,  # the session's 2 logical GPUs; torch sees no CUDA, so training runs on CPU
+        torch_backend="gloo",
+        cpus_per_worker=0.5,
+        resources_per_worker={"fake_gpu": 1},
+        target_eval="none",
+        verbose=0,
+    )
+    (trial,) = summary.trials
+    assert trial.status == "FINISHED", summary.errors
+    placement_dir = tmp_path / "ray" / "ddp2.train" / trial.trial_id / "placement"
+    records = [json.loads((placement_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_rank"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 and r["distributed"] for r in records)  # DDP process group (gloo)
+    assert records[0]["node_id"] == records[1]["node_id"]
+    assert {tuple(r["gpu_ids"]) for r in records} == {("0",), ("1",)}  # distinct GPUs
+    assert {r["gpu_ordinal"] for r in records} == {0, 1}  # -> cuda:0 and cuda:1 with CUDA present
+    assert all(r["assigned_resources"]["fake_gpu"] == 1.0 and r["assigned_resources"]["GPU"] == 1.0 for r in records)
+    assert all(r["device"] == "cpu" for r in records)  # no CUDA in this torch build
+    client = client_for(uri)
+    placement = {a.path for a in client.list_artifacts(trial.run_id, "placement")}
+    assert placement == {"placement/rank0.json", "placement/rank1.json"}
