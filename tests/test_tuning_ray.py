@@ -182,7 +182,8 @@ def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, syn
         use_gpu=False,
         cpus_per_worker=0.5,
         max_failures=0,
-        target_eval="none",
+        target_eval="all",  # every finished trial is evaluated on the targets inside its worker
+        on_results=lambda s: {"hook": _write(tmp_path / "hook" / "n.txt", str(len(s.trials)))},
         verbose=0,
     )
     assert not summary.interrupted
@@ -203,6 +204,24 @@ def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, syn
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["n_failed"] == 1 and parent.data.metrics["n_finished"] == 1
+    assert {a.path for a in client.list_artifacts(summary.parent_run_id, "hook")} == {"hook/n.txt"}
+    # target_eval="all": target metrics and the per-class report on the finished trial's own run
+    ok = next(t for t in summary.trials if t.variant == "ok")
+    spec = f"synthetic:{synthetic_root}/domain_b"
+    assert set(ok.target_report) == {spec}
+    assert ok.metrics["target_domain_b_image_auroc"] == pytest.approx(ok.target_report[spec]["mean"]["image_auroc"])
+    assert runs["ok"].data.metrics["target_domain_b_pixel_auroc"] == pytest.approx(
+        ok.target_report[spec]["mean"]["pixel_auroc"]
+    )
+    assert "target_report.json" in {a.path for a in client.list_artifacts(runs["ok"].info.run_id)}
+    assert ok.placement["world_rank"] == 0 and ok.placement["node_id"]
+    assert summary.target_run_id == ok.run_id  # no separate target_eval run in this mode
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path.parent
 
 
 def test_each_worker_of_a_two_worker_trial_gets_its_own_device(ray_session, synthetic_root, tmp_path):

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ssvp.config import Config, ConfigError
 
 from .space import SearchSpace, SpaceError, parse_space
-from .tracking import MLflowTrialCallback, SweepTracker, error_summary, normalize_tracking_uri
+from .tracking import MLflowTrialCallback, SweepTracker, error_summary, normalize_tracking_uri, trial_error_text
 from .trial import VARIANT_KEY, TrialSettings, flatten_target_report, trial_driver
 
 __all__ = [
@@ -511,9 +511,13 @@ def run_trials(
             if scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
 
-                max_t = base.train.epochs
+                # max_t one past the last epoch: ASHA stops only under-performers early; a trial
+                # that reaches its last epoch ends by itself (target evaluation with
+                # target_eval="all" and a clean Ray Train shutdown included)
+                epochs = base.train.epochs
                 sched = ASHAScheduler(
-                    time_attr="epoch", max_t=max_t, grace_period=min(grace_period, max_t), reduction_factor=reduction_factor
+                    time_attr="epoch", max_t=epochs + 1, grace_period=max(1, min(grace_period, epochs)),
+                    reduction_factor=reduction_factor,
                 )
             tuner = tune.Tuner(
                 trainable,
@@ -558,10 +562,12 @@ def run_trials(
                 callback.finish_trial(trial, "FINISHED")
             status = "FINISHED"
         elif trial.status == "ERROR":
-            err = error_summary(trial.get_error())
+            text = trial_error_text(trial)
+            err = error_summary(text)
             run = tracker.find_child(tid)
-            if run is None or run.info.status != "FAILED":
-                callback.finish_trial(trial, "FAILED", error=trial.get_error() or err)
+            placeholder = run is not None and run.data.tags.get("error", "") in ("", "unknown error", "trial failed (no error text)")
+            if run is None or run.info.status != "FAILED" or (placeholder and text):
+                callback.finish_trial(trial, "FAILED", error=text or err)
             status, errors[tid] = "FAILED", err
         else:
             interrupted = True

@@ -44,6 +44,7 @@ __all__ = [
     "is_local_store",
     "git_commit",
     "error_summary",
+    "trial_error_text",
     "SweepTracker",
     "MLflowTrialCallback",
     "TUNE_AUTO_KEYS",
@@ -137,6 +138,26 @@ def error_summary(trace: str | None) -> str:
     if hits:
         return hits[-1][1][:2000]
     return lines[-1][:2000] if lines else "unknown error"
+
+
+def trial_error_text(trial) -> str | None:
+    """The traceback text of a Tune trial's latest error.
+
+    Read from the driver's staging copy first (``trial.error_file``): right after a failure
+    the copy in the storage path, which ``trial.get_error()`` reads, may not be synced yet.
+    """
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            text = Path(path).read_text()
+            if text.strip():
+                return text
+        except OSError:
+            pass
+    try:
+        return trial.get_error()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _param_value(value: Any) -> str:
@@ -425,7 +446,7 @@ class MLflowTrialCallback(_TuneCallback):
         run_id = self.run_id(trial)
         retries = int(self.tracker.client.get_run(run_id).data.tags.get("retries", "0")) + 1
         self.tracker.client.set_tag(run_id, "retries", str(retries))
-        self.tracker.client.set_tag(run_id, f"retry_{retries}_error", error_summary(trial.get_error()))
+        self.tracker.client.set_tag(run_id, f"retry_{retries}_error", error_summary(trial_error_text(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._release(trial)
@@ -433,7 +454,7 @@ class MLflowTrialCallback(_TuneCallback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._release(trial)
-        self.finish_trial(trial, status="FAILED", error=trial.get_error() or "trial failed (no error text)")
+        self.finish_trial(trial, status="FAILED", error=trial_error_text(trial) or "trial failed (no error text)")
 
     def trial_dir(self, trial_id: str) -> Path | None:
         """The trial's Ray Train run folder (checkpoints, placement records, target report)."""
