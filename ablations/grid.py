@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="grid run name: Tune experiment + MLflow parent run (default: grid name)")
     p.add_argument("--out", default=None, help="folder for records.jsonl, tables and plots (default runs/ablations/NAME)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:////CWD/runs/mlflow.db)")
+    p.add_argument("--artifact-location", default=None,
+                   help="artifact root for a new experiment on a SQLite store (default: mlartifacts/ beside the .db)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     p.add_argument("--storage-path", default=None, help="Ray Tune/Train storage (default: SSVP_STORAGE_PATH, else runs/ray)")
     p.add_argument("--variants", default=None, help="comma-separated subset of variants (names or letters)")
@@ -302,6 +304,11 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     storage = args.storage_path or os.environ.get("SSVP_STORAGE_PATH") or "runs/ray"
     max_concurrent = args.max_concurrent if args.max_concurrent is not None else (grid.max_concurrent or None)
 
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    artifact_location = args.artifact_location
+    if artifact_location is None and tracking_uri and tracking_uri.startswith("sqlite:///"):
+        artifact_location = str(Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+
     out.mkdir(parents=True, exist_ok=True)
     grid_copy = out / "grid.yaml"
     grid_copy.write_text(Path(grid.path).read_text())
@@ -318,7 +325,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         max_concurrent_trials=max_concurrent,
         variants=variants,
         storage_path=storage,
-        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
+        tracking_uri=tracking_uri,
+        artifact_location=artifact_location,
         experiment=args.experiment,
         resume=args.resume,
         use_gpu=use_gpu,

@@ -186,3 +186,22 @@ def test_read_records_names_bad_line(tmp_path):
     with pytest.raises(ValueError, match="records.jsonl:2"):
         read_records(p)
     assert read_records(tmp_path / "absent.jsonl") == []
+
+
+def test_aggregate_cli_rebuilds_report_from_records(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from ablations.aggregate import main
+
+    grid_file = tmp_path / "mini.yaml"
+    grid_file.write_text(yaml.safe_dump(GRID))
+    results = tmp_path / "res"
+    results.mkdir()
+    (results / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    assert main(["--grid", str(grid_file), "--results", str(results), "--per-class"]) == 0
+    out = capsys.readouterr().out
+    assert "| E: full (ref) | 2/3 seeds, 1 failed | 92.5 ± 3.5 |" in out
+    assert ", class `screw`" in (results / "results.md").read_text()
+    assert main(["--grid", str(grid_file), "--results", str(tmp_path / "empty")]) == 2

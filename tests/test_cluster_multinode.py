@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 MARKER = "SSVP_TEST_CLUSTER"
 
 pytestmark = pytest.mark.slow
@@ -223,6 +222,7 @@ def test_grid_runs_across_two_loopback_nodes(loopback_cluster, synthetic_root, t
     assert len(trial_children) == 6
     assert {(c.data.tags["variant"], c.data.tags["seed"]) for c in trial_children} == {
         (v, str(s)) for v in ("full", "concat", "broken") for s in (0, 1)}
+    assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())  # beside the .db, not in the repo
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
     assert {"ablation/results.md", "ablation/results.csv", "ablation/paired.csv", "ablation/records.jsonl"} <= arts
 

@@ -260,3 +260,58 @@ def test_each_worker_of_a_two_worker_trial_gets_its_own_device(ray_session, synt
     client = client_for(uri)
     placement = {a.path for a in client.list_artifacts(trial.run_id, "placement")}
     assert placement == {"placement/rank0.json", "placement/rank1.json"}
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_root, tmp_path):
+    """SIGKILL the trial's Ray Train worker after its first checkpoint: Train restarts the worker
+    group (FailureConfig(max_failures=1)) and the new worker continues from that checkpoint."""
+    import signal
+    import threading
+    import time
+
+    from tuning.runner import run_trials
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    train_dir = tmp_path / "ray" / "killed.train"
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and "pid" not in killed:
+            for trial_dir in train_dir.glob("*"):
+                record = trial_dir / "placement" / "rank0.json"
+                if record.is_file() and any(trial_dir.glob("checkpoint_*")):
+                    pid = json.loads(record.read_text())["pid"]
+                    os.kill(pid, signal.SIGKILL)  # the Ray Train worker process of this test's trial
+                    killed["pid"] = pid
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_trials(
+        tiny(synthetic_root, epochs=4),
+        {},
+        name="killed",
+        search="grid",
+        num_samples=1,
+        scheduler=None,
+        storage_path=tmp_path / "ray",
+        tracking_uri=uri,
+        experiment="test-kill",
+        use_gpu=False,
+        cpus_per_worker=0.5,
+        max_failures=1,
+        target_eval="none",
+        verbose=0,
+    )
+    thread.join(timeout=5)
+    (trial,) = summary.trials
+    assert "pid" in killed, "the worker finished before it could be killed"
+    assert trial.status == "FINISHED", summary.errors
+    record = trial.placement
+    assert record["pid"] != killed["pid"]  # a new worker process ...
+    assert record["resumed_epochs"] >= 1  # ... that started from the checkpoint, not from epoch 0
+    client = client_for(uri)
+    steps = [m.step for m in client.get_metric_history(trial.run_id, "val_objective")]
+    assert steps == [1, 2, 3, 4]  # every epoch logged once across the restart

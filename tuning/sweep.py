@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         init_ray(None, num_cpus=args.num_cpus)
     else:
-        init_ray(args.address or "auto")
+        try:
+            init_ray(args.address or "auto")
+        except ConnectionError as exc:
+            print(f"error: no Ray cluster at {args.address or 'auto'} ({exc}); start one with "
+                  "`ray start --head` or run with --local", file=sys.stderr)
+            return 2
     print(f"[sweep] {kwargs['name']}: {sweep.search.algorithm} search, {kwargs['num_samples']} samples, "
           f"storage {storage}", flush=True)
     try:

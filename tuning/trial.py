@@ -240,18 +240,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "distributed": bool(torch.distributed.is_available() and torch.distributed.is_initialized()),
         "placement_group_id": _current_pg_hex(),
     }
-    placement_dir = loop_config.get("placement_dir")
-    if placement_dir:
-        Path(placement_dir).mkdir(parents=True, exist_ok=True)
-        (Path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
-
     resume_from = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # set when Train restarted the workers or the trial resumed
     if checkpoint is not None:
         restored = Path(tempfile.mkdtemp(prefix="ssvp-restore-"))
         checkpoint.to_directory(str(restored))
         if (restored / "last").is_dir():
             resume_from = str(restored / "last")
+    placement["resumed_epochs"] = int(engine.load_checkpoint(resume_from)["epoch"]) + 1 if resume_from else 0
+    placement_dir = loop_config.get("placement_dir")
+    if placement_dir:
+        Path(placement_dir).mkdir(parents=True, exist_ok=True)
+        (Path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
 
     work = Path(tempfile.mkdtemp(prefix=f"ssvp-trial-rank{rank}-"))
     last: dict[str, float] = {}
