@@ -253,17 +253,13 @@ def test_pixel_inputs_accept_tensors_lists_and_reject_bad_input():
         M.pixel_metrics(masks, bad, n_threads=1)
 
 
-def test_pixel_metrics_large_input_is_fast():
-    # 24 maps of 256 x 256 (1.6 M pixels), float32
-    import time
-
+def test_pixel_metrics_large_input_threads_agree():
+    # 24 maps of 256 x 256 (1.6 M pixels), float32; speed is measured in bench/bench_metrics.py
     rng = np.random.default_rng(0)
     masks = np.zeros((24, 256, 256), bool)
     masks[::2, 100:140, 60:90] = True
     maps = (rng.random(masks.shape, dtype=np.float32) + masks * np.float32(0.5)).astype(np.float32)
-    t = time.perf_counter()
     r = M.pixel_metrics(masks, maps)
-    assert time.perf_counter() - t < 30  # ~0.3 s on an idle 2-core machine; catches O(N * thresholds)
     assert 0.5 < r["pixel_auroc"] < 1 and 0 < r["pixel_aupro"] < 1
     assert M.pixel_metrics(masks, maps, n_threads=1) == r  # thread count does not change a bit
 
