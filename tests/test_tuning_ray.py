@@ -275,22 +275,31 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
     train_dir = tmp_path / "ray" / "killed.train"
     killed: dict = {}
 
+    def first_epoch_recorded() -> bool:
+        # epoch 1 in MLflow = Train registered its checkpoint and passed the report on to Tune
+        try:
+            client = client_for(uri)
+            exp = client.get_experiment_by_name("test-kill")
+            runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
+            return any(client.get_metric_history(r.info.run_id, "val_objective") for r in runs)
+        except Exception:  # noqa: BLE001 - store not created yet
+            return False
+
     def killer():
         deadline = time.time() + 600
-        while time.time() < deadline and "pid" not in killed:
-            for trial_dir in train_dir.glob("*"):
-                record = trial_dir / "placement" / "rank0.json"
-                if record.is_file() and any(trial_dir.glob("checkpoint_*")):
-                    pid = json.loads(record.read_text())["pid"]
-                    os.kill(pid, signal.SIGKILL)  # the Ray Train worker process of this test's trial
-                    killed["pid"] = pid
-                    return
+        while time.time() < deadline:
+            records = list(train_dir.glob("*/placement/rank0.json"))
+            if records and first_epoch_recorded():
+                pid = json.loads(records[0].read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)  # the Ray Train worker process of this test's trial
+                killed["pid"] = pid
+                return
             time.sleep(0.2)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     summary = run_trials(
-        tiny(synthetic_root, epochs=4),
+        tiny(synthetic_root, epochs=5),
         {},
         name="killed",
         search="grid",
@@ -314,4 +323,4 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
     assert record["resumed_epochs"] >= 1  # ... that started from the checkpoint, not from epoch 0
     client = client_for(uri)
     steps = [m.step for m in client.get_metric_history(trial.run_id, "val_objective")]
-    assert steps == [1, 2, 3, 4]  # every epoch logged once across the restart
+    assert steps == [1, 2, 3, 4, 5]  # every epoch logged once across the restart

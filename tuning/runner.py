@@ -460,7 +460,11 @@ def run_trials(
         tags.update({"optuna_storage": optuna_url, "optuna_study": name})
     tracker.start_parent(run_name=name, tags=tags, resume=restoring)
     if not restoring:
-        _log_parent_setup(tracker, space, base, settings_record, extra_parent_params, extra_parent_artifacts)
+        try:
+            _log_parent_setup(tracker, space, base, settings_record, extra_parent_params, extra_parent_artifacts)
+        except BaseException:
+            tracker.end_parent("FAILED")
+            raise
     exp_path.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({
         "name": name, "tracking_uri": tracking_uri, "experiment": experiment,
@@ -548,6 +552,10 @@ def run_trials(
 
     # ---------------------------------------------------------------- collect and reconcile
     trials = list(results._experiment_analysis.trials)  # Trial objects (status, config, errors)
+    # On an interrupt (Ctrl+C / SIGUSR1) Tune saves the experiment state and only then stops
+    # the live trials, marking them TERMINATED in memory; the saved state still says which
+    # trials really ended (and which a resume will continue), so trust it.
+    saved_status = _saved_trial_status(exp_path)
     # the callback that ran is the (possibly restored) one inside the Tuner; use ours to reconcile
     summaries: list[TrialSummary] = []
     errors: dict[str, str] = {}
@@ -556,12 +564,13 @@ def run_trials(
         tid = trial.trial_id
         params = dict(trial.config)
         variant = params.get(VARIANT_KEY)
-        if trial.status == "TERMINATED":
+        trial_status = saved_status.get(tid, trial.status)
+        if trial_status == "TERMINATED":
             run = tracker.find_child(tid)
             if run is None or run.info.status != "FINISHED":
                 callback.finish_trial(trial, "FINISHED")
             status = "FINISHED"
-        elif trial.status == "ERROR":
+        elif trial_status == "ERROR":
             text = trial_error_text(trial)
             err = error_summary(text)
             run = tracker.find_child(tid)
@@ -637,6 +646,16 @@ def run_trials(
                 raise FileNotFoundError(f"on_results returned {local}, which does not exist")
     tracker.end_parent("FINISHED")
     return summary
+
+
+def _saved_trial_status(exp_path: Path) -> dict[str, str]:
+    """Trial statuses in the newest experiment state Tune wrote to ``exp_path``."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_path)).trials}
+    except Exception:  # noqa: BLE001 - fall back to the in-memory statuses
+        return {}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -27,10 +27,9 @@ import math
 import os
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 try:  # the callback base class; tracking helpers also work without a Ray session
     from ray.tune import Callback as _TuneCallback

@@ -289,48 +289,13 @@ DOMAINS: dict[str, Domain] = {
 
 
 def _lighting(rng, s, dom: Domain) -> Array:
-    """Per-image light: direction within +-75 deg of the domain's, random strength, gain and tint jitter."""
     yy, xx = _grid(s)
-    ang = math.atan2(dom.light_dir[1], dom.light_dir[0]) + math.radians(rng.uniform(-75, 75))
-    lx, ly = math.cos(ang), math.sin(ang)
-    ramp = -((xx - s / 2) * lx + (yy - s / 2) * ly) / s  # +0.5 near the light
-    vign = 1 - rng.uniform(0.04, 0.2) * ((xx - s / 2) ** 2 + (yy - s / 2) ** 2) / (s / 2) ** 2
-    gain = rng.uniform(0.9, 1.1)
-    tint = _rgb(dom.tint) * (1 + rng.uniform(-0.03, 0.03, 3).astype(np.float32))
-    return (gain * (1 + rng.uniform(0.05, 0.3) * ramp) * vign)[..., None] * tint
-
-
-def _appearance(rng) -> Array:
-    """A per-image colour transform (3 x 3, applied as ``x @ M.T``): hue rotation about the grey axis,
-    saturation and gain, so that within a category no fixed colour marks "normal"."""
-    hue = math.radians(rng.uniform(-HUE_SPREAD, HUE_SPREAD))
-    sat, gain = rng.uniform(0.5, 1.4), rng.uniform(0.75, 1.2)
-    u = np.ones(3) / math.sqrt(3)
-    ux = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
-    rot = math.cos(hue) * np.eye(3) + math.sin(hue) * ux + (1 - math.cos(hue)) * np.outer(u, u)  # Rodrigues
-    grey = np.full((3, 3), 1 / 3)
-    return (gain * (grey + sat * rot @ (np.eye(3) - grey))).astype(np.float32)
-
-
-def _orient(rng, base: Array, obj):
-    """Random flip / quarter turn of the surface (and object coverage and background)."""
-    k, flip = int(rng.integers(4)), bool(rng.integers(2))
-
-    def t(a):
-        a = np.rot90(a, k, axes=(0, 1))
-        return np.ascontiguousarray(a[:, ::-1] if flip else a)
-
-    return t(base), (None if obj is None else (t(obj[0]), t(obj[1])))
-
-
-def _hsv_color(rng, v_range=(0.2, 0.9)) -> Array:
-    """A random hue at random saturation and value."""
-    h, sat, v = rng.uniform(0, 1), rng.uniform(0.35, 0.9), rng.uniform(*v_range)
-    rgb = np.clip(np.abs(((h * 6 + np.array([0.0, 4.0, 2.0])) % 6) - 3) - 1, 0, 1)
-    return _rgb(v * (1 - sat + sat * rgb))
-
-
-HUE_SPREAD = 50.0  # degrees of per-image hue rotation
+    lx, ly = dom.light_dir
+    norm = math.hypot(lx, ly)
+    ramp = -((xx - s / 2) * lx + (yy - s / 2) * ly) / (norm * s)  # +0.5 near the light
+    vign = 1 - 0.12 * ((xx - s / 2) ** 2 + (yy - s / 2) ** 2) / (s / 2) ** 2
+    gain = rng.uniform(0.94, 1.06)
+    return (gain * (1 + 0.16 * ramp) * vign)[..., None] * _rgb(dom.tint)
 
 
 # --------------------------------------------------------------------------- defects
@@ -431,40 +396,24 @@ def _missing_alpha(rng, s, obj_cov):
     return _cover(np.hypot(xx - xs[i], yy - ys[i]) - r) * obj_cov
 
 
-def _local_lum(img: Array, alpha: Array) -> float:
-    w = alpha.sum()
-    return float((img.mean(-1) * alpha).sum() / w) if w > 0 else float(img.mean())
-
-
 def _apply_defect(rng, s, defect: str, cat: Category, dom: Domain, img: Array, obj) -> tuple[Array, Array]:
     """The defect's alpha map and target appearance (both before clipping to the mask)."""
     obj_cov, bg = obj if obj is not None else (None, None)
     region = obj_cov if obj_cov is not None else np.ones((s, s), np.float32)
     if obj_cov is not None:  # keep paint-on defects off the object's anti-aliased rim
         region = ndimage.binary_erosion(obj_cov > 0.5, iterations=max(1, s // 40)).astype(np.float32)
-    if defect == "scratch":  # a groove (darker) or a burr catching the light (lighter), by chance
+    if defect == "scratch":
         alpha = _scratch_alpha(rng, s, region) * region
-        lighter = rng.random() < 0.5
-        lum = _local_lum(img, alpha)
-        lighter = lighter if 0.3 <= lum <= 0.65 else lum < 0.3
-        target = img + (1 - img) * rng.uniform(0.5, 0.7) if lighter else img * rng.uniform(0.3, 0.5)
+        target = img + (1 - img) * 0.6 if cat.scratch_light else img * 0.45
     elif defect == "crack":
         alpha = _crack_alpha(rng, s, region) * region
-        target = img * rng.uniform(0.2, 0.35)
-    elif defect == "stain":  # a tinted film: darker on light surfaces, lighter on dark ones, any hue
+        target = img * 0.28
+    elif defect == "stain":
         alpha = _stain_alpha(rng, s, region) * region
-        color = _hsv_color(rng, (0.25, 0.95))
-        if _local_lum(img, alpha) >= 0.35:
-            target = img * (color / color.max() * rng.uniform(0.75, 1.0)) * rng.uniform(0.55, 0.8)
-        else:
-            target = img + (color - img) * 0.7
-    elif defect == "color_spot":  # paint or rust of a random colour, contrasting with the surface
+        target = img * _rgb(dom.stain)
+    elif defect == "color_spot":
         alpha = _spot_alpha(rng, s, region) * region
-        color = _hsv_color(rng)
-        lum = _local_lum(img, alpha)
-        if abs(float(color.mean()) - lum) < 0.2:
-            color = np.clip(color + (0.35 if lum < 0.5 else -0.35), 0.02, 1)
-        target = np.broadcast_to(color, img.shape) * (0.85 + 0.15 * img.mean(-1, keepdims=True))
+        target = np.broadcast_to(_jitter(rng, cat.spot_color, 0.05), img.shape) * (0.85 + 0.15 * img.mean(-1, keepdims=True))
     elif defect == "hole":
         alpha = _hole_alpha(rng, s, region) * region
         yy, _ = _grid(s)
@@ -494,11 +443,6 @@ def render_item(domain: str, category: str, defect: str | None, rng: np.random.G
     dom, cat = DOMAINS[domain], CATEGORIES[category]
     s = int(size)
     base, obj = cat.render(rng, s)
-    base, obj = _orient(rng, base, obj)
-    look = _appearance(rng)
-    base = np.clip(base @ look.T, 0.0, 1.0)
-    if obj is not None:
-        obj = (obj[0], np.clip(obj[1] @ look.T, 0.0, 1.0))
     light = _lighting(rng, s, dom)
     noise = rng.normal(0.0, 0.012, (s, s, 3)).astype(np.float32)
     clean = _quantize(base * light + noise)
