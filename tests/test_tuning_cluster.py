@@ -155,7 +155,7 @@ def test_ray_job_submit_runs_the_sweep_on_a_head(synthetic_root, tmp_path):
 def _sweep_cmd(config: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "tuning" / "sweep.py"), "--config", str(config), "--local", "--num-cpus", "2",
             "--name", "res", "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-            "--max-concurrent", "1", "--quiet", *extra]
+            "--max-concurrent", "2", "--cpus-per-worker", "0.5", "--quiet", *extra]
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(synthetic_root, tmp_path):

@@ -324,3 +324,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
     client = client_for(uri)
     steps = [m.step for m in client.get_metric_history(trial.run_id, "val_objective")]
     assert steps == [1, 2, 3, 4, 5]  # every epoch logged once across the restart
+    # the best heads survive the restart (carried over even when no later epoch improves on them)
+    assert {"checkpoints/best/head.pt", "checkpoints/best/config.json"} <= {
+        a.path for a in client.list_artifacts(trial.run_id, "checkpoints/best")
+    }
+    assert Path(trial.checkpoint, "head.pt").is_file()

@@ -254,6 +254,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         (Path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
 
     work = Path(tempfile.mkdtemp(prefix=f"ssvp-trial-rank{rank}-"))
+    if resume_from and (Path(resume_from).parent / "best").is_dir():
+        # fit rewrites best/ only when a later epoch improves on it: carry the earlier best over
+        shutil.copytree(Path(resume_from).parent / "best", work / "best")
     last: dict[str, float] = {}
 
     def on_epoch(epoch: int, metrics: dict, ckpt_path: str | None) -> None:
@@ -272,8 +275,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             target: dict[str, float] = {}
             if rank == 0:
                 best = work / "best"
-                if not best.is_dir() and resume_from:
-                    best = Path(resume_from).parent / "best"
                 if best.is_dir():
                     report = engine.evaluate(cfg, str(best))
                     target = flatten_target_report(report)
