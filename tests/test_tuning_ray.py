@@ -99,6 +99,8 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     assert len(summary.trials) == 3
     client = client_for(uri)
 
+    # artifacts go beside the SQLite file, never into the working directory
+    assert client.get_experiment(summary.experiment_id).artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["role"] == "sweep" and parent.data.tags["sweep_id"] == "opt3"

@@ -334,7 +334,7 @@ def run_trials(
             directory; shared storage on a multi-node cluster).
         tracking_uri: MLflow tracking URI; default ``sqlite:////CWD/runs/mlflow.db``.
         artifact_location: local artifact root for a new experiment on a SQLite store
-            (default ``CWD/runs/mlartifacts``).
+            (default ``mlartifacts`` beside the SQLite file, i.e. ``CWD/runs/mlartifacts``).
         experiment: MLflow experiment name (created in the driver if missing).
         resume: continue the interrupted sweep ``name`` (``Tuner.restore``).
         num_workers_per_trial: Ray Train workers per trial (DDP when > 1).

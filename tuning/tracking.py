@@ -99,6 +99,13 @@ def normalize_tracking_uri(uri: str | None, base_dir: str | os.PathLike | None =
     return uri
 
 
+def _artifacts_beside(uri: str) -> str:
+    """``DIR/mlartifacts`` next to the SQLite file ``DIR/x.db`` of a local tracking URI."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
+    return default_artifact_location()
+
+
 def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
@@ -212,7 +219,7 @@ class SweepTracker:
         if exp is None:
             location = None
             if is_local_store(self.tracking_uri):
-                root = Path(self.artifact_location or default_artifact_location()).resolve()
+                root = Path(self.artifact_location or _artifacts_beside(self.tracking_uri)).resolve()
                 root.mkdir(parents=True, exist_ok=True)
                 location = (root / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.experiment)).as_uri()
             try:
