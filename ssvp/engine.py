@@ -298,7 +298,10 @@ def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     ]
     param_groups = [g for g in param_groups if g["params"]]
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    return opt_cls(param_groups, weight_decay=cfg.train.weight_decay)
+    try:  # the fused kernel: same update rule, one kernel for all tensors (CPU and CUDA)
+        return opt_cls(param_groups, weight_decay=cfg.train.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return opt_cls(param_groups, weight_decay=cfg.train.weight_decay)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -141,9 +141,11 @@ class HSVSFusion(nn.Module):
                 f"dino_patch {tuple(dino_patch.shape)} does not pair with clip_patch {tuple(clip_patch.shape)}: "
                 "both need [B, L, N, ...] with the same taps count L and grid N"
             )
-        fused = torch.stack(
-            [block(clip_patch[:, i], dino_patch[:, i]) for i, block in enumerate(self.layers)], dim=1
-        )
+        # layer-major contiguous copies, made once: each block then reads contiguous [B, N, D]
+        # tokens (a strided slice would be copied again by every projection that reads it)
+        cp = clip_patch.transpose(0, 1).contiguous()
+        dp = dino_patch.transpose(0, 1).contiguous()
+        fused = torch.stack([block(cp[i], dp[i]) for i, block in enumerate(self.layers)], dim=1)
         g = self.global_block(clip_global[:, None], dino_global[:, None])[:, 0]
         return fused, g
 

@@ -116,10 +116,14 @@ class SSVPHead(nn.Module):
         with torch.autocast(device.type, enabled=False):  # similarities / tau in float32
             v = self.vtam(patches.float(), v_global.float(), text.float())  # Eq. 13-19
         g = v["map"].shape[-1]
-        anomaly_map = F.interpolate(v["map"][:, 1:2], size=size, mode="bilinear", align_corners=False)[:, 0]
-        layer_maps = F.interpolate(
-            v["layer_maps"].flatten(1, 2), size=size, mode="bilinear", align_corners=False
-        ).view(b, self.n_layers, 2, *size)
+        # One bilinear upsampling of the abnormal channels only (fused map + L layer maps).
+        # Bilinear weights sum to 1, so upsample(1 - a) = 1 - upsample(a): the normal channel
+        # of each layer map is 1 - abnormal, as it is on the grid (Eq. 14 softmax over 2 states).
+        abnormal = torch.cat([v["map"][:, 1:2], v["layer_maps"][:, :, 1]], dim=1)  # [B, 1 + L, g, g]
+        up = F.interpolate(abnormal, size=size, mode="bilinear", align_corners=False)
+        anomaly_map = up[:, 0]
+        layer_abnormal = up[:, 1:]
+        layer_maps = torch.stack([1.0 - layer_abnormal, layer_abnormal], dim=2)  # [B, L, 2, H, W]
         s_final = v["s_final"]
         aux.update(
             {

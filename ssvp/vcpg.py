@@ -43,6 +43,32 @@ __all__ = ["PromptLearner", "VCPG"]
 _LOGVAR_RANGE = (-10.0, 10.0)
 
 
+def _is_causal(text_encoder: Any) -> bool:
+    """True when the text tower's attention mask is the causal one (-inf exactly above the diagonal).
+
+    Only then is the output at position t independent of tokens after t, so padding after
+    the EOS token may be cut. Unknown encoders keep the full context.
+    """
+    clip = getattr(text_encoder, "_clip", None)
+    mask = getattr(clip, "attn_mask", None)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    hit = _CAUSAL_CACHE.get(id(mask))  # checked once per mask (no device sync every step)
+    if hit is not None and hit[0] is mask and hit[1] == mask._version:
+        return hit[2]
+    upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    causal = bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+    if len(_CAUSAL_CACHE) >= _TOKEN_CACHE_SIZE:
+        _CAUSAL_CACHE.clear()
+    _CAUSAL_CACHE[id(mask)] = (mask, mask._version, causal)
+    return causal
+
+
+_TOKEN_CACHE: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, int]] = {}
+_CAUSAL_CACHE: dict[int, tuple[torch.Tensor, int, bool]] = {}
+_TOKEN_CACHE_SIZE = 256
+
+
 class PromptLearner(nn.Module):
     """Learnable ``[V]bg`` (shared) and ``[V]state`` (normal / abnormal x P) contexts (Eq. 6)."""
 
@@ -58,12 +84,24 @@ class PromptLearner(nn.Module):
     def n_ctx(self) -> int:
         return self.n_ctx_bg + self.n_ctx_state
 
-    def forward(self, text_encoder: Any, class_names: list[str]) -> torch.Tensor:
-        """Unique class names -> T_init [C, 2, P, D] (normal = index 0, abnormal = 1)."""
-        n_cls, p, w = len(class_names), self.n_prompts, self.ctx_bg.shape[-1]
+    def _token_ids(self, text_encoder: Any, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token ids [C, T] of the placeholder prompts, their EOS positions [C] and the length
+        up to the last EOS (max EOS position + 1), checked.
+
+        The ids depend only on the tokenizer, the class names and n_ctx, so they are kept in a
+        small cache keyed by the tokenizer object (held, so its id stays unique) instead of
+        running the BPE tokenizer every step (performance only; no tensor with a graph).
+        """
+        device = self.ctx_bg.device
+        tokenizer = getattr(text_encoder, "_tokenizer", None)
+        key = (id(tokenizer), tuple(class_names), self.n_ctx, str(device))
+        hit = _TOKEN_CACHE.get(key) if tokenizer is not None else None
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1], hit[2], hit[3]
+        n_cls = len(class_names)
         placeholder = " ".join(["X"] * self.n_ctx)
         texts = [f"{placeholder} {name.replace('_', ' ')}." for name in class_names]
-        ids = text_encoder.tokenize(texts).to(self.ctx_bg.device)  # [C, T]
+        ids = text_encoder.tokenize(texts).to(device)  # [C, T]
         if ids.shape[1] < self.n_ctx + 3:
             raise ValueError(f"text context length {ids.shape[1]} is too short for {self.n_ctx} prompt tokens")
         eot = text_encoder.eot_index(ids)
@@ -76,6 +114,17 @@ class PromptLearner(nn.Module):
                 f"class names {bad} do not fit the text encoder's context of {ids.shape[1]} tokens "
                 f"after {self.n_ctx} prompt tokens (model.n_ctx_bg + model.n_ctx_state)"
             )
+        t_used = int(eot.max()) + 1
+        if tokenizer is not None:
+            if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
+                _TOKEN_CACHE.clear()
+            _TOKEN_CACHE[key] = (tokenizer, ids, eot, t_used)
+        return ids, eot, t_used
+
+    def forward(self, text_encoder: Any, class_names: list[str]) -> torch.Tensor:
+        """Unique class names -> T_init [C, 2, P, D] (normal = index 0, abnormal = 1)."""
+        n_cls, p, w = len(class_names), self.n_prompts, self.ctx_bg.shape[-1]
+        ids, eot, t_used = self._token_ids(text_encoder, class_names)
         with torch.no_grad():
             emb = text_encoder.token_embedding(ids).to(self.ctx_bg.dtype)  # [C, T, W]
         prefix = emb[:, :1]  # SOS
@@ -91,6 +140,10 @@ class PromptLearner(nn.Module):
             dim=3,
         ).reshape(n_cls * 2 * p, t_len, w)
         eot = eot.repeat_interleave(2 * p)
+        if _is_causal(text_encoder):
+            # CLIP's text tower is causal and pools at EOS: tokens after the last EOS (padding)
+            # cannot change any pooled feature, so they are dropped (same output, ~T/eot less work)
+            x = x[:, :t_used]
         t_init = text_encoder.encode_embeddings(x, eot)  # Eq. 6
         return t_init.float().view(n_cls, 2, p, -1)
 

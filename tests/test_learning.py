@@ -13,6 +13,14 @@ pixel AUROC reaches 0.77-0.83), although a training-free "cosine distance of a p
 to its image's mean token" already scores 0.73-0.78 pixel AUROC on ``domain_b``: the
 cue is in the features, the heads do not learn it from three source categories.
 That gap is recorded as a strict xfail so that it shows up once it is closed.
+
+Levers tried without closing it (seed 0; /tmp/lrn2/*.log): Eq. 20 also on every per-layer
+map, lambda1 = 0.1, focal_lambda = 0, grad_clip = 0, lr_head 1e-3 / lr_prompt 5e-3, 20-30
+epochs, fusion none / concat, vtam or vcpg off, tau 0.2, the source-val "best" checkpoint:
+target pixel AUROC stays 0.41-0.46 (image 0.47-0.76). Per-image hue/saturation
+diversity (+-60 or +-180 deg, domain_a only or both, plus random defect colours) lifts
+target pixel AUROC to 0.55-0.66 but drops target image AUROC to 0.43-0.55, and source-val
+(one held-out category) tracks neither. No setting reaches pixel >= 0.65 with image >= 0.7.
 """
 from __future__ import annotations
 
