@@ -197,15 +197,19 @@ def auroc(labels: Any, scores: Any) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
-def average_precision(labels: Any, scores: Any) -> float:
-    """AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (``average_precision_score``)."""
+def _precision_recall(labels: Any, scores: Any, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct threshold ``score >= t``, highest t first."""
     y, s = _labels_scores(labels, scores)
     fps, tps = _binary_curve(y, s)
     p = int(tps[-1])
     if p == 0:
-        raise UndefinedMetricError("average_precision", "no positive sample")
-    precision = tps / (tps + fps)
-    recall = tps / p
+        raise UndefinedMetricError(metric, "no positive sample")
+    return tps / (tps + fps), tps / p
+
+
+def average_precision(labels: Any, scores: Any) -> float:
+    """AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (``average_precision_score``)."""
+    precision, recall = _precision_recall(labels, scores, "average_precision")
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
@@ -215,18 +219,12 @@ def f1_max(labels: Any, scores: Any, return_threshold: bool = False):
     Equals ``max(2PR / (P + R))`` over ``sklearn.metrics.precision_recall_curve`` as the
     peers compute it. With ``return_threshold`` returns ``(f1, t)``.
     """
-    y, s = _labels_scores(labels, scores)
-    fps, tps = _binary_curve(y, s)
-    p = int(tps[-1])
-    if p == 0:
-        raise UndefinedMetricError("f1_max", "no positive sample")
-    precision = tps / (tps + fps)
-    recall = tps / p
+    precision, recall = _precision_recall(labels, scores, "f1_max")
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     i = int(np.argmax(f1))
     if return_threshold:
-        thresholds = np.sort(np.unique(s))[::-1]
+        thresholds = np.sort(np.unique(_labels_scores(labels, scores)[1]))[::-1]
         return float(f1[i]), float(thresholds[i])
     return float(f1[i])
 
