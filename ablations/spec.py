@@ -197,12 +197,8 @@ def parse_grid(data: Any, path: str = "<grid>") -> Grid:
     where = f"grid {path}"
     if not isinstance(data, dict):
         raise GridError(f"{where}: must hold a mapping at top level")
-    unknown = set(data) - GRID_KEYS
-    if unknown:
-        raise GridError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(GRID_KEYS))}")
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise GridError(f"{where}: 'name' must be a word of letters, digits, _ . = + -; got {name!r}")
+    _reject_unknown(data, GRID_KEYS, where)
+    name = _check_name(data.get("name"), where)
     base = data.get("base") or {}
     if not isinstance(base, dict):
         raise GridError(f"{where}: 'base' must be a mapping of config keys")
@@ -244,6 +240,18 @@ def parse_grid(data: Any, path: str = "<grid>") -> Grid:
     return grid
 
 
+def _reject_unknown(mapping: dict, allowed: Any, here: str) -> None:
+    unknown = set(mapping) - set(allowed)
+    if unknown:
+        raise GridError(f"{here}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_name(name: Any, here: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise GridError(f"{here}: 'name' must be a word of letters, digits, _ . = + -; got {name!r}")
+    return name
+
+
 def _variants(items: Any, where: str) -> list[Variant]:
     if not isinstance(items, list):
         raise GridError(f"{where}: 'variants' must be a list of mappings")
@@ -252,12 +260,8 @@ def _variants(items: Any, where: str) -> list[Variant]:
         here = f"{where}: variants[{i}]"
         if not isinstance(item, dict):
             raise GridError(f"{here} must be a mapping with name and overrides")
-        unknown = set(item) - VARIANT_KEYS
-        if unknown:
-            raise GridError(f"{here}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(VARIANT_KEYS))}")
-        name = item.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise GridError(f"{here}: 'name' must be a word of letters, digits, _ . = + -; got {name!r}")
+        _reject_unknown(item, VARIANT_KEYS, here)
+        name = _check_name(item.get("name"), here)
         overrides = item.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise GridError(f"{here} ({name}): 'overrides' must be a mapping of config keys")
@@ -378,9 +382,7 @@ def _resources(value: Any, where: str) -> dict[str, float]:
         return out
     if not isinstance(value, dict):
         raise GridError(f"{where}: 'resources' must be a mapping like {{cpu: 4, gpu: 1}}")
-    unknown = set(value) - RESOURCE_KEYS
-    if unknown:
-        raise GridError(f"{where}: resources: unknown key(s) {', '.join(sorted(unknown))}; allowed: cpu, gpu")
+    _reject_unknown(value, RESOURCE_KEYS, f"{where}: resources")
     for key, v in value.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
             raise GridError(f"{where}: resources.{key} must be a number >= 0; got {v!r}")
