@@ -282,6 +282,68 @@ def test_dense_mode_one_bucket_equals_bucketed_mode(monkeypatch):
     assert dense["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
 
 
+def sorted_reference_aupro(masks, maps, limit=0.3):
+    """The brute-force definition computed from one full sort (for inputs too large for
+    a pass per threshold): cumulative FPR and PRO at the end of every tie group."""
+    masks = np.asarray(masks, bool)
+    weight = np.zeros(masks.shape, np.float64)
+    n_regions = 0
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        sizes = np.bincount(lab.ravel())
+        weight[i][m] = 1.0 / sizes[lab[m]]
+        n_regions += n
+    weight /= n_regions
+    normal = ~masks
+    weight[normal] = -1.0 / normal.sum()  # the sign tells the two apart
+    v, w = maps.ravel().astype(np.float64), weight.ravel()
+    order = np.argsort(-v, kind="stable")
+    v, w = v[order], w[order]
+    ends = np.r_[np.flatnonzero(np.diff(v)), v.size - 1]  # last index of each tie group
+    xs = np.r_[0.0, np.cumsum(np.where(w < 0, -w, 0.0))[ends]]
+    ys = np.r_[0.0, np.cumsum(np.where(w > 0, w, 0.0))[ends]]
+    j = int(np.searchsorted(xs, limit, "right"))
+    x_in, y_in = xs[:j], ys[:j]
+    if j < xs.size and x_in[-1] < limit:
+        y_lim = ys[j - 1] + (ys[j] - ys[j - 1]) * (limit - xs[j - 1]) / (xs[j] - xs[j - 1])
+        x_in, y_in = np.r_[x_in, limit], np.r_[y_in, y_lim]
+    return float(np.trapezoid(y_in, x_in)) / limit
+
+
+def test_sorted_reference_equals_brute_force():
+    rng = np.random.default_rng(3)
+    for quantize in (None, 6):
+        masks, maps = random_masks_maps(rng, n=5, h=18, w=16, quantize=quantize)
+        for limit in (0.3, 0.05, 1.0):
+            assert sorted_reference_aupro(masks, maps, limit) == pytest.approx(
+                brute_force_aupro(masks, maps, limit), abs=1e-9)
+
+
+@pytest.mark.parametrize("quantize", [None, 40])
+def test_aupro_top_only_sort_equals_full_reference(quantize):
+    # > 2^18 pixels: ``aupro`` sorts only the normal scores near the top (sample quantile);
+    # it must equal the full reference and ``pixel_metrics``, which sorts them all
+    rng = np.random.default_rng(7)
+    masks, maps = random_masks_maps(rng, n=12, h=160, w=160, quantize=quantize, smooth=1.0)
+    for limit in (0.3, 0.02):
+        px = M._prepare_pixels(masks, maps, top_fraction=limit, with_counts=False)
+        assert px.exact_from == 1
+        ref = sorted_reference_aupro(masks, maps, limit)
+        assert M.aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref, abs=1e-9)
+        assert M.pixel_metrics(masks, maps, aupro_limit=limit)["pixel_aupro"] == pytest.approx(ref, abs=1e-9)
+
+
+def test_aupro_top_only_falls_back_when_the_sample_misleads():
+    # the strided sample sees only even rows and columns, which score high here: its
+    # quantile lies above the true cut, the histogram shows it, the pass is redone in full
+    rng = np.random.default_rng(8)
+    masks, maps = random_masks_maps(rng, n=8, h=512, w=512)
+    maps[:, ::2, ::2] += 5
+    px = M._prepare_pixels(masks, maps, top_fraction=0.3, with_counts=False)
+    assert px.exact_from == 0  # the full preparation
+    assert M.aupro(masks, maps) == pytest.approx(sorted_reference_aupro(masks, maps), abs=1e-9)
+
+
 # ------------------------------------------------------------------ smoothing
 def test_smooth_maps_numpy_and_torch_agree_with_scipy():
     import torch
