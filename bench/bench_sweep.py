@@ -20,6 +20,7 @@ reports per-image figures of the same breakdown (a full trial on a CPU would tak
     .venv/bin/python bench/bench_sweep.py                       # tiny, ~1-2 min on 2 cores
     .venv/bin/python bench/bench_sweep.py --full --images 2     # ViT-L, a few minutes
     .venv/bin/python bench/bench_sweep.py --json out.json       # also write the figures
+    .venv/bin/python bench/bench_sweep.py --flops --images 1    # FLOPs: backbones vs head, tiny and full
 
 Prints figures; asserts nothing about time (the test of equality is
 tests/test_feature_training.py).
@@ -289,6 +290,51 @@ def run_full(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _flops(fn) -> int:
+    """Matmul / attention / conv FLOPs of one call (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def run_flops(args) -> dict:
+    """FLOPs per image of the backbone forward, a head train step (forward + backward) and a
+    no-grad head forward, tiny and full size: the compute bound of the cache's speedup,
+    independent of the machine and its load."""
+    from ssvp.config import Config
+    from ssvp.engine import build_model
+
+    presets = {
+        "tiny": Config.tiny(device="cpu"),
+        "full": Config.from_dict({"clip_pretrained": "", "dino_weights": "", "device": "cpu"}),
+    }
+    out = {}
+    for name, cfg in presets.items():
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cpu"))
+        size = 14 * cfg.model.grid
+        n = args.images
+        images = torch.rand(n, 3, size, size)
+        batch = {"image": images, "mask": (torch.rand(n, size, size) > 0.97).float(),
+                 "label": torch.tensor([i % 2 for i in range(n)]), "cls_name": ["bottle"] * n}
+        with torch.no_grad():
+            backbone = _flops(lambda: model.backbones(images))
+            feats = model.backbones(images)
+        head_train = _flops(_head_step_fn(model, feats, batch, cfg, size))
+        head_eval = _flops(_head_eval_fn(model, feats, batch, size))
+        r = {"backbone": backbone / n, "head_train_step": head_train / n, "head_eval": head_eval / n}
+        r["bound_train_step"] = (r["backbone"] + r["head_train_step"]) / r["head_train_step"]
+        r["bound_eval"] = (r["backbone"] + r["head_eval"]) / r["head_eval"]
+        t, v = args.flops_train, args.flops_val  # images per epoch
+        r["bound_epoch"] = ((t + v) * r["backbone"] + t * r["head_train_step"] + v * r["head_eval"]) / (
+            t * r["head_train_step"] + v * r["head_eval"])
+        out[name] = r
+        del model, feats
+    return {"flops_per_image": out, "epoch_images": [args.flops_train, args.flops_val]}
+
+
 def _ms(x: float) -> str:
     return f"{x * 1e3:9.2f} ms"
 
@@ -298,6 +344,17 @@ def report(res: dict, args) -> str:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}, cache dtype {args.dtype}"
     ]
+    if args.flops:
+        t, v = res["epoch_images"]
+        lines.append(f"FLOPs per image (matmul, attention, conv; torch.utils.flop_counter), batch {args.images}; "
+                     f"an epoch = {t} train + {v} val images")
+        lines.append(f"  {'preset':6s} {'backbone fwd':>14s} {'head train step':>16s} {'head eval':>12s}   "
+                     f"bound images/cached: train step, eval, epoch")
+        for name, r in res["flops_per_image"].items():
+            lines.append(f"  {name:6s} {r['backbone'] / 1e9:11.2f} GF {r['head_train_step'] / 1e9:13.2f} GF "
+                         f"{r['head_eval'] / 1e9:9.2f} GF   {r['bound_train_step']:.2f} x, {r['bound_eval']:.2f} x, "
+                         f"{r['bound_epoch']:.2f} x")
+        return "\n".join(lines)
     if args.full:
         p = res["per_image_s"]
         lines += [
@@ -345,7 +402,11 @@ def report(res: dict, args) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="full-size ViT-L random-weight backbones, per-image figures")
-    ap.add_argument("--images", type=int, default=2, help="--full: number of random images (one batch)")
+    ap.add_argument("--images", type=int, default=2, help="--full / --flops: number of random images (one batch)")
+    ap.add_argument("--flops", action="store_true",
+                    help="count FLOPs per image of backbones vs head (tiny and full size): the compute bound of the ratio")
+    ap.add_argument("--flops-train", type=int, default=36, help="--flops: train images per epoch")
+    ap.add_argument("--flops-val", type=int, default=24, help="--flops: validation images per epoch")
     ap.add_argument("--data", default="", help="tiny: synthetic benchmark root (default: generate one in a temp dir)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-per-class", type=int, default=12)
@@ -358,7 +419,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run_full(args) if args.full else run_tiny(args)
+    res = run_flops(args) if args.flops else run_full(args) if args.full else run_tiny(args)
     res["args"] = vars(args)
     res["torch_threads"] = torch.get_num_threads()
     print(report(res, args))

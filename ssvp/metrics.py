@@ -380,10 +380,27 @@ class _Pixels:
             le += c
         return lt, le
 
-    def bucket_values(self, b: int) -> np.ndarray:
-        """Sorted normal scores of flagged bucket b."""
-        vals = [sub[st[b]:st[b + 1]] for sub, st in zip(self.subs, self.starts)]
-        return np.sort(np.concatenate(vals))
+    def kth_in_bucket(self, b: int, r: int) -> float:
+        """The r-th smallest (0-based) normal score of flagged bucket b, found by bisection
+        on each piece's sorted run of that bucket: no copy, no sort."""
+        segs = [sub[st[b]:st[b + 1]] for sub, st in zip(self.subs, self.starts)]
+
+        def rank_gt(x) -> int:  # scores of the bucket that are <= x
+            return sum(int(np.searchsorted(q, x, "right")) for q in segs)
+
+        for seg in segs:
+            lo_i, hi_i = 0, seg.size
+            while lo_i < hi_i:  # first index whose value has more than r scores <= it
+                mid = (lo_i + hi_i) // 2
+                if rank_gt(seg[mid]) > r:
+                    hi_i = mid
+                else:
+                    lo_i = mid + 1
+            if lo_i < seg.size:
+                x = seg[lo_i]
+                if sum(int(np.searchsorted(q, x, "left")) for q in segs) <= r:
+                    return float(x)
+        raise AssertionError(f"rank {r} outside bucket {b}")  # unreachable: r < the bucket's count
 
     def w_ge(self, v: float) -> float:  # PRO reached at threshold score >= v
         i = int(np.searchsorted(self.pos, np.float32(v), "left"))
@@ -513,7 +530,7 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
         flagged = np.ones(1, bool)
     px.bpos = px.bucket(pos)
 
-    n_pieces = max(1, min(threads, len(ranges)))
+    n_pieces = max(1, min(threads, len(ranges)))  # one sorted piece per thread
     groups = [g.tolist() for g in np.array_split(np.arange(len(ranges)), n_pieces)]
     piece_of = {c: gi for gi, g in enumerate(groups) for c in g}
     hists = [np.zeros(n_buckets, np.int64) for _ in groups]  # normal pixels per bucket and piece
@@ -546,9 +563,12 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
         # the sample missed: the top scores reach below the skipped buckets; redo in full
         return _prepare_pixels(masks, maps, connectivity, n_threads, with_counts, probes, None)
 
-    def sort_piece(gi):  # one sorted piece per thread
+    def sort_piece(gi):
         idx = groups[gi]
-        a = np.concatenate([keeps[i] for i in idx]) if len(idx) else np.zeros(0, np.float32)
+        if len(idx) == 1:
+            a = keeps[idx[0]]  # the chunk's own copy of its scores
+        else:
+            a = np.concatenate([keeps[i] for i in idx]) if len(idx) else np.zeros(0, np.float32)
         for i in idx:
             keeps[i] = None  # free the chunk copies as soon as they are merged
         a.sort()
@@ -569,7 +589,7 @@ def _value_at_rank(px: _Pixels, r: int):
     b = int(np.searchsorted(px.cum_incl, r, "right"))
     if not px.flagged[b]:
         return b, False
-    return float(px.bucket_values(b)[r - int(px.cum_excl[b])]), True
+    return px.kth_in_bucket(b, r - int(px.cum_excl[b])), True
 
 
 def _undefined_reason(px: _Pixels, metric: str) -> str | None:

@@ -333,6 +333,18 @@ def test_aupro_top_only_sort_equals_full_reference(quantize):
         assert M.pixel_metrics(masks, maps, aupro_limit=limit)["pixel_aupro"] == pytest.approx(ref, abs=1e-9)
 
 
+def test_kth_normal_score_of_a_bucket_across_thread_pieces():
+    rng = np.random.default_rng(9)
+    masks, maps = random_masks_maps(rng, n=12, h=64, w=64, quantize=30)
+    px = M._prepare_pixels(masks, maps, n_threads=3, with_counts=False)
+    assert len(px.subs) == 3
+    normal = np.sort(maps[~masks])
+    for b in np.flatnonzero(px.flagged)[:: max(1, px.flagged.sum() // 25)]:
+        lo, hi = int(px.cum_excl[b]), int(px.cum_incl[b])
+        for r in {lo, (lo + hi) // 2, hi - 1} if hi > lo else ():
+            assert px.kth_in_bucket(int(b), r - lo) == normal[r]
+
+
 def test_aupro_top_only_falls_back_when_the_sample_misleads():
     # the strided sample sees only even rows and columns, which score high here: its
     # quantile lies above the true cut, the histogram shows it, the pass is redone in full
