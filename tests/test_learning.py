@@ -1,79 +1,121 @@
-"""Learning: training on one synthetic domain, measured on the other domain's unseen categories.
+"""Learning with the tiny random-weight backbones: what training does, measured on 3 seeds.
 
-The tiny random-weight backbones carry no semantics, so what can transfer from
-``domain_a`` (fabric, wood, tile, pill, bottle_cap) to ``domain_b`` (metal_plate,
-leather, mesh, screw, washer) is generic local evidence. The heads are trained with
-``fit`` on ``domain_a`` only (a fixed schedule; nothing is chosen on ``domain_b``),
-and ``evaluate`` on ``domain_b`` is compared with the untrained heads of the same seed.
+Two settings, each trained with ``fit`` and compared with the untrained heads of the same
+seed (``evaluate(cfg, None)``); every seed runs the whole protocol (features are computed
+once: the backbones do not depend on ``train.seed``):
 
-Measured (2 shared CPU cores, seed 0, default synthetic benchmark): target image
-AUROC 0.39 -> 0.76 after 8 epochs; target pixel AUROC 0.49 -> 0.44. The pixel maps do
-not transfer across domains with random backbones (in-domain they do: training-set
-pixel AUROC reaches 0.77-0.83), although a training-free "cosine distance of a patch
-to its image's mean token" already scores 0.73-0.78 pixel AUROC on ``domain_b``: the
-cue is in the features, the heads do not learn it from three source categories.
-That gap is recorded as a strict xfail so that it shows up once it is closed.
+* **Held-out images of the training categories.** Train on the synthetic ``domain_a`` of
+  the session benchmark (seed 0, all five categories, ``val_fraction`` 0), 30 epochs, then
+  evaluate on ``domain_a`` of a second benchmark generated with seed 1: the same five
+  categories, other instances, other defects. Measured (2 CPU cores, 2026-11-28), pixel
+  AUROC before -> after: seed 0 0.526 -> 0.611, seed 1 0.397 -> 0.551, seed 2
+  0.526 -> 0.623; image AUROC 0.51 -> 0.53, 0.40 -> 0.50, 0.48 -> 0.69. The test asserts
+  that pixel AUROC rises by at least 0.07 on every seed.
 
-Levers tried without closing it (seed 0; /tmp/lrn2/*.log): Eq. 20 also on every per-layer
-map, lambda1 = 0.1, focal_lambda = 0, grad_clip = 0, lr_head 1e-3 / lr_prompt 5e-3, 20-30
-epochs, fusion none / concat, vtam or vcpg off, tau 0.2, the source-val "best" checkpoint:
-target pixel AUROC stays 0.41-0.46 (image 0.47-0.76). Per-image hue/saturation
-diversity (+-60 or +-180 deg, domain_a only or both, plus random defect colours) lifts
-target pixel AUROC to 0.55-0.66 but drops target image AUROC to 0.43-0.55, and source-val
-(one held-out category) tracks neither. No setting reaches pixel >= 0.65 with image >= 0.7.
+* **Zero-shot transfer to the other domain** (the paper's protocol and issue 3's
+  criterion): train on ``domain_a`` (fabric, wood, tile, pill, bottle_cap; two categories
+  held out for validation), 8 epochs, evaluate on ``domain_b``'s unseen categories
+  (metal_plate, leather, mesh, screw, washer). Measured, image / pixel AUROC before ->
+  after: seed 0 0.388 -> 0.756 / 0.491 -> 0.437, seed 1 0.500 -> 0.394 / 0.523 -> 0.443,
+  seed 2 0.588 -> 0.600 / 0.468 -> 0.439. The image figure of seed 0 (the only seed an
+  earlier version of this test ran) is luck; on average neither transfers. Both are
+  strict xfails on the 3-seed mean, so they show up once they hold.
+
+Why transfer fails with random backbones (measured, see issue 3's closing notes): a
+logistic-regression probe fitted on the source features (the ideal linear head) scores
+0.99 pixel AUROC on the source and 0.50 on ``domain_b``; image-level probes 0.37-0.55.
+SSVP's maps are a learned direction in feature space (Eq. 13: cosine with a text
+embedding), and no direction of these random features carries "defect" across domains.
+What does carry is a distance (a patch far from its image's mean token: 0.73-0.78
+training-free pixel AUROC on ``domain_b``), which Eq. 13 does not express. With pretrained
+CLIP/DINO weights, as in the paper, the semantics that make transfer work are in the
+features; those weights cannot be downloaded on the development machines.
+Levers tried without closing the gap (about 50 runs, two sessions): loss weights
+(lambda1, focal_lambda, grad clipping), learning rates, 20-40 epochs, fusion none / concat,
+VTAM or VCPG off, tau, per-layer focal loss, per-image hue / polarity diversity in the
+synthetic data, centring tokens on their image mean at several points, zero-initialised
+ATF output, and a non-paper "context anchor" before Eq. 13 (pixel 0.59 -> 0.73 on
+domain_b, image down to 0.34-0.53).
 """
 from __future__ import annotations
 
-import time
+import statistics
 
 import pytest
 
 from ssvp.config import Config
+from ssvp.data import make_synthetic
 from ssvp.engine import evaluate, fit
 
-TRAIN = {"train.epochs": 8, "train.batch_size": 8, "train.seed": 0, "train.device": "cpu"}
-MIN_AUROC = 0.7
+SEEDS = (0, 1, 2)
+MIN_RISE_IN_DOMAIN = 0.07
+MIN_TRANSFER_AUROC = 0.7
+
+
+def _before_after(cfg: Config, target: str, ckpt) -> tuple[dict, dict, object]:
+    before = evaluate(cfg, None)[target]["mean"]
+    result = fit(cfg, checkpoint_dir=ckpt)
+    after = evaluate(cfg, ckpt / "last")[target]["mean"]
+    print(f"\n{target} seed {cfg.train.seed}: image AUROC {before['image_auroc']:.3f} -> {after['image_auroc']:.3f}, "
+          f"pixel AUROC {before['pixel_auroc']:.3f} -> {after['pixel_auroc']:.3f}")
+    return before, after, result
+
+
+def _runs(source: str, target: str, tmp, epochs: int, **extra) -> list[tuple[dict, dict, object]]:
+    out = []
+    for seed in SEEDS:
+        cfg = Config.tiny(**{
+            "data.source": source,
+            "data.targets": [target],
+            "train.feature_cache": str(tmp / "features"),
+            "train.epochs": epochs,
+            "train.batch_size": 8,
+            "train.seed": seed,
+            "train.device": "cpu",
+            **extra,
+        })
+        out.append(_before_after(cfg, target, tmp / f"ckpt{seed}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_domain(synthetic_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("learning_in_domain")
+    other = tmp / "seed1"
+    make_synthetic(other, seed=1, domains=("domain_a",))  # same categories, other instances
+    return _runs(f"synthetic:{synthetic_root}/domain_a", f"synthetic:{other}/domain_a", tmp, epochs=30,
+                 **{"data.val_fraction": 0.0})
 
 
 @pytest.fixture(scope="module")
 def transfer(synthetic_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("learning")
-    target = f"synthetic:{synthetic_root}/domain_b"
-    cfg = Config.tiny(
-        **{
-            "data.source": f"synthetic:{synthetic_root}/domain_a",
-            "data.targets": [target],
-            "train.feature_cache": str(tmp / "features"),  # frozen backbones: features computed once
-            **TRAIN,
-        }
-    )
-    t0 = time.perf_counter()
-    before = evaluate(cfg, None)[target]["mean"]
-    result = fit(cfg, checkpoint_dir=tmp / "ckpt")
-    after = evaluate(cfg, tmp / "ckpt" / "last")[target]["mean"]
-    elapsed = time.perf_counter() - t0
-    print(
-        f"\ntarget {target}: image AUROC {before['image_auroc']:.3f} -> {after['image_auroc']:.3f}, "
-        f"pixel AUROC {before['pixel_auroc']:.3f} -> {after['pixel_auroc']:.3f} ({elapsed:.0f}s)"
-    )
-    return before, after, result
+    tmp = tmp_path_factory.mktemp("learning_transfer")
+    return _runs(f"synthetic:{synthetic_root}/domain_a", f"synthetic:{synthetic_root}/domain_b", tmp, epochs=8)
 
 
-def test_training_lowers_the_source_loss(transfer):
-    _, _, result = transfer
-    assert len(result.history) == TRAIN["train.epochs"]
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+def test_training_lowers_the_source_loss(in_domain, transfer):
+    for _, _, result in in_domain + transfer:
+        assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
-def test_image_auroc_transfers_to_unseen_categories_of_the_other_domain(transfer):
-    before, after, _ = transfer
-    assert after["image_auroc"] >= MIN_AUROC, (before, after)
-    assert after["image_auroc"] > before["image_auroc"] + 0.15, (before, after)
+def test_pixel_auroc_rises_on_held_out_images_of_the_training_categories(in_domain):
+    for seed, (before, after, _) in zip(SEEDS, in_domain):
+        assert after["pixel_auroc"] >= before["pixel_auroc"] + MIN_RISE_IN_DOMAIN, (seed, before, after)
+
+
+def _mean(runs, key: str, which: int) -> float:
+    return statistics.fmean(r[which][key] for r in runs)
+
+
+@pytest.mark.xfail(strict=True, reason="no transferable image cue in tiny random features (3-seed mean 0.58); "
+                   "see the module docstring")
+def test_image_auroc_transfers_to_the_other_domain(transfer):
+    assert _mean(transfer, "image_auroc", 1) >= MIN_TRANSFER_AUROC
+    assert _mean(transfer, "image_auroc", 1) > _mean(transfer, "image_auroc", 0) + 0.15
 
 
 @pytest.mark.xfail(strict=True, reason="pixel maps do not transfer across synthetic domains with random backbones "
-                   "(measured 0.49 -> 0.44); see the module docstring")
-def test_pixel_auroc_transfers_to_unseen_categories_of_the_other_domain(transfer):
-    before, after, _ = transfer
-    assert after["pixel_auroc"] >= MIN_AUROC, (before, after)
-    assert after["pixel_auroc"] > before["pixel_auroc"] + 0.1, (before, after)
+                   "(3-seed mean 0.49 -> 0.44); see the module docstring")
+def test_pixel_auroc_transfers_to_the_other_domain(transfer):
+    assert _mean(transfer, "pixel_auroc", 1) >= MIN_TRANSFER_AUROC
+    assert _mean(transfer, "pixel_auroc", 1) > _mean(transfer, "pixel_auroc", 0) + 0.1
