@@ -29,7 +29,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .base import IMAGE_EXTS, AnomalyDataset, DatasetError, Record, mask_is_empty
 
@@ -114,6 +114,28 @@ class _MaskIndex:
 
 
 # --------------------------------------------------------------------------- MVTec-like folders
+def _per_category(cats: list[Path], sub: str, classes: set[str] | None, problems: Problems, what: str,
+                  read_category: Callable[[Path, Path], Iterable[Record]],
+                  name: Callable[[Path], str] = lambda d: d.name) -> list[Record]:
+    """Records of the selected categories (class ``name(cat)``), ``read_category(cat, cat/sub)``
+    each; a missing ``sub`` folder or a category without images is reported as an empty
+    category."""
+    records: list[Record] = []
+    for cat in cats:
+        cls = name(cat)
+        if classes is not None and cls not in classes:
+            continue
+        split_dir = _child(cat, sub)
+        if split_dir is None:
+            problems.report(cat / sub, f"{what} {cls!r}: folder {cat / sub} does not exist (empty category)")
+            continue
+        found = list(read_category(cat, split_dir))
+        if not found:
+            problems.report(split_dir, f"{what} {cls!r} has no images under {split_dir} (empty category)")
+        records += found
+    return records
+
+
 def _read_folders(
     root: Path,
     split: str,
@@ -137,32 +159,24 @@ def _read_folders(
         )
     available = [d.name for d in cats]
     masks = _MaskIndex()
-    records: list[Record] = []
-    for cat in cats:
-        if classes is not None and cat.name not in classes:
-            continue
-        split_dir = _child(cat, split)
-        if split_dir is None:
-            problems.report(cat / split, f"category {cat.name!r}: folder {cat / split} does not exist (empty category)")
-            continue
+
+    def read_category(cat: Path, split_dir: Path) -> Iterator[Record]:
         gt_root = _child(cat, "ground_truth")
-        n_before = len(records)
         for defect_dir in _subdirs(split_dir):
             is_good = defect_dir.name.lower() in good_names
             gt_dir = _child(gt_root, defect_dir.name) if gt_root is not None and not is_good else None
             for img in _images(defect_dir):
                 if is_good:
-                    records.append(Record(str(img), None, 0, cat.name, "good"))
+                    yield Record(str(img), None, 0, cat.name, "good")
                     continue
                 mask = masks.find(gt_dir, img.stem, mask_suffixes)
                 if mask is None:
                     expected = (gt_root or cat / "ground_truth") / defect_dir.name / f"{img.stem}{mask_suffixes[0]}.png"
                     problems.report(img, f"mask missing for anomalous image {img}: expected {expected}")
                     continue
-                records.append(Record(str(img), str(mask), 1, cat.name, defect_dir.name))
-        if len(records) == n_before:
-            problems.report(split_dir, f"category {cat.name!r} has no images under {split_dir} (empty category)")
-    return records, available
+                yield Record(str(img), str(mask), 1, cat.name, defect_dir.name)
+
+    return _per_category(cats, split, classes, problems, "category", read_category), available
 
 
 def read_mvtec(root: Path, split: str, classes: set[str] | None, problems: Problems):
@@ -290,13 +304,9 @@ def read_rsdd(root: Path, split: str, classes: set[str] | None, problems: Proble
         )
     available = [_rsdd_class(d.name) for d in type_dirs]
     masks = _MaskIndex()
-    records: list[Record] = []
-    for tdir, cls in zip(type_dirs, available):
-        if classes is not None and cls not in classes:
-            continue
-        img_dir = _child(tdir, "Rail surface images")
-        gt_dir = _child(tdir, "GroundTruth")
-        n_before = len(records)
+
+    def read_subset(tdir: Path, img_dir: Path) -> Iterator[Record]:
+        cls, gt_dir = _rsdd_class(tdir.name), _child(tdir, "GroundTruth")
         for img in _images(img_dir):
             gt = masks.find(gt_dir, img.stem, ("", "_mask"))
             if gt is None:
@@ -307,9 +317,10 @@ def read_rsdd(root: Path, split: str, classes: set[str] | None, problems: Proble
             except DatasetError as exc:
                 problems.report(gt, str(exc))
                 continue
-            records.append(Record(str(img), None, 0, cls, "good") if empty else Record(str(img), str(gt), 1, cls, "defect"))
-        if len(records) == n_before:
-            problems.report(img_dir, f"RSDD subset {cls!r} has no images under {img_dir} (empty category)")
+            yield Record(str(img), None, 0, cls, "good") if empty else Record(str(img), str(gt), 1, cls, "defect")
+
+    records = _per_category(type_dirs, "Rail surface images", classes, problems, "RSDD subset", read_subset,
+                            name=lambda d: _rsdd_class(d.name))
     return records, available
 
 
@@ -334,18 +345,11 @@ def read_dagm(root: Path, split: str, classes: set[str] | None, problems: Proble
     available = [d.name for d in cats]
     sub = "Train" if split == "train" else "Test"
     masks = _MaskIndex()
-    records: list[Record] = []
-    for cat in cats:
-        if classes is not None and cat.name not in classes:
-            continue
-        split_dir = _child(cat, sub)
-        if split_dir is None:
-            problems.report(cat / sub, f"DAGM class {cat.name!r}: folder {cat / sub} does not exist (empty category)")
-            continue
+
+    def read_class(cat: Path, split_dir: Path) -> Iterator[Record]:
         label_dir = _child(split_dir, "Label")
         label_file = _child(label_dir, "Labels.txt") if label_dir is not None else None
         table = _dagm_labels(label_file) if label_file is not None else {}
-        n_before = len(records)
         for img in _images(split_dir):
             flag, mask_name = table.get(img.name.lower(), (None, None))
             mask = None
@@ -358,12 +362,11 @@ def read_dagm(root: Path, split: str, classes: set[str] | None, problems: Proble
                 problems.report(img, f"mask missing for defective DAGM image {img}: expected {where}")
                 continue
             if mask is None:
-                records.append(Record(str(img), None, 0, cat.name, "good"))
+                yield Record(str(img), None, 0, cat.name, "good")
             else:
-                records.append(Record(str(img), str(mask), 1, cat.name, "defect"))
-        if len(records) == n_before:
-            problems.report(split_dir, f"DAGM class {cat.name!r} has no images under {split_dir} (empty category)")
-    return records, available
+                yield Record(str(img), str(mask), 1, cat.name, "defect")
+
+    return _per_category(cats, sub, classes, problems, "DAGM class", read_class), available
 
 
 # --------------------------------------------------------------------------- registry
