@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 TIRE = (REPO.parent / "shared" / "data" / "mvtec3d_tire_rgb").resolve()
 
 
+def synthetic_config(root: Path, **overrides):
+    """``Config.tiny`` trained on the synthetic ``root``'s domain_a, tested on its domain_b."""
+    from ssvp.config import Config
+
+    return Config.tiny(source=f"synthetic:{root}/domain_a", targets=[f"synthetic:{root}/domain_b"], **overrides)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The built-in synthetic benchmark (two MVTec-layout domains), generated once per session."""

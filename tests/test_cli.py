@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from ssvp.config import Config
+from conftest import synthetic_config
 from ssvp.engine import NonFiniteLossError, fit
 
 
@@ -64,13 +64,7 @@ def test_train_eval_predict(tmp_path, synthetic_root):
 
 
 def test_resume_continues_from_checkpoint(tmp_path, synthetic_root):
-    cfg = Config.tiny(
-        source=f"synthetic:{synthetic_root}/domain_a",
-        targets=[f"synthetic:{synthetic_root}/domain_b"],
-        max_per_class=3,
-        epochs=2,
-        max_steps_per_epoch=2,
-    )
+    cfg = synthetic_config(synthetic_root, max_per_class=3, epochs=2, max_steps_per_epoch=2)
     full = fit(cfg, checkpoint_dir=tmp_path / "full")
 
     class Interrupted(Exception):
@@ -90,15 +84,7 @@ def test_resume_continues_from_checkpoint(tmp_path, synthetic_root):
 
 
 def test_nan_loss_stops_with_step(tmp_path, synthetic_root):
-    cfg = Config.tiny(
-        source=f"synthetic:{synthetic_root}/domain_a",
-        targets=[f"synthetic:{synthetic_root}/domain_b"],
-        max_per_class=3,
-        epochs=1,
-        lr_head=1e30,
-        lr_prompt=1e30,
-        grad_clip=0.0,
-    )
+    cfg = synthetic_config(synthetic_root, max_per_class=3, epochs=1, lr_head=1e30, lr_prompt=1e30, grad_clip=0.0)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step \d+"):
         fit(cfg)
 

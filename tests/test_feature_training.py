@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from ssvp.backbones import Backbones, ClipVisionEncoder, DinoEncoder
+from conftest import synthetic_config
 from ssvp.config import Config
 from ssvp.data import base as data_base
 from ssvp.data import load_image, make_synthetic, zero_shot_splits
@@ -53,18 +54,8 @@ def data_root(tmp_path_factory):
 
 
 def _cfg(root, **over) -> Config:
-    base = dict(
-        source=f"synthetic:{root}/domain_a",
-        targets=[f"synthetic:{root}/domain_b"],
-        epochs=2,
-        max_per_class=4,
-        batch_size=4,
-        eval_batch_size=8,
-        device="cpu",
-        seed=3,
-    )
-    base.update(over)
-    return Config.tiny(**base)
+    base = dict(epochs=2, max_per_class=4, batch_size=4, eval_batch_size=8, device="cpu", seed=3)
+    return synthetic_config(root, **{**base, **over})
 
 
 class VisionForwards:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import synthetic_config
 from ssvp.config import Config
 
 pytestmark = pytest.mark.slow
@@ -41,18 +42,8 @@ def ray_session():
 
 
 def tiny(root: Path, **overrides) -> Config:
-    base = dict(
-        source=f"synthetic:{root}/domain_a",
-        targets=[f"synthetic:{root}/domain_b"],
-        epochs=2,
-        max_steps_per_epoch=2,
-        max_per_class=3,
-        batch_size=4,
-        eval_batch_size=16,
-        progress=False,
-    )
-    base.update(overrides)
-    return Config.tiny(**base)
+    base = dict(epochs=2, max_steps_per_epoch=2, max_per_class=3, batch_size=4, eval_batch_size=16, progress=False)
+    return synthetic_config(root, **{**base, **overrides})
 
 
 def client_for(uri: str):
