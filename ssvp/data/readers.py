@@ -255,6 +255,17 @@ def read_visa(root: Path, split: str, classes: set[str] | None, problems: Proble
     return records, available
 
 
+def _record_by_mask(img: Path, gt: Path, cls: str, problems: Problems) -> Record | None:
+    """For datasets that give every image a mask: good when the mask is empty, else a
+    defect; None (reported) when the mask cannot be read."""
+    try:
+        empty = mask_is_empty(str(gt))
+    except DatasetError as exc:
+        problems.report(gt, str(exc))
+        return None
+    return Record(str(img), None, 0, cls, "good") if empty else Record(str(img), str(gt), 1, cls, "defect")
+
+
 # --------------------------------------------------------------------------- KSDD2
 def read_ksdd2(root: Path, split: str, classes: set[str] | None, problems: Problems):
     split_dir = _child(root, split)
@@ -269,15 +280,9 @@ def read_ksdd2(root: Path, split: str, classes: set[str] | None, problems: Probl
             if gt is None:
                 problems.report(img, f"mask missing for KSDD2 image {img}: expected {split_dir / (img.stem + '_GT.png')}")
                 continue
-            try:
-                empty = mask_is_empty(str(gt))
-            except DatasetError as exc:
-                problems.report(gt, str(exc))
-                continue
-            if empty:
-                records.append(Record(str(img), None, 0, "ksdd2", "good"))
-            else:
-                records.append(Record(str(img), str(gt), 1, "ksdd2", "defect"))
+            rec = _record_by_mask(img, gt, "ksdd2", problems)
+            if rec is not None:
+                records.append(rec)
         if not records:
             problems.report(split_dir, f"KSDD2 folder {split_dir} has no images (empty category)")
     return records, ["ksdd2"]
@@ -312,12 +317,9 @@ def read_rsdd(root: Path, split: str, classes: set[str] | None, problems: Proble
             if gt is None:
                 problems.report(img, f"mask missing for RSDD image {img}: expected {tdir / 'GroundTruth' / img.name}")
                 continue
-            try:
-                empty = mask_is_empty(str(gt))
-            except DatasetError as exc:
-                problems.report(gt, str(exc))
-                continue
-            yield Record(str(img), None, 0, cls, "good") if empty else Record(str(img), str(gt), 1, cls, "defect")
+            rec = _record_by_mask(img, gt, cls, problems)
+            if rec is not None:
+                yield rec
 
     records = _per_category(type_dirs, "Rail surface images", classes, problems, "RSDD subset", read_subset,
                             name=lambda d: _rsdd_class(d.name))
