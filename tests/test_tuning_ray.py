@@ -46,6 +46,13 @@ def tiny(root: Path, **overrides) -> Config:
     return synthetic_config(root, **{**base, **overrides})
 
 
+def grid_trials(cfg: Config, tmp_path: Path, name: str, **kwargs):
+    """``run_trials`` with one grid point per variant, no scheduler, half a CPU per worker,
+    quiet, results under ``tmp_path / "ray"``."""
+    return run_trials(cfg, {}, name=name, search="grid", num_samples=1, scheduler=None,
+                      storage_path=tmp_path / "ray", cpus_per_worker=0.5, verbose=0, **kwargs)
+
+
 def client_for(uri: str):
     from mlflow import MlflowClient
 
@@ -161,23 +168,17 @@ def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, syn
     for png in broken:
         png.write_bytes(b"this is not a png")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = run_trials(
+    summary = grid_trials(
         tiny(synthetic_root),
-        {},
-        name="failing",
-        search="grid",
-        num_samples=1,
+        tmp_path,
+        "failing",
         variants={"ok": {}, "corrupt": {"source": f"synthetic:{corrupt}/domain_a"}},
-        scheduler=None,
-        storage_path=tmp_path / "ray",
         tracking_uri=uri,
         experiment="test-failing",
         use_gpu=False,
-        cpus_per_worker=0.5,
         max_failures=0,
         target_eval="all",  # every finished trial is evaluated on the targets inside its worker
         on_results=lambda s: {"hook": _write(tmp_path / "hook" / "n.txt", str(len(s.trials)))},
-        verbose=0,
     )
     assert not summary.interrupted
     status = {t.variant: t.status for t in summary.trials}
@@ -221,23 +222,17 @@ def test_each_worker_of_a_two_worker_trial_gets_its_own_device(ray_session, synt
     from tuning.runner import run_trials
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = run_trials(
+    summary = grid_trials(
         tiny(synthetic_root, epochs=1),
-        {},
-        name="ddp2",
-        search="grid",
-        num_samples=1,
-        scheduler=None,
-        storage_path=tmp_path / "ray",
+        tmp_path,
+        "ddp2",
         tracking_uri=uri,
         experiment="test-placement",
         num_workers_per_trial=2,
         use_gpu=True,  # the session's 2 logical GPUs; torch sees no CUDA, so training runs on CPU
         torch_backend="gloo",
-        cpus_per_worker=0.5,
         resources_per_worker={"fake_gpu": 1},
         target_eval="none",
-        verbose=0,
     )
     (trial,) = summary.trials
     assert trial.status == "FINISHED", summary.errors
@@ -291,21 +286,15 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = run_trials(
+    summary = grid_trials(
         tiny(synthetic_root, epochs=5),
-        {},
-        name="killed",
-        search="grid",
-        num_samples=1,
-        scheduler=None,
-        storage_path=tmp_path / "ray",
+        tmp_path,
+        "killed",
         tracking_uri=uri,
         experiment="test-kill",
         use_gpu=False,
-        cpus_per_worker=0.5,
         max_failures=1,
         target_eval="none",
-        verbose=0,
     )
     thread.join(timeout=5)
     (trial,) = summary.trials
