@@ -49,6 +49,8 @@ def tiny(root: Path, **overrides) -> Config:
 def grid_trials(cfg: Config, tmp_path: Path, name: str, **kwargs):
     """``run_trials`` with one grid point per variant, no scheduler, half a CPU per worker,
     quiet, results under ``tmp_path / "ray"``."""
+    from tuning.runner import run_trials
+
     return run_trials(cfg, {}, name=name, search="grid", num_samples=1, scheduler=None,
                       storage_path=tmp_path / "ray", cpus_per_worker=0.5, verbose=0, **kwargs)
 
@@ -158,8 +160,6 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
 
 
 def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, synthetic_root, tmp_path):
-    from tuning.runner import run_trials
-
     corrupt = tmp_path / "corrupt"
     shutil.copytree(synthetic_root / "domain_a", corrupt / "domain_a")
     # zero-shot training reads the source's test split (the one with masks): break fabric's images there
@@ -219,8 +219,6 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_each_worker_of_a_two_worker_trial_gets_its_own_device(ray_session, synthetic_root, tmp_path):
-    from tuning.runner import run_trials
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     summary = grid_trials(
         tiny(synthetic_root, epochs=1),
@@ -256,8 +254,6 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
     import signal
     import threading
     import time
-
-    from tuning.runner import run_trials
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     train_dir = tmp_path / "ray" / "killed.train"
