@@ -536,7 +536,7 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
     hists = [np.zeros(n_buckets, np.int64) for _ in groups]  # normal pixels per bucket and piece
     locks = [threading.Lock() for _ in groups]
 
-    def pass2(c):  # histogram of normal scores; keep those in kept buckets
+    def pass2(c):  # histogram of normal scores; keep those in flagged buckets
         neg = normal_scores(*ranges[c])
         if n_buckets == 1:
             with locks[piece_of[c]]:
