@@ -11,6 +11,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from ssvp import metrics as M
+from ssvp.metrics import pixel_counts as PC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,11 +272,11 @@ def test_dense_mode_one_bucket_equals_bucketed_mode(monkeypatch):
     masks = np.zeros((5, 256, 256), bool)  # > 2^18 pixels: the dense check runs
     masks[:, 20:236, 20:236] = True
     maps = rng.random(masks.shape, dtype=np.float32) + np.float32(0.2) * masks
-    monkeypatch.setattr(M, "_DENSE_FRACTION", 0.0)  # always switch
-    assert M._prepare_pixels(masks, maps, with_counts=False).n_buckets == 1
+    monkeypatch.setattr(PC, "_DENSE_FRACTION", 0.0)  # always switch
+    assert PC._prepare_pixels(masks, maps, with_counts=False).n_buckets == 1
     dense = M.pixel_metrics(masks, maps)
-    monkeypatch.setattr(M, "_DENSE_FRACTION", 2.0)  # never switch
-    assert M._prepare_pixels(masks, maps, with_counts=False).n_buckets > 1
+    monkeypatch.setattr(PC, "_DENSE_FRACTION", 2.0)  # never switch
+    assert PC._prepare_pixels(masks, maps, with_counts=False).n_buckets > 1
     bucketed = M.pixel_metrics(masks, maps)
     for k in M.PIXEL_KEYS:
         assert dense[k] == pytest.approx(bucketed[k], abs=1e-12)
@@ -326,7 +327,7 @@ def test_aupro_top_only_sort_equals_full_reference(quantize):
     rng = np.random.default_rng(7)
     masks, maps = random_masks_maps(rng, n=12, h=160, w=160, quantize=quantize, smooth=1.0)
     for limit in (0.3, 0.02):
-        px = M._prepare_pixels(masks, maps, top_fraction=limit, with_counts=False)
+        px = PC._prepare_pixels(masks, maps, top_fraction=limit, with_counts=False)
         assert px.exact_from == 1
         ref = sorted_reference_aupro(masks, maps, limit)
         assert M.aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref, abs=1e-9)
@@ -336,7 +337,7 @@ def test_aupro_top_only_sort_equals_full_reference(quantize):
 def test_kth_normal_score_of_a_bucket_across_thread_pieces():
     rng = np.random.default_rng(9)
     masks, maps = random_masks_maps(rng, n=12, h=64, w=64, quantize=30)
-    px = M._prepare_pixels(masks, maps, n_threads=3, with_counts=False)
+    px = PC._prepare_pixels(masks, maps, n_threads=3, with_counts=False)
     assert len(px.subs) == 3
     normal = np.sort(maps[~masks])
     for b in np.flatnonzero(px.flagged)[:: max(1, px.flagged.sum() // 25)]:
@@ -351,7 +352,7 @@ def test_aupro_top_only_falls_back_when_the_sample_misleads():
     rng = np.random.default_rng(8)
     masks, maps = random_masks_maps(rng, n=8, h=512, w=512)
     maps[:, ::2, ::2] += 5
-    px = M._prepare_pixels(masks, maps, top_fraction=0.3, with_counts=False)
+    px = PC._prepare_pixels(masks, maps, top_fraction=0.3, with_counts=False)
     assert px.exact_from == 0  # the full preparation
     assert M.aupro(masks, maps) == pytest.approx(sorted_reference_aupro(masks, maps), abs=1e-9)
 
