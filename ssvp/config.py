@@ -160,6 +160,7 @@ class DataConfig:
     val_fraction: float = 0.25
     force_target_training: bool = False
     skip_bad_files: bool = False  # skip-and-report unreadable images / masks instead of failing
+    allow_paths_outside_root: bool = False  # meta.json may name absolute / '../' paths outside its folder
     max_per_class: int = 0  # 0 = all images; >0 caps images per class and split (quick runs)
     smoothing_sigma: float = 4.0  # Gaussian smoothing of maps before pixel metrics (peers use 4)
 

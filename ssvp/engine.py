@@ -586,6 +586,7 @@ def evaluate(
             image_size=image_size_of(cfg),
             skip_bad_files=cfg.data.skip_bad_files,
             max_per_class=cfg.data.max_per_class,
+            allow_outside_root=cfg.data.allow_paths_outside_root,
         )
         out[spec] = evaluate_dataset(cfg, model, ds, device, features)
     return out

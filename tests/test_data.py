@@ -316,11 +316,49 @@ def test_meta_round_trip(tmp_path):
     assert good["mask_path"] == "" and good["specie_name"] == "good"
     for split in ("train", "test"):
         assert _as_tuples(open_dataset(f"meta:{root}", split)) == _as_tuples(open_dataset(f"mvtec:{root}", split))
-    # written elsewhere: paths relative to the file's folder still resolve
+    # written elsewhere: paths relative to the file's folder climb out of it ('../'), so
+    # reading it back needs the explicit permission; then they resolve
     other = write_meta(f"mvtec:{root}", tmp_path / "elsewhere" / "bottle_meta.json", classes=["bottle"])
-    back = open_dataset(f"meta:{other}", "test")
+    with pytest.raises(DatasetError, match="outside the dataset root"):
+        open_dataset(f"meta:{other}", "test")
+    back = open_dataset(f"meta:{other}", "test", allow_outside_root=True)
     assert _as_tuples(back) == _as_tuples(open_dataset(f"mvtec:{root}", "test", classes=["bottle"]))
     _check_items(back, 4)
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "mask_dotdot"])
+def test_meta_paths_outside_the_root_are_refused(tmp_path, how):
+    """Issue 11: a meta.json naming files outside its folder (absolute or '../') is refused
+    with an error naming the file and the entry, even with skip_bad_files; allowed only
+    by the explicit flag / config key."""
+    root = make_mvtec(tmp_path / "mvtec")
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes((root / "bottle" / "test" / "good" / "000.png").read_bytes())
+    out = write_meta(f"mvtec:{root}")
+    data = json.loads(out.read_text())
+    entry = next(e for e in data["test"]["bottle"] if e["anomaly"] == 1)
+    i = data["test"]["bottle"].index(entry)
+    key = "mask_path" if how == "mask_dotdot" else "img_path"
+    entry[key] = str(secret) if how == "absolute" else "../outside/secret.png"
+    out.write_text(json.dumps(data))
+    for skip in (False, True):
+        with pytest.raises(DatasetError) as err:
+            open_dataset(f"meta:{root}", "test", skip_bad_files=skip)
+        msg = str(err.value)
+        assert str(out) in msg and f"test/bottle[{i}]" in msg and key in msg and "outside the dataset root" in msg
+    ds = open_dataset(f"meta:{root}", "test", allow_outside_root=True)
+    assert str(secret) in {r.image_path for r in ds.records} | {r.mask_path for r in ds.records}
+    # the config key reaches the reader through the zero-shot splits
+    src = make_mvtec(tmp_path / "src")
+    with pytest.raises(DatasetError, match="outside the dataset root"):
+        zero_shot_splits(DataConfig(source=f"mvtec:{src}", targets=[f"meta:{root}"]))
+    _, _, targets = zero_shot_splits(
+        DataConfig(source=f"mvtec:{src}", targets=[f"meta:{root}"], allow_paths_outside_root=True)
+    )
+    assert str(secret) in {r.image_path for r in targets[f"meta:{root}"].records} | {
+        r.mask_path for r in targets[f"meta:{root}"].records
+    }
 
 
 def test_meta_write_for_rsdd_has_empty_train(tmp_path):

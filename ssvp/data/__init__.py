@@ -8,10 +8,15 @@ train_ds, val_ds, targets = zero_shot_splits(cfg.data, image_size=518)
 write_meta("btad:/data/BTAD", "/data/BTAD/meta.json")
 make_synthetic("/data/synth", seed=0)   # domain_a/ and domain_b/ in MVTec layout
 ```
+
+Layering: ``formats`` holds the registry of ``FORMAT:ROOT`` readers and ``read_records``;
+``readers`` (the benchmark layouts) and ``meta`` (meta.json) register into it and
+import only ``formats`` and ``base``, never each other.
 """
 from .base import AnomalyDataset, DatasetError, Record, Sample, collate, load_image, load_mask
-from .meta import read_meta_records, write_meta
-from .readers import FORMATS, SPLITS, dataset_root, open_dataset, parse_spec, read_records
+from .formats import FORMATS, SPLITS, dataset_root, parse_spec, read_records, register
+from .meta import read_meta_records, write_meta  # registers the "meta" format
+from .readers import open_dataset  # registers the benchmark formats
 from .splits import pick_val_classes, zero_shot_splits
 from .synthetic import CATEGORIES, DOMAINS, make_synthetic, render_item
 
@@ -29,6 +34,7 @@ __all__ = [
     "open_dataset",
     "parse_spec",
     "read_records",
+    "register",
     "read_meta_records",
     "write_meta",
     "zero_shot_splits",

@@ -10,6 +10,11 @@ Format (paths relative to the folder holding the file; ``mask_path`` is "" for n
 Read it with the ``meta`` format (``open_dataset("meta:ROOT", ...)``, ROOT the folder
 holding ``meta.json`` or the file itself); write it for any dataset with
 :func:`write_meta` so users can move between this platform and those projects.
+
+Every path in the file must stay inside the folder holding it: an absolute path or one
+that climbs out with ``..`` is refused (a ``DatasetError`` naming the file and the
+entry), unless the read allows it (``open_dataset(..., allow_outside_root=True)``,
+config ``data.allow_paths_outside_root: true``).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .base import DatasetError, Record
+from .formats import Problems, dataset_root, parse_spec, read_records, register
 
 __all__ = ["read_meta_records", "write_meta", "META_FILE"]
 
@@ -35,7 +41,22 @@ def _meta_file(root: Path) -> Path:
     return root
 
 
-def read_meta_records(root: Path, split: str, classes: set[str] | None, problems) -> tuple[list[Record], list[str]]:
+def _inside(base: Path, rel: str, at: str, key: str, problems: Problems) -> str:
+    """``base / rel`` normalised; refuses a path that leaves ``base`` unless the read allows it."""
+    path = os.path.normpath(base / rel)
+    if not problems.allow_outside_root:
+        inside = os.path.commonpath([path, os.path.normpath(base)]) == os.path.normpath(base)
+        if os.path.isabs(rel) or not inside:
+            raise DatasetError(
+                f"{at}: {key} {rel!r} points outside the dataset root {base} "
+                "(absolute or '..' paths are refused; set data.allow_paths_outside_root=true "
+                "to allow them)"
+            )
+    return path
+
+
+@register("meta")
+def read_meta_records(root: Path, split: str, classes: set[str] | None, problems: Problems) -> tuple[list[Record], list[str]]:
     """Records of ``split`` from a ``meta.json`` (``root``: its folder or the file)."""
     file = _meta_file(root)
     base = file.parent
@@ -73,7 +94,7 @@ def read_meta_records(root: Path, split: str, classes: set[str] | None, problems
             if label not in (0, 1):
                 problems.report(file, f"{at}: 'anomaly' must be 0 or 1, got {entry['anomaly']!r}")
                 continue
-            image = os.path.normpath(base / str(entry["img_path"]))
+            image = _inside(base, str(entry["img_path"]), at, "img_path", problems)
             if not os.path.isfile(image):
                 problems.report(image, f"{at}: img_path points nowhere: {image} does not exist")
                 continue
@@ -83,7 +104,7 @@ def read_meta_records(root: Path, split: str, classes: set[str] | None, problems
                 if not mask_rel:
                     problems.report(image, f"{at}: anomalous image {image} has an empty mask_path")
                     continue
-                mask = os.path.normpath(base / mask_rel)
+                mask = _inside(base, mask_rel, at, "mask_path", problems)
                 if not os.path.isfile(mask):
                     problems.report(mask, f"{at}: mask_path points nowhere: {mask} does not exist")
                     continue
@@ -106,8 +127,6 @@ def write_meta(
     samples back; with the default location they are relative to ROOT, as the
     other projects expect). Splits a dataset does not have (RSDD's train) are written empty.
     """
-    from .readers import dataset_root, parse_spec, read_records
-
     fmt, root = parse_spec(dataset_spec)
     out = Path(out_path) if out_path is not None else dataset_root(dataset_spec) / META_FILE
     if out.suffix.lower() != ".json" and (out.is_dir() or not out.suffix):

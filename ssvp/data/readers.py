@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .base import IMAGE_EXTS, AnomalyDataset, DatasetError, Record, mask_is_empty
+from .formats import FORMATS, SPLITS, Problems, dataset_root, parse_spec, read_records, register
 
 __all__ = [
     "FORMATS",
@@ -41,24 +42,6 @@ __all__ = [
     "open_dataset",
     "read_records",
 ]
-
-SPLITS = ("train", "test")
-
-
-class Problems:
-    """Collects bad files: raises at once, or (``skip``) records ``(path, reason)`` and goes on."""
-
-    def __init__(self, skip: bool):
-        self.skip = skip
-        self.items: list[tuple[str, str]] = []
-
-    def report(self, path: str | os.PathLike, message: str) -> None:
-        if not self.skip:
-            raise DatasetError(message)
-        self.items.append((str(path), message))
-
-
-Reader = Callable[[Path, str, "set[str] | None", Problems], "tuple[list[Record], list[str]]"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -179,18 +162,22 @@ def _read_folders(
     return _per_category(cats, split, classes, problems, "category", read_category), available
 
 
+@register("mvtec", "mvtec_ad", "mvtecad")
 def read_mvtec(root: Path, split: str, classes: set[str] | None, problems: Problems):
     return _read_folders(root, split, classes, problems, "mvtec")
 
 
+@register("dtd", "dtd_synthetic", "dtd-synthetic")
 def read_dtd(root: Path, split: str, classes: set[str] | None, problems: Problems):
     return _read_folders(root, split, classes, problems, "dtd")
 
 
+@register("synthetic")
 def read_synthetic(root: Path, split: str, classes: set[str] | None, problems: Problems):
     return _read_folders(root, split, classes, problems, "synthetic")
 
 
+@register("btad")
 def read_btad(root: Path, split: str, classes: set[str] | None, problems: Problems):
     return _read_folders(root, split, classes, problems, "btad", good_names=("ok", "good"), mask_suffixes=("", "_mask"))
 
@@ -214,6 +201,7 @@ def _visa_defects(root: Path, obj: str, cache: dict[str, dict[str, str]]) -> dic
     return cache[obj]
 
 
+@register("visa")
 def read_visa(root: Path, split: str, classes: set[str] | None, problems: Problems):
     csv_path = root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
@@ -267,6 +255,7 @@ def _record_by_mask(img: Path, gt: Path, cls: str, problems: Problems) -> Record
 
 
 # --------------------------------------------------------------------------- KSDD2
+@register("ksdd2", "kolektorsdd2")
 def read_ksdd2(root: Path, split: str, classes: set[str] | None, problems: Problems):
     split_dir = _child(root, split)
     if split_dir is None:
@@ -294,6 +283,7 @@ def _rsdd_class(name: str) -> str:
     return f"rail_type_{m.group(1).lower()}" if m else _slug(name)
 
 
+@register("rsdd", "rsdds")
 def read_rsdd(root: Path, split: str, classes: set[str] | None, problems: Problems):
     if split != "test":
         raise DatasetError(
@@ -339,6 +329,7 @@ def _dagm_labels(label_file: Path) -> dict[str, tuple[int, str | None]]:
     return table
 
 
+@register("dagm", "dagm2007")
 def read_dagm(root: Path, split: str, classes: set[str] | None, problems: Problems):
     cats = [d for d in _subdirs(root) if re.fullmatch(r"class\d+", d.name, re.IGNORECASE)]
     if not cats:
@@ -371,83 +362,7 @@ def read_dagm(root: Path, split: str, classes: set[str] | None, problems: Proble
     return _per_category(cats, sub, classes, problems, "DAGM class", read_class), available
 
 
-# --------------------------------------------------------------------------- registry
-def _read_meta(root: Path, split: str, classes: set[str] | None, problems: Problems):
-    from .meta import read_meta_records
-
-    return read_meta_records(root, split, classes, problems)
-
-
-FORMATS: dict[str, Reader] = {
-    "mvtec": read_mvtec,
-    "visa": read_visa,
-    "btad": read_btad,
-    "ksdd2": read_ksdd2,
-    "rsdd": read_rsdd,
-    "dagm": read_dagm,
-    "dtd": read_dtd,
-    "meta": _read_meta,
-    "synthetic": read_synthetic,
-}
-ALIASES = {
-    "mvtec_ad": "mvtec",
-    "mvtecad": "mvtec",
-    "dtd_synthetic": "dtd",
-    "dtd-synthetic": "dtd",
-    "kolektorsdd2": "ksdd2",
-    "rsdds": "rsdd",
-    "dagm2007": "dagm",
-}
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """``"FORMAT:ROOT"`` -> ``(format, root)``; unknown formats are an error listing the known ones."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise DatasetError(
-            f"dataset {spec!r} must be written FORMAT:ROOT (formats: {', '.join(FORMATS)}), e.g. 'mvtec:/data/mvtec'"
-        )
-    fmt, root = spec.split(":", 1)
-    fmt = fmt.strip().lower()
-    fmt = ALIASES.get(fmt, fmt)
-    if fmt not in FORMATS:
-        raise DatasetError(f"unknown dataset format {fmt!r} in {spec!r}; known formats: {', '.join(FORMATS)}")
-    if not root.strip():
-        raise DatasetError(f"dataset {spec!r} names no root folder after '{fmt}:'")
-    return fmt, root.strip()
-
-
-def dataset_root(spec: str) -> Path:
-    """The resolved folder a dataset's relative paths start from (a meta.json's folder for ``meta``)."""
-    fmt, root = parse_spec(spec)
-    path = Path(root).expanduser()
-    if fmt == "meta" and path.suffix.lower() == ".json":
-        path = path.parent
-    return path.resolve()
-
-
-def read_records(
-    spec: str, split: str = "test", classes: Iterable[str] | None = None, skip_bad_files: bool = False
-) -> tuple[list[Record], list[tuple[str, str]], list[str]]:
-    """``(records, skipped, available classes)`` of one split of a dataset (no file checks)."""
-    fmt, root_str = parse_spec(spec)
-    if split not in SPLITS:
-        raise DatasetError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    root = Path(root_str).expanduser().absolute()
-    if not root.exists():
-        raise DatasetError(f"dataset root {root} (from {spec!r}) does not exist")
-    if fmt != "meta" and not root.is_dir():
-        raise DatasetError(f"dataset root {root} (from {spec!r}) is not a folder")
-    wanted = None if classes is None else {str(c) for c in classes}
-    problems = Problems(skip_bad_files)
-    records, available = FORMATS[fmt](root, split, wanted, problems)
-    if wanted is not None:
-        unknown = sorted(wanted - set(available))
-        if unknown:
-            raise DatasetError(f"{spec}: unknown class(es) {unknown}; available: {', '.join(available)}")
-    records = sorted(records, key=lambda r: (r.cls_name, r.image_path))
-    return records, problems.items, available
-
-
+# --------------------------------------------------------------------------- datasets
 def open_dataset(
     spec: str,
     split: str = "test",
@@ -455,6 +370,7 @@ def open_dataset(
     skip_bad_files: bool = False,
     image_size: int | None = None,
     max_per_class: int = 0,
+    allow_outside_root: bool = False,
 ) -> AnomalyDataset:
     """A torch Dataset of one split of ``"FORMAT:ROOT"``.
 
@@ -463,8 +379,9 @@ def open_dataset(
     ``collate_fn``. Every listed file must exist (checked now); decoding is lazy.
     ``skip_bad_files`` drops bad files and lists them in ``ds.skipped`` instead of failing.
     ``max_per_class`` > 0 keeps at most that many images per class (normals and anomalies both).
+    ``allow_outside_root`` lets a listing (``meta.json``) name files outside the dataset root.
     """
-    records, skipped, _ = read_records(spec, split, classes, skip_bad_files)
+    records, skipped, _ = read_records(spec, split, classes, skip_bad_files, allow_outside_root)
     ds = AnomalyDataset(
         records,
         name=spec,

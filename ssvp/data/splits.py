@@ -54,7 +54,8 @@ def zero_shot_splits(
     S of every item's ``[3,S,S]`` image. ``val_ds`` may be empty (``len(val_ds) == 0``).
     """
     size = image_size or data_cfg.image_size or None
-    common = dict(skip_bad_files=data_cfg.skip_bad_files, image_size=size)
+    common = dict(skip_bad_files=data_cfg.skip_bad_files, image_size=size,
+                  allow_outside_root=data_cfg.allow_paths_outside_root)
     source = open_dataset(
         data_cfg.source,
         split=TRAIN_SPLIT,
