@@ -36,6 +36,13 @@ class ConfigError(ValueError):
 FUSIONS = ("atf", "concat", "none")
 S_LOCAL_MODES = ("max", "mean_maxpool")
 OPTIMIZERS = ("adamw", "adam")
+PROMPTINGS = ("static", "vcpg", "bayes_pfl")
+DINO_TAPS = ("as_written", "spread")
+S_GLOBAL_MODES = ("inner", "cosine")
+L_SEG_ON = ("p_anom", "p_map")
+VAE_REDUCTIONS = ("sum", "mean")
+Z_INFER = ("sample", "mu")
+PROTOCOLS = ("paper", "select")
 
 
 @dataclass
@@ -57,34 +64,78 @@ class ModelConfig:
     clip_layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])  # 1-based block outputs
     dino_model: str = "dinov3_vitl16"
     dino_weights: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
-    # Paper main text: {3, 6, 9, 11} on the 24-block ViT-L (the appendix lists other sets).
+    # Paper §4.2: {3, 6, 9, 11} (on the 24-block ViT-L/16 they all sit in the first half).
     dino_layers: list[int] = field(default_factory=lambda: [3, 6, 9, 11])
+    # as_written: tap dino_layers as listed; spread: k * depth / L (k = 1..L) over the DINO depth,
+    # e.g. {6, 12, 18, 24} on ViT-L (dino_layers then only sets L).
+    dino_taps: str = "as_written"
     grid: int = 37  # shared g x g patch grid: CLIP at 14g px, DINO at patch*g px
     bf16: bool = True  # autocast the frozen backbones to bf16 on GPU
     # --- ablation switches (Table 3) ---
     fusion: str = "atf"  # atf (C), concat (B), none (CLIP only, A)
     vcpg: bool = True  # off: static learnable prompts, T = T_init
     vtam: bool = True  # off: plain mean of layer maps and the global score
-    s_local: str = "max"  # Eq. 18 "max"; Algorithm 1 "mean_maxpool"
+    # static | vcpg | bayes_pfl: the prompt learner (kept in step with `vcpg`, which is true exactly
+    # for vcpg); bayes_pfl = the Bayes-PFL baseline of Table 3 row A (ssvp.bayes_pfl, no VCPG/VTAM)
+    prompting: str = "vcpg"
+    # --- the paper's contradictions (main text default; docs/PAPER_MAP.md) ---
+    s_local: str = "max"  # Eq. 18 max_{h,w} P_map; Alg. 1 line 10 "mean_maxpool" = Mean(SpatialMaxPool(P_map))
+    s_local_kernel: int = 3  # window of SpatialMaxPool for s_local=mean_maxpool (stride 1, same padding)
+    s_global: str = "inner"  # Eq. 19 <V_global, T_final>; Alg. 1 line 11 "cosine"
+    l_seg_on: str = "p_anom"  # Eq. 20 focal on every layer's P_anom^(l); Alg. 3 line 8 "p_map"
+    ln_eq4_eq11: bool = True  # LN in Eq. 4 (Z_joint) and Eq. 11 (T_final); false = Alg. 1 lines 5, 8 (none)
+    l_class_sigma: bool = True  # Eq. 21 BCE(sigma(S_final), y); false = Alg. 3 line 8 BCE(S_final, y)
+    vae_reduction: str = "sum"  # Eq. 9 ||.||^2 and KL summed over dimensions (as written); "mean" per element
+    z_infer: str = "sample"  # Eq. 8 at inference: sampled z (seeded, z_seed) as §3.2.2 says; "mu" = z = mu
+    z_seed: int = 0  # seed of the inference-time eps generator (re-seeded at every eval())
     # --- head sizes ---
     n_ctx_bg: int = 4  # learnable [V]bg tokens shared by all prompts
     n_ctx_state: int = 4  # learnable [V]state tokens per prompt
     n_prompts: int = 3  # prompts per state (normal / abnormal)
     latent_dim: int = 128  # VAE latent z (Eq. 7-8)
+    # Eq. 10 maps z to K_z, V_z: one key (as written; the softmax over it is 1, so delta_inj = z W_V);
+    # n > 1 splits z into n tokens so each prompt weighs them (an option, not the paper).
+    n_latent_tokens: int = 1
     attn_heads: int = 8  # heads of the ATF and text-latent cross-attention
+    # --- Bayes-PFL (prompting=bayes_pfl; Qu et al. 2025, their repository's defaults) ---
+    pfl_flows: int = 10  # K planar flows per prompt flow (0 = Gaussian prompt distributions)
+    pfl_samples: int = 5  # prompt samples averaged into score and map at inference
+    pfl_n_ctx: int = 5  # P context vectors per prompt of the bank (n_prompts = bank size B)
+    pfl_n_state: int = 5  # Q state vectors per prompt and state
+    pfl_kl_weight: float = 0.01  # weight of each prompt flow's KL term
+    pfl_orth_weight: float = 1.0  # weight of the prompt bank's orthogonality loss
     # --- paper symbols ---
     tau: float = 0.07  # temperature of the normal/abnormal softmax (Eq. 14)
     alpha_init: float = 0.0  # gate alpha of Eq. 11, zero-initialised
     gamma: float = 0.5  # S_final = (1 - gamma) S_global + gamma S_local (Eq. 19)
     xi: float = 0.85  # margin of Eq. 12
-    beta: float = 0.01  # weight of the KL term in the VAE loss (Eq. 9)
-    lambda1: float = 1.0  # weight of the VAE loss in Eq. 22
-    lambda2: float = 0.1  # weight of the margin loss in Eq. 22
+    beta: float = 0.1  # weight of the KL term in the VAE loss (Eq. 9, §4.2)
+    lambda1: float = 1.0  # weight of the VAE loss in Eq. 22 (§4.2)
+    lambda2: float = 0.5  # weight of the margin loss in Eq. 22 (§4.2)
     focal_lambda: float = 2.0  # focusing parameter of the focal loss (Eq. 20)
 
     def validate(self) -> None:
         _check_choice(self, "fusion", FUSIONS)
         _check_choice(self, "s_local", S_LOCAL_MODES)
+        _check_choice(self, "prompting", PROMPTINGS)
+        if self.vcpg != (self.prompting == "vcpg"):
+            raise ConfigError(
+                f"model.vcpg={self.vcpg} contradicts model.prompting={self.prompting!r}: vcpg is true "
+                "exactly when prompting is vcpg (set one of them)"
+            )
+        if self.prompting == "bayes_pfl" and self.vtam:
+            raise ConfigError("model.vtam must be false with model.prompting=bayes_pfl (Bayes-PFL scores with its own maps)")
+        for key in ("pfl_samples", "pfl_n_ctx", "pfl_n_state"):
+            _check_int(self, key, minimum=1)
+        _check_int(self, "pfl_flows", minimum=0)
+        for key in ("pfl_kl_weight", "pfl_orth_weight"):
+            _check_range(self, key, 0.0, None)
+        _check_choice(self, "dino_taps", DINO_TAPS)
+        _check_choice(self, "s_global", S_GLOBAL_MODES)
+        _check_choice(self, "l_seg_on", L_SEG_ON)
+        _check_choice(self, "vae_reduction", VAE_REDUCTIONS)
+        _check_choice(self, "z_infer", Z_INFER)
+        _check_int(self, "z_seed", minimum=0)
         for key in ("clip_layers", "dino_layers"):
             layers = getattr(self, key)
             if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in layers):
@@ -96,7 +147,8 @@ class ModelConfig:
                 f"model.clip_layers ({len(self.clip_layers)} taps) and model.dino_layers "
                 f"({len(self.dino_layers)} taps) must pair up one to one when fusion={self.fusion!r}"
             )
-        for key in ("grid", "n_ctx_bg", "n_ctx_state", "n_prompts", "latent_dim", "attn_heads"):
+        for key in ("grid", "n_ctx_bg", "n_ctx_state", "n_prompts", "latent_dim", "attn_heads", "n_latent_tokens",
+                    "s_local_kernel"):
             _check_int(self, key, minimum=1)
         _check_range(self, "gamma", 0.0, 1.0)
         _check_range(self, "xi", -1.0, 1.0)
@@ -108,7 +160,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (Algorithm 3): two learning-rate groups, cosine decay."""
+    """Optimisation (Algorithm 3, §4.2): 15 epochs, batch 8, LR 5e-4 prompts / 1e-4 VAE and
+    projections, cosine decay; ``protocol`` paper (default) or select (see the field)."""
 
     epochs: int = 15
     batch_size: int = 8
@@ -124,6 +177,10 @@ class TrainConfig:
     feature_cache: str = ""  # directory of the frozen-feature cache; "" computes features from images
     max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps steps (quick configs)
     progress: bool = True  # tqdm progress bars
+    # paper (§4.1-4.2): train on all source classes for `epochs`, the model is the last epoch (no
+    # selection); select: hold out source classes (data.val_classes / val_fraction), report val_*
+    # metrics each epoch and keep the best epoch (what hyperparameter sweeps optimise)
+    protocol: str = "paper"
 
     def validate(self) -> None:
         _check_int(self, "epochs", minimum=1)
@@ -137,18 +194,20 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip"):
             _check_range(self, key, 0.0, None)
         _check_choice(self, "optimizer", OPTIMIZERS)
+        _check_choice(self, "protocol", PROTOCOLS)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
 class DataConfig:
-    """Zero-shot protocol: train on ``source``, select on held-out source classes, test on ``targets``.
+    """Zero-shot protocol: train on ``source``, test on ``targets`` (with ``train.protocol=select``
+    also select on held-out source classes; the paper protocol trains on all source classes).
 
     A dataset is named ``FORMAT:ROOT``: FORMAT is one of the readers in
     ``ssvp.data`` (mvtec, visa, btad, ksdd2, rsdd, dagm, dtd, meta, synthetic) and ROOT
-    its folder. ``val_classes`` are source categories held out for model selection
-    (empty: the last ``val_fraction`` of the sorted categories). Training on a target
+    its folder. ``val_classes`` are source categories held out for model selection under
+    ``protocol=select`` (empty: the last ``val_fraction`` of the sorted categories). Training on a target
     is refused unless ``force_target_training`` is set.
     """
 
@@ -232,6 +291,22 @@ class Config:
             else:
                 section, _, name = key.rpartition(".")
                 self._set(section or section_of(name), name, value)
+        self._sync_prompting(updates)
+
+    def _sync_prompting(self, updates: dict[str, Any]) -> None:
+        """Keep ``prompting`` and the older ``vcpg`` switch in step: the key given wins (both
+        given must agree); prompting=bayes_pfl also turns VTAM off unless ``vtam`` is given."""
+        given = {k.rpartition(".")[2] for k in updates if k not in SECTIONS}
+        given |= {k for sec in SECTIONS if isinstance(updates.get(sec), Mapping) for k in updates[sec]}
+        m = self.model
+        if "prompting" in given:
+            if "vcpg" in given and m.vcpg != (m.prompting == "vcpg"):
+                raise ConfigError(f"model.vcpg={m.vcpg} contradicts model.prompting={m.prompting!r} in the same update")
+            m.vcpg = m.prompting == "vcpg"
+            if m.prompting == "bayes_pfl" and "vtam" not in given:
+                m.vtam = False
+        elif "vcpg" in given:
+            m.prompting = "vcpg" if m.vcpg else ("static" if m.prompting == "vcpg" else m.prompting)
 
     def _set(self, section: str, name: str, value: Any) -> None:
         if section not in SECTIONS:

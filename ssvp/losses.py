@@ -1,20 +1,25 @@
-"""SSVP training objective (Eq. 9, 12, 20-22).
+"""SSVP training objective (§3.4, Eq. 9, 12, 20-22; Algorithm 3).
 
-    L_focal  = mean_p -(1 - p_t)^lambda log p_t,  p_t = M^a if y = 1 else 1 - M^a   (Eq. 20)
-    L_bce    = BCE(sigma(S_final), y_image)                                       (Eq. 21)
-    L_VAE    = ||V_global - V_hat||^2 + beta KL(N(mu, sigma^2) || N(0, I))        (Eq. 9)
-    L_margin = mean max(0, xi - cos(T_final, sg(T_init)))                          (Eq. 12)
-    L        = L_focal + L_bce + lambda1 L_VAE + lambda2 L_margin                  (Eq. 22)
+    L_Seg   = -1/HW sum_{h,w} [Y (1-p)^lambda log p + (1-Y) p^lambda log(1-p)]     (Eq. 20)
+    L_Class = BCE(sigma(S_final), y_img)                                            (Eq. 21)
+    L_VAE   = ||V_global - D_theta(z)||_2^2 + beta KL(q(z|V_global) || N(0, I))     (Eq. 9)
+    L_reg   = max(0, xi - cos(T_final, sg(T_init)))                                 (Eq. 12)
+    L_total = L_Seg + L_Class + lambda1 L_VAE + lambda2 L_reg                       (Eq. 22)
 
-Reductions (the paper does not spell them out): the focal loss is the mean over pixels
-and images; the VAE reconstruction is the mean squared error over batch and feature
-dimensions, and the KL term the mean over batch and latent dimensions of
-0.5 (mu^2 + sigma^2 - 1 - log sigma^2), so beta weighs two per-element averages. The
-reconstruction target V_global is treated as data (stop-gradient): the VAE models the
-visual feature, it does not reshape it. The margin anchors each generated prompt
-embedding to its static counterpart: zero while their cosine is at least xi, linear
-below; T_init is detached (stop-gradient), so only T_final moves. Unlike peers
-(AnomalyCLIP, AdaCLIP) no Dice term is added: the paper's Eq. 22 has none.
+Named options where the paper contradicts itself (main-text default first):
+
+* ``l_seg_on``: ``p_anom`` applies Eq. 20 to every layer's P_anom^(l) (§3.4), averaged over
+  the layers; ``p_map`` to the fused P_map (Algorithm 3 line 8).
+* ``l_class_sigma``: ``True`` is Eq. 21's BCE(sigma(S_final), y); ``False`` is Algorithm 3's
+  BCE(S_final, y) on the score clamped to [1e-6, 1 - 1e-6].
+* ``vae_reduction``: ``sum`` (as written: ||.||_2^2 and the KL summed over the feature and
+  latent dimensions, then averaged over the batch) or ``mean`` (per-element averages, which
+  shrink the VAE term by ~D relative to the focal and BCE terms).
+
+Reductions the paper leaves open (interpretations): Eq. 20 is the mean over pixels (its
+1/HW) and images; Eq. 12 the mean over prompts and images; the reconstruction target
+V_global is treated as data (stop-gradient), so the VAE models the visual feature and does
+not reshape it. sg(T_init) is detached. No Dice term: Eq. 22 has none.
 """
 from __future__ import annotations
 
@@ -39,21 +44,39 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, focal_lambda: float) ->
     return (-((1.0 - p_t) ** focal_lambda) * torch.log(p_t)).mean()  # Eq. 20
 
 
-def bce_loss(score_logit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on sigma(S_final) against image labels (Eq. 21)."""
+def bce_loss(score_logit: torch.Tensor, labels: torch.Tensor, sigma: bool = True) -> torch.Tensor:
+    """BCE(sigma(S_final), y) (Eq. 21); ``sigma=False``: BCE(S_final, y) on the clamped score (Alg. 3)."""
     if score_logit.shape != labels.shape:
         raise ValueError(f"score_logit {tuple(score_logit.shape)} and labels {tuple(labels.shape)} differ in shape")
     score_logit = score_logit.float()
-    return F.binary_cross_entropy_with_logits(score_logit, labels.to(score_logit.dtype))  # Eq. 21
+    labels = labels.to(score_logit.dtype)
+    if sigma:
+        return F.binary_cross_entropy_with_logits(score_logit, labels)  # Eq. 21
+    return F.binary_cross_entropy(score_logit.clamp(_EPS, 1.0 - _EPS), labels)  # Alg. 3 line 8
 
 
 def vae_loss(
-    recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: float,
+    reduction: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_VAE, reconstruction, KL) of Eq. 9; ``target`` is detached (treated as data)."""
+    """(L_VAE, reconstruction, KL) of Eq. 9; ``target`` is detached (treated as data).
+
+    ``reduction="sum"``: squared norm / KL summed over dimensions, mean over the batch (as
+    written); ``"mean"``: averaged over every element.
+    """
     mu, logvar = mu.float(), logvar.float()
-    rec = F.mse_loss(recon.float(), target.detach().float())
-    kl = (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).mean()
+    sq = (recon.float() - target.detach().float()).pow(2)
+    kl_el = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    if reduction == "sum":
+        rec, kl = sq.flatten(1).sum(1).mean(), kl_el.flatten(1).sum(1).mean()
+    elif reduction == "mean":
+        rec, kl = sq.mean(), kl_el.mean()
+    else:
+        raise ValueError(f"model.vae_reduction must be sum or mean; got {reduction!r}")
     return rec + beta * kl, rec, kl  # Eq. 9
 
 
@@ -66,19 +89,33 @@ def margin_loss(t_final: torch.Tensor, t_init: torch.Tensor, xi: float) -> torch
 def total_loss(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: Any) -> tuple[torch.Tensor, dict]:
     """Eq. 22 on an ``SSVPOutput``; returns (loss, parts) with detached scalar tensors in ``parts``.
 
+    L_Seg is taken on ``aux["layer_maps"]`` (``l_seg_on=p_anom``) or ``out.anomaly_map`` (``p_map``).
     ``masks`` [B, H, W] must match ``out.anomaly_map``; ``labels`` [B] in {0, 1}. The VAE
     and margin terms are zero when VCPG is off (no latent, T_final = T_init).
+    With ``prompting=bayes_pfl`` the Bayes-PFL objective (``ssvp.bayes_pfl.bayes_pfl_loss``).
     """
+    if getattr(model_cfg, "prompting", "vcpg") == "bayes_pfl":
+        from .bayes_pfl import bayes_pfl_loss
+
+        return bayes_pfl_loss(out, masks, labels, model_cfg)
     masks = masks.to(out.anomaly_map.device)
     labels = labels.to(out.score_logit.device)
     if masks.dim() == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
-    focal = focal_loss(out.anomaly_map, masks, model_cfg.focal_lambda)
-    bce = bce_loss(out.score_logit, labels.float())
     aux = out.aux
+    if getattr(model_cfg, "l_seg_on", "p_anom") == "p_anom" and aux.get("layer_maps") is not None:
+        layers = aux["layer_maps"][:, :, 1]  # P_anom^(l) [B, L, H, W], Eq. 20 on every layer
+        # one call over B*L maps of equal size = the mean over layers of each layer's L_Seg
+        focal = focal_loss(layers.flatten(0, 1), masks[:, None].expand_as(layers).flatten(0, 1), model_cfg.focal_lambda)
+    else:
+        focal = focal_loss(out.anomaly_map, masks, model_cfg.focal_lambda)  # Alg. 3: on P_map
+    bce = bce_loss(out.score_logit, labels.float(), getattr(model_cfg, "l_class_sigma", True))
     zero = out.score_logit.new_zeros(())
     if aux.get("mu") is not None:
-        vae, rec, kl = vae_loss(aux["recon"], aux["v_global"], aux["mu"], aux["logvar"], model_cfg.beta)
+        vae, rec, kl = vae_loss(
+            aux["recon"], aux["v_global"], aux["mu"], aux["logvar"], model_cfg.beta,
+            getattr(model_cfg, "vae_reduction", "sum"),
+        )
         margin = margin_loss(aux["t_final_prompts"], aux["t_init_prompts"], model_cfg.xi)
     else:
         vae = rec = kl = margin = zero

@@ -1,11 +1,15 @@
 """SSVP (Algorithm 1): frozen CLIP + DINO backbones and the trainable SSVP head.
 
-    feats   = Backbones(images)                                   Eq. 1 (frozen)
+    feats   = Backbones(images)                                   Eq. 1 (frozen; CLIP 518 px, DINO 592 px)
     F_l, V  = HSVS(F_c^l, F_d^l), HSVS(F_c^g, F_d^g)              Eq. 2-5, per tapped layer + global
-    T_init  = E_text([V]bg [V]state [cls])                        Eq. 6
+    T_init  = T_clip([V]bg [V]state [cls])                        Eq. 6
     z       = VAE(V)                                              Eq. 7-9
     T_final = LN(T_init + alpha * Attn(T_init, z))                Eq. 10-11
     maps, S = VTAM(F_l, V, T_final)                               Eq. 13-19
+
+State embeddings (interpretation: the paper has 3 prompts per state but one T_final per
+state in Eq. 13-14 and 19): the maps use t_k = normalize(mean_p normalize(T_final[k, p]));
+the inner product of Eq. 19 uses the raw mean mean_p T_final[k, p].
 
 Ablation switches (Table 3): ``model.fusion`` atf | concat | none (CLIP only),
 ``model.vcpg`` (off: T = T_init, no VAE), ``model.vtam`` (off: plain mean of the layer
@@ -37,7 +41,7 @@ class SSVPOutput:
     """What a forward returns (see docs/ARCHITECTURE.md).
 
     anomaly_map [B, H, W] abnormal probability per pixel (upsampled to ``out_size``);
-    score [B] = sigma(S_final); score_logit [B] = S_final (Eq. 19);
+    score [B] = sigma(S_final) (clamped S_final with ``l_class_sigma=False``); score_logit [B] = S_final (Eq. 19);
     aux: layer_maps [B, L, 2, H, W] (normal / abnormal, upsampled), map_grid [B, 2, g, g],
     patches [B, L, N, D] (fused patch tokens), v_global [B, D], z / mu / logvar [B, latent]
     and recon [B, D] (None with VCPG off), t_init / t_final [B, 2, D] (per-state mean over
@@ -65,10 +69,23 @@ class SSVPHead(nn.Module):
         width = int(getattr(text_encoder, "width", 0)) or int(
             text_encoder.token_embedding(text_encoder.tokenize(["x"])).shape[-1]
         )
-        self.fusion = HSVSFusion(cfg.fusion, self.n_layers, clip_dim, dino_dim, cfg.attn_heads)
+        ln = bool(getattr(cfg, "ln_eq4_eq11", True))
+        self.fusion = HSVSFusion(cfg.fusion, self.n_layers, clip_dim, dino_dim, cfg.attn_heads, ln=ln)
         self.prompts = PromptLearner(cfg.n_ctx_bg, cfg.n_ctx_state, cfg.n_prompts, width)
-        self.vcpg = VCPG(clip_dim, cfg.latent_dim, cfg.attn_heads, cfg.alpha_init) if cfg.vcpg else None
-        self.vtam = VTAM(self.n_layers, clip_dim, cfg.tau, cfg.gamma, cfg.s_local, enabled=cfg.vtam)
+        self.vcpg = (
+            VCPG(
+                clip_dim, cfg.latent_dim, cfg.attn_heads, cfg.alpha_init,
+                n_latent_tokens=getattr(cfg, "n_latent_tokens", 1), ln=ln,
+                z_infer=getattr(cfg, "z_infer", "sample"), z_seed=getattr(cfg, "z_seed", 0),
+            )
+            if cfg.vcpg
+            else None
+        )
+        self.vtam = VTAM(
+            self.n_layers, clip_dim, cfg.tau, cfg.gamma, cfg.s_local, enabled=cfg.vtam,
+            s_global=getattr(cfg, "s_global", "inner"), s_local_kernel=getattr(cfg, "s_local_kernel", 3),
+        )
+        self.l_class_sigma = bool(getattr(cfg, "l_class_sigma", True))
 
     @property
     def text_encoder(self) -> Any:
@@ -112,9 +129,10 @@ class SSVPHead(nn.Module):
             t_final = t_init  # Table 3 C: static learnable prompts
         # state embeddings: mean of the unit prompt embeddings per state
         text = F.normalize(F.normalize(t_final.float(), dim=-1).mean(dim=2), dim=-1)  # [B, 2, D]
+        t_state = t_final.float().mean(dim=2)  # raw state embeddings for the inner product of Eq. 19
 
         with torch.autocast(device.type, enabled=False):  # similarities / tau in float32
-            v = self.vtam(patches.float(), v_global.float(), text.float())  # Eq. 13-19
+            v = self.vtam(patches.float(), v_global.float(), text.float(), t_state)  # Eq. 13-19
         g = v["map"].shape[-1]
         # One bilinear upsampling of the abnormal channels only (fused map + L layer maps).
         # Bilinear weights sum to 1, so upsample(1 - a) = 1 - upsample(a): the normal channel
@@ -143,11 +161,23 @@ class SSVPHead(nn.Module):
                 "grid": g,
             }
         )
-        return SSVPOutput(anomaly_map=anomaly_map, score=torch.sigmoid(s_final), score_logit=s_final, aux=aux)
+        # the image score: sigma(S_final) (Eq. 21), or S_final itself read as a probability (Alg. 3)
+        score = torch.sigmoid(s_final) if self.l_class_sigma else s_final.clamp(0.0, 1.0)
+        return SSVPOutput(anomaly_map=anomaly_map, score=score, score_logit=s_final, aux=aux)
+
+
+def head_class(model_cfg: Any) -> type[nn.Module]:
+    """The trainable head a config selects: ``BayesPFLHead`` for ``prompting=bayes_pfl``
+    (Table 3 row A, ``ssvp.bayes_pfl``), else ``SSVPHead``."""
+    if getattr(model_cfg, "prompting", "vcpg") == "bayes_pfl":
+        from .bayes_pfl import BayesPFLHead
+
+        return BayesPFLHead
+    return SSVPHead
 
 
 class SSVP(nn.Module):
-    """Frozen ``Backbones`` + trainable ``SSVPHead``; ``model(images, class_names) -> SSVPOutput``."""
+    """Frozen ``Backbones`` + the trainable head (``head_class``); ``model(images, class_names) -> SSVPOutput``."""
 
     def __init__(self, model_cfg: Any, device: str | torch.device | None = None) -> None:
         super().__init__()
@@ -156,7 +186,7 @@ class SSVP(nn.Module):
         self.model_cfg = model_cfg
         self.backbones = Backbones(model_cfg, device=device)
         bb = self.backbones
-        self.head = SSVPHead(model_cfg, bb.clip_dim, bb.dino_dim, bb.text)
+        self.head = head_class(model_cfg)(model_cfg, bb.clip_dim, bb.dino_dim, bb.text)
         if device is not None:
             self.head.to(device)
 
