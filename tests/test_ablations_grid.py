@@ -32,12 +32,16 @@ def test_table3_letters_and_switches():
     grid = load_grid(CONFIGS / "table3.yaml")
     assert [v.label for v in grid.variants] == [
         "A: baseline", "B: hsvs_concat", "C: hsvs_atf", "D: atf_vcpg", "E: full"]
-    want = {"A": ("none", False, False), "B": ("concat", False, False), "C": ("atf", False, False),
-            "D": ("atf", True, False), "E": ("atf", True, True)}
-    for letter, (fusion, vcpg, vtam) in want.items():
-        m = grid.variant_config(letter).model
-        assert (m.fusion, m.vcpg, m.vtam) == (fusion, vcpg, vtam)
-    assert grid.reference == "full" and "Bayes-PFL" in grid.caption
+    # the paper's rows: A = Bayes-PFL; B, C add HSVS to it (default reading); D swaps in VCPG; E adds VTAM
+    want = {"A": ("bayes_pfl", "none", False, False), "B": ("bayes_pfl", "concat", False, False),
+            "C": ("bayes_pfl", "atf", False, False), "D": ("vcpg", "atf", True, False), "E": ("vcpg", "atf", True, True)}
+    static = load_grid(CONFIGS / "table3_static.yaml")  # the other reading: B, C on static prompts
+    for g, rows in ((grid, want), (static, {**want, "B": ("static", "concat", False, False),
+                                             "C": ("static", "atf", False, False)})):
+        for letter, (prompting, fusion, vcpg, vtam) in rows.items():
+            m = g.variant_config(letter).model
+            assert (m.prompting, m.fusion, m.vcpg, m.vtam) == (prompting, fusion, vcpg, vtam)
+        assert g.reference == "full" and "Bayes-PFL" in g.caption and "not comparable" not in g.caption
     base = grid.base_config()
     assert base.model.clip_model == "ViT-L-14" and base.model.dino_model == "dinov3_vitl16"
     assert base.data.source.startswith("visa:") and base.data.targets[0].startswith("mvtec:")
