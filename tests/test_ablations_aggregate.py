@@ -7,13 +7,19 @@ import math
 import pytest
 
 from ablations.aggregate import (
+    MIN_SPAN,
+    WIDE_HALF_WIDTH,
+    _span_limits,
     class_table,
+    dataset_name,
+    dataset_names,
     latest_records,
     mean_std,
     paired_diff,
     read_records,
     render_markdown,
     paired_rows,
+    render_latex,
     seed_counts,
     summarize,
     write_report,
@@ -54,10 +60,31 @@ def test_paired_diff_t_interval_hand_computed():
     # a pair with a missing side is dropped; one pair left -> no interval
     d = paired_diff([1.0, float("nan")], [0.5, 0.2])
     assert d.n == 1 and d.mean == pytest.approx(0.5) and math.isnan(d.lo) and math.isnan(d.hi)
+    assert d.status == "single" and not d.significant and d.values == (0.5,)
     d = paired_diff([3.0, 5.0], [1.0, 1.0])  # d = 2, 4: mean 3, sd sqrt(2)
     assert d.hi - 3.0 == pytest.approx(T_975_DF1 * math.sqrt(2) / math.sqrt(2))
     with pytest.raises(ValueError):
         paired_diff([1.0], [1.0, 2.0])
+
+
+def test_significance_only_with_three_seeds_and_spread():
+    # n = 2 whose t-interval excludes 0 (d = 10, 10.1: 10.05 +/- 12.706 * 0.0707 / 1.414 = +/- 0.64):
+    # not claimed, flagged as 'two'
+    d = paired_diff([10.0, 10.1], [0.0, 0.0])
+    assert d.lo > 0 and d.status == "two" and not d.significant and not d.has_interval
+    # the issue's case: n = 2 with the same difference twice ("+2.9 [+2.9, +2.9] *" before)
+    d = paired_diff([92.9, 95.9], [90.0, 93.0])
+    assert d.sd == pytest.approx(0.0, abs=1e-12) and d.status == "zero_spread" and not d.significant
+    # n = 3, zero spread: still no claim
+    d = paired_diff([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    assert d.n == 3 and d.status == "zero_spread" and not d.significant
+    # n = 3 with spread, interval excludes 0: significant
+    d = paired_diff([2.0, 2.2, 2.4], [0.0, 0.0, 0.0])  # mean 2.2, sd 0.2, half 4.303 * 0.2 / 1.732 = 0.497
+    assert d.status == "ok" and d.significant and d.lo == pytest.approx(2.2 - T_975_DF2 * 0.2 / math.sqrt(3))
+    # a very wide interval is flagged (half-width > WIDE_HALF_WIDTH points) and not significant here
+    d = paired_diff([90.0, 20.0, 95.0], [91.0, 91.0, 91.0])
+    assert (d.hi - d.lo) / 2 > WIDE_HALF_WIDTH and d.status == "wide" and not d.significant
+    assert paired_diff([], []).status == "none"
 
 
 GRID = {
@@ -133,41 +160,126 @@ def test_paired_rows_against_reference():
     assert d.hi - d.mean == pytest.approx(T_975_DF1 * math.sqrt(0.5) / math.sqrt(2))
 
 
-def test_markdown_shows_values_failures_and_na(tmp_path):
+def test_markdown_shows_values_failures_and_caveats(tmp_path):
     grid = parse_grid(GRID)
     seeds = [0, 1, 2]
     md = render_markdown(grid, summarize(grid, _records(), seeds), paired_rows(grid, _records(), seeds), seeds)
-    assert "| A: base | 3/3 seeds | 82.0 ± 2.0 |" in md
-    assert "| E: full (ref) | 2/3 seeds, 1 failed | 92.5 ± 3.5 |" in md
-    assert "**E: full: 2/3 seeds, 1 failed**" in md
-    assert "-10.5 [" in md
-    # one seed: no std, and the paired comparison says n/a
+    # letter, description (name when there is none), Table 3's component columns; best in bold
+    assert "| Row | Variant | HSVS | VCPG | VTAM | Seeds | I-AUROC |" in md
+    assert "| A | base | ✗ | ✗ | ✗ | 3/3 seeds | 82.0 ± 2.0 |" in md
+    assert "| E | full (ref) | ✓ (ATF) | ✓ | ✓ | 2/3 seeds, 1 failed | **92.5 ± 3.5** |" in md
+    assert "**E (full): 2/3 seeds, 1 failed**" in md
+    # dataset by display name, never the spec, in the heading
+    assert "## MVTec-AD\n" in md and "## mvtec:" not in md
+    # two paired seeds (full seed 1 failed): mean shown, no interval, no star, the caveat printed
+    assert "| A | base | 2 | -10.5 ² |" in md and "*" not in md.split("Paired difference")[1].split("\n\n", 2)[1]
+    assert "² two paired seeds" in md and "not meaningful" in md
+    # one seed: no std, the paired difference without interval, both caveats printed
     one = [_rec("base", 0, 0.80), _rec("full", 0, 0.90)]
     md1 = render_markdown(grid, summarize(grid, one, [0]), paired_rows(grid, one, [0]), [0])
-    assert "| A: base | 1/1 seeds | 80.0 | 80.0 |" in md1
-    assert "-10.0 (n/a)" in md1
+    assert "| A | base | ✗ | ✗ | ✗ | 1/1 seeds | 80.0 | 80.0 |" in md1
+    assert "| A | base | 1 | -10.0 ¹ |" in md1 and "¹ one paired seed: no spread" in md1
+    assert "Cells without ± come from a single seed" in md1
     # a variant whose every seed failed shows as failed with dashes, not missing
     allfail = [_rec("base", 0, 0.80), _rec("full", 0, 0.0, status="failed")]
     md2 = render_markdown(grid, summarize(grid, allfail, [0]), paired_rows(grid, allfail, [0]), [0])
-    assert "| E: full (ref) | 0/1 seeds, 1 failed | — | — |" in md2
+    assert "| E | full (ref) | ✓ (ATF) | ✓ | ✓ | 0/1 seeds, 1 failed | — | — |" in md2
+
+
+def _three(diffs_by_seed, ref=0.90):
+    """base = ref + d (per seed), full = ref: paired differences d (fractions) on 3 seeds."""
+    recs = []
+    for s, d in enumerate(diffs_by_seed):
+        recs += [_rec("base", s, ref + d), _rec("full", s, ref)]
+    return recs
+
+
+def test_markdown_three_seeds_star_zero_spread_and_wide():
+    grid = parse_grid(GRID)
+    seeds = [0, 1, 2]
+
+    def md_of(recs):
+        return render_markdown(grid, summarize(grid, recs, seeds), paired_rows(grid, recs, seeds), seeds)
+
+    # n = 3 with spread, interval excludes 0: starred, no caveat
+    md = md_of(_three([0.020, 0.022, 0.024]))
+    cell = "+2.2 [+1.7, +2.7] *"
+    assert f"| A | base | 3 | {cell} |" in md and "- ²" not in md and "- ⁰" not in md
+    # n = 3, identical differences: no interval, no star, zero-spread caveat
+    md = md_of(_three([0.029, 0.029, 0.029], ref=0.5))
+    assert "| A | base | 3 | +2.9 ⁰ |" in md and "⁰ the same difference on every seed" in md
+    assert "+2.9 [" not in md and "+2.9 ⁰ *" not in md
+    # n = 3, very wide interval: shown, flagged, caveat printed
+    md = md_of(_three([-0.70, 0.05, 0.10]))
+    line = next(x for x in md.splitlines() if x.startswith("| A | base | 3 |"))
+    assert "⚠" in line and "*" not in line and "interval wider than ±10 points" in md
+
+
+def test_dataset_display_names():
+    assert dataset_name("mvtec:/data/mvtec_anomaly_detection") == "MVTec-AD"
+    assert dataset_name("mvtec_ad:data/mvtec") == "MVTec-AD"  # an alias of the format
+    assert dataset_name("visa:data/VisA") == "VisA"
+    assert dataset_name("synthetic:/abs/path/data/synthetic/domain_b/") == "synthetic domain_b"
+    assert dataset_name("mvtec:/work/shared/data/mvtec3d_tire_rgb") == "MVTec 3D-AD"
+    assert dataset_name("meta:/d/mpdd/meta.json") == "MPDD"
+    two = dataset_names(["mvtec:/a/mvtec_one", "mvtec:/b/mvtec_two", "visa:/v"])
+    assert two == {"mvtec:/a/mvtec_one": "MVTec-AD (mvtec_one)", "mvtec:/b/mvtec_two": "MVTec-AD (mvtec_two)",
+                   "visa:/v": "VisA"}
+
+
+def test_latex_booktabs_best_bold_and_escaping():
+    grid = parse_grid({**GRID, "description": "50% of 'A_B' & more", "variants": [
+        {"name": "base", "letter": "A", "description": "CLIP only, γ = 0.5", "overrides": {"fusion": "none"}},
+        {"name": "full", "letter": "E", "description": "+ VTAM = full SSVP", "overrides": {}}]})
+    tex = render_latex(grid, summarize(grid, _records(), [0, 1, 2]), [0, 1, 2])
+    for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}", "\\caption{", "\\label{tab:"):
+        assert cmd in tex
+    assert "50\\% of 'A\\_B' \\& more" in tex and "CLIP only, $\\gamma$ = 0.5" in tex
+    body = tex.split("\\midrule")[1]
+    a_line = next(x for x in body.splitlines() if x.startswith("A & "))
+    e_line = next(x for x in body.splitlines() if x.startswith("E & "))
+    assert "$82.0 \\pm 2.0$" in a_line and "\\mathbf" not in a_line
+    assert "$\\mathbf{92.5 \\pm 3.5}$" in e_line and "(ref)$^\\dagger$" in e_line
+    assert "Not every seed finished: E: 2/3 seeds, 1 failed" in tex
+    assert "\\checkmark" in e_line and "$\\times$" in a_line  # the HSVS / VCPG / VTAM columns
+    assert tex.count("\\begin{table}") == 1
+    table_lines = [x for x in tex.splitlines() if x.endswith("\\\\")]
+    assert len(table_lines) == 3 and len({x.count(" & ") for x in table_lines}) == 1  # header + 2 rows, same width
+
+
+def test_point_plot_range_is_never_narrow():
+    lo, hi = _span_limits([92.0, 92.2, 92.1])
+    assert hi - lo >= MIN_SPAN - 1e-9 and lo < 92.0 and hi > 92.2  # a 0.2-point gap is not blown up
+    lo, hi = _span_limits([99.5, 99.9])
+    assert hi == 100.0 and hi - lo >= MIN_SPAN - 1e-9
+    lo, hi = _span_limits([20.0, 99.0])
+    assert lo < 20.0 and hi <= 100.0 and lo >= 0.0
 
 
 def test_write_report_files(tmp_path):
     grid = parse_grid(GRID)
     written = write_report(grid, _records(), tmp_path, seeds=[0, 1, 2], per_class=True)
-    assert {"results.md", "results.csv", "paired.csv", "bars_mvtec_mvtec.png"} <= set(written)
+    assert {"results.md", "results.csv", "paired.csv", "results.tex", "points_MVTec-AD.png",
+            "forest_MVTec-AD.png"} <= set(written)
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     full = [r for r in rows if r["variant"] == "full" and r["class"] == "mean"][0]
     assert full["status"] == "2/3 seeds, 1 failed" and full["seeds_failed"] == "1"
-    assert float(full["I-AUROC_mean"]) == pytest.approx(92.5)
+    assert full["dataset"] == "MVTec-AD" and full["target"] == "mvtec:data/mvtec" and full["letter"] == "E"
+    assert float(full["I-AUROC_mean"]) == pytest.approx(92.5) and full["I-AUROC_n"] == "2"
     assert float(full["P-AP_std"]) == pytest.approx(math.sqrt(12.5), rel=1e-4)
     assert len(rows) == 2 * 3  # 2 variants x (mean + 2 classes)
     with open(tmp_path / "paired.csv") as f:
         prow = [r for r in csv.DictReader(f) if r["class"] == "mean"][0]
     assert prow["variant"] == "base" and float(prow["I-AUROC_diff"]) == pytest.approx(-10.5)
-    png = (tmp_path / "bars_mvtec_mvtec.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # n = 2: the interval is left out, the caveat and the per-seed differences are in
+    assert prow["I-AUROC_lo"] == "" and prow["I-AUROC_significant"] == "0"
+    assert "two paired seeds" in prow["I-AUROC_caveat"]
+    assert [float(x) for x in prow["I-AUROC_per_seed"].split()] == pytest.approx([-10.0, -11.0])
+    for name in ("points_MVTec-AD.png", "forest_MVTec-AD.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "results.tex").read_text().count("\\begin{table}") == 1  # class means only
 
 
 def test_sensitivity_plot_and_class_table(tmp_path):
@@ -175,8 +287,8 @@ def test_sensitivity_plot_and_class_table(tmp_path):
                        "sweeps": [{"param": "gamma", "values": [0.1, 0.5, 0.9]}]})
     recs = [_rec(v.name, s, 0.5 + 0.1 * i + 0.01 * s) for i, v in enumerate(grid.variants) for s in (0, 1)]
     written = write_report(grid, recs, tmp_path)
-    assert (tmp_path / "sensitivity_gamma_mvtec_mvtec.png").stat().st_size > 10_000
-    assert "sensitivity_gamma_mvtec_mvtec.png" in written
+    assert (tmp_path / "sensitivity_gamma_MVTec-AD.png").stat().st_size > 10_000
+    assert "sensitivity_gamma_MVTec-AD.png" in written
     assert class_table({"per_class": {"a": {"x": 1}}, "mean": {"x": 2}}) == {"a": {"x": 1}, "mean": {"x": 2}}
 
 
@@ -202,6 +314,6 @@ def test_aggregate_cli_rebuilds_report_from_records(tmp_path, capsys):
     (results / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
     assert main(["--grid", str(grid_file), "--results", str(results), "--per-class"]) == 0
     out = capsys.readouterr().out
-    assert "| E: full (ref) | 2/3 seeds, 1 failed | 92.5 ± 3.5 |" in out
+    assert "| E | full (ref) | ✓ (ATF) | ✓ | ✓ | 2/3 seeds, 1 failed | **92.5 ± 3.5** |" in out
     assert ", class `screw`" in (results / "results.md").read_text()
     assert main(["--grid", str(grid_file), "--results", str(tmp_path / "empty")]) == 2
