@@ -258,24 +258,21 @@ def git_state(repo: str | os.PathLike | None = None, environ: Mapping[str, str] 
 
 
 def runtime_env(repo: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
-                cwd: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The ``--runtime-env-json`` of a ``ray job submit``, captured on the submitting side:
-    the commit, the dirty flag, the launch directory and the locations set in this shell
-    (local ones made absolute)."""
+                cwd: str | os.PathLike | None = None, env_vars: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``--runtime-env-json`` of a ``ray job submit``, captured on the submitting side: the
+    commit, the dirty flag, the launch directory, and ``env_vars`` (e.g. ``SSVP_STORAGE_PATH``;
+    relative local paths among them made absolute against the launch directory)."""
     environ = os.environ if environ is None else environ
     here = Path(cwd or os.getcwd()).resolve()
     commit, dirty = git_state(repo or here, {k: v for k, v in environ.items() if k not in (ENV_GIT_COMMIT, ENV_GIT_DIRTY)})
     env = {ENV_GIT_COMMIT: commit, ENV_LAUNCH_DIR: str(here)}
     if dirty is not None:
         env[ENV_GIT_DIRTY] = "1" if dirty else "0"
-    for name in (ENV_TRACKING_URI, ENV_STORAGE, ENV_FEATURE_CACHE, ENV_DATA_ROOT):
-        value = environ.get(name)
-        if not value:
-            continue
+    for name, value in (env_vars or {}).items():
         if name == ENV_TRACKING_URI:
-            value = resolve_tracking_uri(None, None, {**environ, ENV_LAUNCH_DIR: str(here)}).value
-        elif not is_uri(value):
-            value = str(Path(here, value).expanduser()) if not Path(value).expanduser().is_absolute() else value
+            value = resolve_tracking_uri(value, None, {ENV_LAUNCH_DIR: str(here)}).value
+        elif name in (ENV_STORAGE, ENV_FEATURE_CACHE, ENV_DATA_ROOT) and not is_uri(value):
+            value = str(Path(here, value).expanduser())
         env[name] = value
     return {"env_vars": env}
 
@@ -285,10 +282,16 @@ def _main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m ssvp.paths", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("runtime-env", help="print the --runtime-env-json for `ray job submit` (commit, launch dir, locations)")
+    rt = sub.add_parser("runtime-env", help="print the --runtime-env-json of `ray job submit`: commit, dirty flag, "
+                        "launch directory and the NAME=VALUE variables given")
+    rt.add_argument("env", nargs="*", metavar="NAME=VALUE", help="e.g. SSVP_STORAGE_PATH=/mnt/ray-results")
     args = p.parse_args(argv)
     if args.cmd == "runtime-env":
-        print(json.dumps(runtime_env()))
+        pairs = [e.partition("=") for e in args.env]
+        bad = [e for e, (k, sep, _) in zip(args.env, pairs) if not k or not sep]
+        if bad:
+            p.error(f"expected NAME=VALUE, got {bad[0]!r}")
+        print(json.dumps(runtime_env(env_vars={k: v for k, _, v in pairs})))
     return 0
 
 

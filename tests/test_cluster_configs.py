@@ -71,15 +71,36 @@ def test_ray_cluster_config_shape():
     assert cfg["docker"]["image"].startswith(f"rayproject/ray:{_ray_version()}-")
     head_cmds = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds, "the dashboard must not listen publicly"
-    assert "MLFLOW_TRACKING_URI" in head_cmds and "MLFLOW_TRACKING_URI" in " ".join(cfg["worker_start_ray_commands"])
-    assert "SSVP_STORAGE_PATH" in head_cmds
+    for cmds in (head_cmds, " ".join(cfg["worker_start_ray_commands"])):
+        env = _exports(cmds)
+        assert {"MLFLOW_TRACKING_URI", "SSVP_STORAGE_PATH", "SSVP_DATA_ROOT", "SSVP_FEATURE_CACHE"} <= set(env)
+        assert env["MLFLOW_TRACKING_URI"].endswith(":5000") and env["SSVP_STORAGE_PATH"].startswith("s3://")
+        assert ". /home/ray/ssvp-secrets.env" in cmds  # the MLflow login, from the env file
     setup = " ".join(cfg["setup_commands"])
     assert "pip install" in setup and "[platform]" in setup
-    assert cfg["file_mounts"] == {"/home/ray/ssvp": "."}
+    assert cfg["file_mounts"] == {"/home/ray/ssvp": ".", "/home/ray/ssvp-secrets.env": "cluster/secrets.env"}
+    # anchored at the repository root: an unanchored "data" would also drop the package ssvp/data/
+    for pattern in ("/data", "/runs"):
+        assert pattern in cfg["rsync_exclude"]
+    assert not [p for p in cfg["rsync_exclude"] if p in ("data", "runs", "mlruns", "mlartifacts")]
+
+
+def _exports(command: str) -> dict[str, str]:
+    """``NAME=VALUE`` words of the ``export`` in a shell command line (``$(...)`` kept as written)."""
+    words = re.sub(r"\$\(([^)]*)\)", lambda m: "$(" + m.group(1).replace(" ", "\x00") + ")", command).split()
+    start = words.index("export")
+    env = {}
+    for w in words[start + 1:]:
+        if "=" not in w or w.startswith("-"):
+            break
+        name, _, value = w.partition("=")
+        env[name] = value.replace("\x00", " ")
+    return env
 
 
 def _mlflow_server_args(command: str) -> list[str]:
-    """The argument list after ``mlflow server`` in a shell command line."""
+    """The argument list after ``mlflow server`` in a shell command line (``$(...)`` -> a private IP)."""
+    command = re.sub(r"\$\([^)]*\)", "10.0.0.1", command)
     words = shlex.split(command.replace(";", " ; ").replace("&&", " ; "))
     start = next(i for i in range(len(words) - 1) if words[i].endswith("mlflow") and words[i + 1] == "server")
     args = []
@@ -97,22 +118,62 @@ def _check_mlflow_server(args: list[str]) -> dict:
     return ctx.params
 
 
-def test_mlflow_server_command_lines_are_valid():
+def test_mlflow_servers_ask_for_a_login_and_bind_only_where_needed():
     cfg = yaml.safe_load(AWS.read_text())
     head_cmds = " ".join(cfg["head_start_ray_commands"])
     params = _check_mlflow_server(_mlflow_server_args(head_cmds))
-    assert params["backend_store_uri"].startswith("postgresql://") and "@127.0.0.1:5432/" in params["backend_store_uri"]
-    assert params["port"] == 5000
-    # the database container on the head binds to loopback only
-    init = " ".join(cfg["available_node_types"][cfg["head_node_type"]]["initialization_commands"])
-    assert "-p 127.0.0.1:5432:5432" in init and "postgres:" in init
+    assert params["app_name"] == "basic-auth" and params["serve_artifacts"] and params["port"] == 5000
+    assert params["host"] == "10.0.0.1", "the head's private address, not 0.0.0.0"
+    assert params["backend_store_uri"] == "sqlite:////home/ray/mlflow/mlflow.db"
+    assert "-v /home/ubuntu/mlflow:/home/ray/mlflow" in cfg["docker"]["head_run_options"]  # on the head's disk
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=\"$MLFLOW_TRACKING_PASSWORD\"" in head_cmds
+    ini = (CLUSTER / "mlflow-auth.ini").read_text()
+    assert "admin_username = admin" in ini and "admin_password" not in ini
+    assert "MLFLOW_AUTH_CONFIG_PATH=/home/ray/ssvp/cluster/mlflow-auth.ini" in head_cmds
 
-    deploy = next(d for p, d in _all_k8s() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    docs = [d for _, d in _all_k8s()]
+    deploy = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
-    params = _check_mlflow_server(_mlflow_server_args(" ".join(container["args"])))
-    assert params["backend_store_uri"].startswith("postgresql://")
-    assert params["port"] == 5000 and params["serve_artifacts"]
+    assert container["command"] == ["mlflow", "server"]
+    params = _check_mlflow_server(container["args"])
+    assert params["app_name"] == "basic-auth" and params["port"] == 5000 and params["serve_artifacts"]
     assert "mlflow.ssvp.svc.cluster.local:*" in params["allowed_hosts"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == "postgresql://mlflow:$(POSTGRES_PASSWORD)@mlflow-db:5432/mlflow"
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "ssvp-secrets", "key": "POSTGRES_PASSWORD"}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ssvp-secrets"
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies["mlflow-from-namespace"]["spec"]["podSelector"]["matchLabels"] == {"app": "mlflow"}
+    assert policies["mlflow-db-from-mlflow"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app": "mlflow"}
+    # the Ray pods log in with the same Secret
+    rc = next(d for d in docs if d["kind"] == "RayCluster")
+    for t in _pod_templates(rc):
+        names = {e["name"]: e for e in t["spec"]["containers"][0]["env"]}
+        assert names["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ssvp-secrets"
+
+
+_CREDENTIAL_IN_URI = re.compile(r"://[^\s:/@]+:([^\s@]+)@")
+
+
+def test_no_password_in_configs_or_command_lines():
+    example = (CLUSTER / "secrets.env.example").read_text()
+    assert "MLFLOW_TRACKING_PASSWORD=CHANGE-ME" in example and "POSTGRES_PASSWORD=CHANGE-ME" in example
+    for path in [AWS, *sorted(K8S.glob("*.yaml"))]:
+        text = path.read_text()
+        assert "CHANGE-ME-db-password" not in text, path
+        for m in _CREDENTIAL_IN_URI.finditer(text):
+            assert m.group(1) == "$(POSTGRES_PASSWORD)", f"{path}: a credential in a URI: {m.group(0)}"
+    for _, d in _all_k8s():
+        assert d["kind"] != "Secret", "Secrets are created from cluster/secrets.env, not committed"
+        if d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                words = " ".join(c.get("command", []) + c.get("args", []))
+                assert "PASSWORD" not in words, f"{d['metadata']['name']}: a password on the command line"
+    cfg = yaml.safe_load(AWS.read_text())
+    every = json.dumps(cfg)
+    assert "POSTGRES_PASSWORD" not in every and "PASSWORD=" not in every.replace("MLFLOW_AUTH_ADMIN_PASSWORD=", "")
+    assert "/cluster/secrets.env" in (REPO / ".gitignore").read_text().splitlines()
+    assert "cluster/secrets.env" in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
 
 
 # ----------------------------------------------------------------------------- kubernetes
@@ -224,7 +285,8 @@ def _pod_templates(doc: dict) -> list[dict]:
 def test_every_manifest_has_kind_apiversion_and_name():
     docs = _all_k8s()
     kinds = {d["kind"] for _, d in docs}
-    assert {"Namespace", "Secret", "PersistentVolumeClaim", "Deployment", "Service", "RayCluster", "RayJob"} <= kinds
+    assert {"Namespace", "PersistentVolumeClaim", "ConfigMap", "Deployment", "Service", "NetworkPolicy", "RayCluster",
+            "RayJob"} <= kinds
     for path, d in docs:
         assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), path
         if d["kind"] != "Namespace":
@@ -315,7 +377,8 @@ def test_services_private_tracking_uri_and_claims_resolve():
     assert used and used <= claims, f"claims used but not defined: {used - claims}"
     # the MLflow server reaches its database through the database Service
     dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
-    assert "@mlflow-db:5432/" in " ".join(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    env = {e["name"]: e.get("value", "") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "@mlflow-db:5432/" in env["MLFLOW_BACKEND_STORE_URI"]
     assert "mlflow-db" in services
 
 
@@ -356,9 +419,147 @@ def test_rayjob_entrypoints_name_real_scripts_and_valid_flags():
     argv = _entrypoint_argv(jobs["ssvp-ablation-table3"])
     args = grid_cli.build_parser().parse_args(argv[1:])  # the launcher accepts these flags
     assert (REPO / args.grid).is_file() and args.seeds == 3 and args.resume
-    assert args.storage_path == "/mnt/ray-results"
     from tuning import sweep as sweep_cli
 
     argv = _entrypoint_argv(jobs["ssvp-sweep"])
     args = sweep_cli.build_parser().parse_args(argv[1:])
-    assert (REPO / args.config).is_file() and args.storage_path == "/mnt/ray-results"
+    assert (REPO / args.config).is_file()
+
+
+# ----------------------------------------------------------------------------- where things land
+def _container_mounts(template: dict) -> dict[str, bool]:
+    """mountPath -> writable, of a pod template's first container."""
+    c = template["spec"]["containers"][0]
+    return {m["mountPath"]: not m.get("readOnly", False) for m in c.get("volumeMounts", [])}
+
+
+def _under(path: str, mounts: dict[str, bool], writable: bool = False) -> bool:
+    p = Path(path)
+    return any((p == Path(m) or Path(m) in p.parents) and (w or not writable) for m, w in mounts.items())
+
+
+def _job_locations(job: dict, head_env: dict[str, str]) -> dict[str, str]:
+    """Every location a RayJob's launcher uses, resolved by ssvp.paths as the job would (launch dir = the
+    entrypoint's cd, environment = the head pod's + the job's runtime env, flags and config as written)."""
+    from ablations import grid as grid_cli
+    from ablations.spec import load_grid
+    from ssvp.paths import resolve_config_paths
+    from tuning import sweep as sweep_cli
+    from tuning.paths import resolve_locations
+
+    env = {**head_env, **yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"], "SSVP_LAUNCH_DIR": "/home/ray/ssvp"}
+    argv = _entrypoint_argv(job)
+    script = argv[0]
+    if script == "tuning/sweep.py":
+        args = sweep_cli.build_parser().parse_args(argv[1:])
+        sweep = yaml.safe_load((REPO / args.config).read_text())  # the file as written (no synthetic data here)
+        base = sweep.get("base") or {}
+        from ssvp.config import Config, load_config
+
+        preset = base.get("preset", "tiny")
+        cfg = Config.tiny() if preset == "tiny" else Config() if preset in ("full", "paper") else load_config(REPO / preset)
+        cfg = cfg.override({**(base.get("overrides") or {}), **dict(args.set)})
+        config_storage, config_tracking = sweep.get("storage_path"), (sweep.get("mlflow") or {}).get("tracking_uri")
+        out = None
+    else:
+        args = grid_cli.build_parser().parse_args(argv[1:])
+        grid = load_grid(REPO / args.grid)
+        cfg = grid.base_config(dict(args.set))
+        config_storage = config_tracking = None
+        out = args.out
+    loc = resolve_locations(tracking_uri=args.tracking_uri, storage_path=args.storage_path,
+                            config_storage_path=config_storage, config_tracking_uri=config_tracking, environ=env)
+    cfg = resolve_config_paths(cfg, data_root_flag=getattr(args, "data_root", None),
+                               feature_cache_flag=getattr(args, "feature_cache", None), environ=env)
+    found = {"tracking": loc.tracking_uri, "storage": loc.storage_path, "feature_cache": cfg.train.feature_cache,
+             "source": cfg.data.source.partition(":")[2], "hf_home": env["HF_HOME"]}
+    found.update({f"target{i}": t.partition(":")[2] for i, t in enumerate(cfg.data.targets)})
+    if out is not None:
+        from ssvp.paths import resolve_local
+
+        found["out"] = str(resolve_local(out, what="--out", origin="--out", flag="--out", env=None, environ=env))
+    return found
+
+
+def test_every_path_in_the_manifests_lands_on_a_mounted_volume():
+    docs = [d for _, d in _all_k8s()]
+    rc = next(d for d in docs if d["kind"] == "RayCluster")
+    head_t = rc["spec"]["headGroupSpec"]["template"]
+    worker_t = rc["spec"]["workerGroupSpecs"][0]["template"]
+    head_mounts, worker_mounts = _container_mounts(head_t), _container_mounts(worker_t)
+    head_env = {e["name"]: e["value"] for e in head_t["spec"]["containers"][0]["env"] if "value" in e}
+    worker_env = {e["name"]: e["value"] for e in worker_t["spec"]["containers"][0]["env"] if "value" in e}
+    assert head_env == worker_env  # drivers and trials see the same locations
+    jobs = [d for d in docs if d["kind"] == "RayJob"]
+    assert len(jobs) >= 2
+    for job in jobs:
+        name = job["metadata"]["name"]
+        where = _job_locations(job, head_env)
+        assert where["tracking"] == "http://mlflow.ssvp.svc.cluster.local:5000", name
+        for key, path in where.items():
+            if key == "tracking":
+                continue
+            assert path and Path(path).is_absolute(), (name, key, path)
+            assert _under(path, head_mounts, writable=True), f"{name}: {key} {path} is not on a volume of the head"
+            if key in ("storage", "feature_cache", "hf_home"):  # trials write these
+                assert _under(path, worker_mounts, writable=True), f"{name}: {key} {path} not writable on workers"
+            if key.startswith(("source", "target")):  # trials read these
+                assert _under(path, worker_mounts), f"{name}: {key} {path} is not on a volume of the workers"
+        assert where["source"].startswith("/data/") and where["feature_cache"] == "/mnt/ray-results/feature-cache"
+
+
+def test_ray_up_locations_are_on_the_shared_volume_or_s3():
+    cfg = yaml.safe_load(AWS.read_text())
+    mounts = [o.split()[1].split(":")[1] for o in cfg["docker"]["run_options"] if o.startswith("-v ")]
+    assert "/mnt/ssvp" in mounts
+    init = " ".join(cfg["initialization_commands"])
+    assert "mount -t nfs4" in init and "/mnt/ssvp" in init
+    head_init = " ".join(cfg["available_node_types"][cfg["head_node_type"]]["initialization_commands"])
+    assert "mount -t nfs4" in head_init  # a node type's own list replaces the global one
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        env = _exports(" ".join(cmds))
+        for key in ("SSVP_DATA_ROOT", "SSVP_FEATURE_CACHE"):
+            assert any(Path(m) in Path(env[key]).parents for m in mounts), (key, env[key])
+        assert env["SSVP_STORAGE_PATH"].startswith("s3://")
+
+
+def _rsync_copy(dest: Path, excludes: list[str]) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (apt-get install rsync)")
+    cmd = ["rsync", "-a", *[a for e in excludes for a in ("--exclude", e)], f"{REPO}/", f"{dest}/"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+
+
+def test_ray_up_sync_with_the_configs_excludes_keeps_every_package_importable(tmp_path):
+    """What `ray up` copies to the nodes (rsync with rsync_exclude) imports, from the copy itself."""
+    import subprocess
+    import sys
+
+    cfg = yaml.safe_load(AWS.read_text())
+    copy_dir = tmp_path / "ssvp"
+    _rsync_copy(copy_dir, cfg["rsync_exclude"])
+    assert (copy_dir / "ssvp" / "data" / "__init__.py").is_file()
+    assert not (copy_dir / ".git").exists()
+    modules = sorted(
+        ".".join(p.relative_to(copy_dir).with_suffix("").parts).removesuffix(".__init__")
+        for pkg in ("ssvp", "tuning", "ablations") for p in (copy_dir / pkg).rglob("*.py")
+        if p.name != "__main__.py")
+    assert "ssvp.data.readers" in modules and "tuning.sweep" in modules
+    code = ("import importlib, json, sys; sys.path.insert(0, sys.argv[1]); "
+            "mods = json.loads(sys.argv[2]); files = {m: importlib.import_module(m).__file__ for m in mods}; "
+            "bad = {m: f for m, f in files.items() if not f.startswith(sys.argv[1])}; "
+            "assert not bad, bad; print(len(files))")
+    run = subprocess.run([sys.executable, "-c", code, str(copy_dir), json.dumps(modules)], cwd=copy_dir,
+                         capture_output=True, text=True, timeout=600,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MPLBACKEND": "Agg",
+                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout.split()[-1]) == len(modules)
+
+    # the unanchored pattern this config used to hold drops the package ssvp/data/ as well
+    broken = tmp_path / "broken"
+    _rsync_copy(broken, ["data"])
+    assert not (broken / "ssvp" / "data").exists()

@@ -147,17 +147,21 @@ def test_commit_and_dirty_flag_are_captured_and_win_from_the_environment(tmp_pat
     assert git_state(tmp_path / "nowhere", {}) == ("unknown", None)
     assert git_state(tmp_path / "nowhere", {"SSVP_GIT_COMMIT": "abc", "SSVP_GIT_DIRTY": "0"}) == ("abc", False)
 
-    env = runtime_env(repo, {"SSVP_STORAGE_PATH": "rel/ray", "MLFLOW_TRACKING_URI": "http://h:5000",
-                             "SSVP_GIT_COMMIT": "stale"}, cwd=repo)["env_vars"]
+    env = runtime_env(repo, {"SSVP_GIT_COMMIT": "stale"}, cwd=repo,
+                      env_vars={"SSVP_STORAGE_PATH": "rel/ray", "MLFLOW_TRACKING_URI": "http://h:5000"})["env_vars"]
     assert env == {"SSVP_GIT_COMMIT": head, "SSVP_GIT_DIRTY": "1", "SSVP_LAUNCH_DIR": str(repo),
                    "SSVP_STORAGE_PATH": str(repo / "rel" / "ray"), "MLFLOW_TRACKING_URI": "http://h:5000"}
 
 
 def test_runtime_env_command_prints_json_for_ray_job_submit():
-    out = subprocess.run([sys.executable, "-m", "ssvp.paths", "runtime-env"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-m", "ssvp.paths", "runtime-env", "SSVP_DATA_ROOT=data",
+                          "MLFLOW_TRACKING_URI=runs/m.db"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     env = json.loads(out.stdout)["env_vars"]
     assert env["SSVP_GIT_COMMIT"] == _git(REPO, "rev-parse", "HEAD") and env["SSVP_LAUNCH_DIR"] == str(REPO)
+    assert env["SSVP_DATA_ROOT"] == str(REPO / "data") and env["MLFLOW_TRACKING_URI"] == f"sqlite:///{REPO}/runs/m.db"
+    bad = subprocess.run([sys.executable, "-m", "ssvp.paths", "runtime-env", "oops"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
 
 
 def test_source_tags_name_the_config_as_written_not_the_copy(tmp_path):
