@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,8 +38,13 @@ if __package__ in (None, ""):
 
 from ablations.aggregate import METRICS, write_report
 from ablations.spec import Grid, GridError, load_grid
+from ssvp.config import Config
+from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
 
-__all__ = ["build_parser", "main", "run_grid", "records_from_summary", "ensure_synthetic", "GRID_STATE"]
+__all__ = [
+    "build_parser", "main", "run_grid", "plan_grid", "grid_sweep", "GridRun", "records_from_summary",
+    "ensure_synthetic", "GRID_STATE",
+]
 
 GRID_STATE = "grid.json"  # what was run: grid file, seeds, sweep name, MLflow ids (in --out)
 SEED_KEY = "seed"
@@ -252,44 +258,67 @@ def _grid_path(text: str) -> Path:
     raise GridError(f"grid file {text} does not exist (nor ablations/configs/{text}.yaml)")
 
 
-def run_grid(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) the grid described by parsed CLI ``args``; returns a summary dict."""
+@dataclass
+class GridRun:
+    """What the command line asks of a grid: which variants and seeds, on what base, written where."""
+
+    grid: Grid
+    seeds: list[int]
+    chosen: list[str]  # variant names (the reference always among them)
+    base: Config  # --set applied, paths absolute
+    name: str  # Tune experiment + MLflow parent run
+    out: Path  # records.jsonl, grid.json, tables and plots
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        return {v: self.grid.variant(v).overrides for v in self.chosen}
+
+
+def plan_grid(args: argparse.Namespace) -> GridRun:
+    """Load the grid file and check every chosen variant builds, before anything starts."""
+    from tuning.runner import absolutize_paths
+
     grid = load_grid(_grid_path(args.grid))
     seeds = grid.seed_values(args.seeds)
     chosen = [grid.variant(v.strip()).name for v in args.variants.split(",")] if args.variants else grid.variant_names
     if args.variants and grid.reference not in chosen:
         chosen.append(grid.reference)  # the paired comparison needs the reference
     extra = dict(args.set)
-    name = args.name or grid.name
-    out = Path(args.out or Path("runs") / "ablations" / name).resolve()
-
-    from tuning.runner import absolutize_paths
-
-    base = absolutize_paths(grid.base_config(extra))
-    variants = {v: grid.variant(v).overrides for v in chosen}
     for v in chosen:  # every variant must build before anything starts
         grid.variant_config(v, seeds[0], extra)
+    name = args.name or grid.name
+    out = Path(args.out or Path("runs") / "ablations" / name).resolve()
+    return GridRun(grid=grid, seeds=seeds, chosen=chosen, base=absolutize_paths(grid.base_config(extra)),
+                   name=name, out=out)
 
-    state_file = out / GRID_STATE
-    if args.resume and state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("seeds") != seeds or state.get("variants") != chosen:
-            raise GridError(
-                f"--resume: {state_file} was run with seeds {state.get('seeds')} and variants {state.get('variants')}; "
-                f"now {seeds} and {chosen}. Resume with the same --seeds/--variants, or use another --name/--out."
-            )
-    if args.dry_run:
-        print(f"grid {grid.name} ({grid.path}): {len(chosen)} variants x {len(seeds)} seeds = {len(chosen) * len(seeds)} trials")
-        for v in chosen:
-            var = grid.variant(v)
-            print(f"  {var.label:<28} {json.dumps(var.overrides)}")
-        print(f"seeds: {seeds}; reference: {grid.reference}; resources per trial: {grid.resources}")
-        print(f"base: source={base.data.source} targets={base.data.targets} clip={base.model.clip_model} "
-              f"dino={base.model.dino_model} epochs={base.train.epochs}")
-        return {"dry_run": True, "trials": len(chosen) * len(seeds)}
 
-    ensure_synthetic(base)
-    from tuning.runner import init_ray, run_trials
+def check_resume(run: GridRun) -> None:
+    """A resume must ask for the seeds and variants the grid was started with."""
+    state_file = run.out / GRID_STATE
+    if not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text())
+    if state.get("seeds") != run.seeds or state.get("variants") != run.chosen:
+        raise GridError(
+            f"--resume: {state_file} was run with seeds {state.get('seeds')} and variants {state.get('variants')}; "
+            f"now {run.seeds} and {run.chosen}. Resume with the same --seeds/--variants, or use another --name/--out."
+        )
+
+
+def print_dry_run(run: GridRun) -> dict[str, Any]:
+    grid, base, n = run.grid, run.base, len(run.chosen) * len(run.seeds)
+    print(f"grid {grid.name} ({grid.path}): {len(run.chosen)} variants x {len(run.seeds)} seeds = {n} trials")
+    for v in run.chosen:
+        var = grid.variant(v)
+        print(f"  {var.label:<28} {json.dumps(var.overrides)}")
+    print(f"seeds: {run.seeds}; reference: {grid.reference}; resources per trial: {grid.resources}")
+    print(f"base: source={base.data.source} targets={base.data.targets} clip={base.model.clip_model} "
+          f"dino={base.model.dino_model} epochs={base.train.epochs}")
+    return {"dry_run": True, "trials": n}
+
+
+def _connect(args: argparse.Namespace) -> None:
+    from tuning.runner import init_ray
 
     if args.local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -298,70 +327,91 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         address = args.address or os.environ.get("RAY_ADDRESS")
         init_ray(address or None, num_cpus=args.num_cpus if not address else None)
 
-    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else grid.resources["cpu"]
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else grid.resources["gpu"]
-    use_gpu = args.use_gpu if args.use_gpu is not None else ("auto" if gpus > 0 else False)
-    storage = args.storage_path or os.environ.get("SSVP_STORAGE_PATH") or "runs/ray"
-    max_concurrent = args.max_concurrent if args.max_concurrent is not None else (grid.max_concurrent or None)
 
+def _trial_resources(run: GridRun, args: argparse.Namespace) -> tuple[float, float, Any]:
+    """(cpus, gpus, use_gpu) of one trial's Train worker: the flags, else the grid's ``resources``."""
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else run.grid.resources["cpu"]
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else run.grid.resources["gpu"]
+    use_gpu = args.use_gpu if args.use_gpu is not None else ("auto" if gpus > 0 else False)
+    return cpus, gpus, use_gpu
+
+
+def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> SweepConfig:
+    """The grid as a :class:`tuning.settings.SweepConfig`: a plain grid over ``seed`` x variants.
+
+    No scheduler (every variant-seed trains its full schedule: no early stopping in
+    ablations), and every finished trial is evaluated on the targets (``target_eval="all"``).
+    """
+    grid, seeds = run.grid, run.seeds
+    cpus, gpus, use_gpu = _trial_resources(run, args)
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     artifact_location = args.artifact_location
     if artifact_location is None and tracking_uri and tracking_uri.startswith("sqlite:///"):
         artifact_location = str(Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
-
-    out.mkdir(parents=True, exist_ok=True)
-    grid_copy = out / "grid.yaml"
-    grid_copy.write_text(Path(grid.path).read_text())
-    started = time.time()
-    summary = run_trials(
-        base,
-        {SEED_KEY: {"type": "grid", "values": seeds}},
-        name=name,
-        search="grid",
-        num_samples=1,
-        seed=0,
-        points_to_evaluate=None,
-        scheduler=None,  # every variant-seed trains its full schedule: no early stopping in ablations
-        max_concurrent_trials=max_concurrent,
-        variants=variants,
-        storage_path=storage,
-        tracking_uri=tracking_uri,
-        artifact_location=artifact_location,
-        experiment=args.experiment,
-        resume=args.resume,
-        use_gpu=use_gpu,
-        cpus_per_worker=cpus,
-        gpus_per_worker=gpus if gpus > 0 else 1.0,
-        resources_per_worker=args.resources_per_trial,
-        max_failures=args.max_failures,
-        target_eval="all",
-        parent_run_tags={"role_detail": "ablation_grid", "grid": grid.name, "seeds": ",".join(map(str, seeds)),
+    return SweepConfig(
+        name=run.name, base=run.base, space={SEED_KEY: {"type": "grid", "values": seeds}}, variants=run.variants,
+        search=SearchSettings(
+            algorithm="grid", num_samples=1, seed=0, points_to_evaluate=None, scheduler=None,
+            max_concurrent_trials=args.max_concurrent if args.max_concurrent is not None else (grid.max_concurrent or None),
+        ),
+        resources=ResourceSettings(
+            use_gpu=use_gpu, cpus_per_worker=cpus, gpus_per_worker=gpus if gpus > 0 else 1.0,
+            extra=dict(args.resources_per_trial or {}), max_failures=args.max_failures,
+        ),
+        mlflow=MlflowSettings(
+            tracking_uri=tracking_uri, artifact_location=artifact_location, experiment=args.experiment,
+            parent_tags={"role_detail": "ablation_grid", "grid": grid.name, "seeds": ",".join(map(str, seeds)),
                          "reference": grid.reference},
-        extra_parent_params={"grid.name": grid.name, "grid.seeds": len(seeds), "grid.variants": ",".join(chosen),
-                             "grid.reference": grid.reference},
-        extra_parent_artifacts={"ablation": str(grid_copy)},
+            parent_params={"grid.name": grid.name, "grid.seeds": len(seeds), "grid.variants": ",".join(run.chosen),
+                           "grid.reference": grid.reference},
+            parent_artifacts={"ablation": str(grid_copy)},
+        ),
+        storage_path=args.storage_path or os.environ.get("SSVP_STORAGE_PATH") or "runs/ray",
+        target_eval="all",
         verbose=0 if args.quiet else 1,
     )
 
-    records = records_from_summary(summary, base)
+
+def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the grid described by parsed CLI ``args``; returns a summary dict."""
+    run = plan_grid(args)
+    if args.resume:
+        check_resume(run)
+    if args.dry_run:
+        return print_dry_run(run)
+    ensure_synthetic(run.base)
+    from tuning.runner import run_trials
+
+    _connect(args)
+    run.out.mkdir(parents=True, exist_ok=True)
+    grid_copy = run.out / "grid.yaml"
+    grid_copy.write_text(Path(run.grid.path).read_text())
+    started = time.time()
+    summary = run_trials(grid_sweep(run, args, grid_copy), resume=args.resume)
+    return write_outputs(run, summary, args, started)
+
+
+def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: float) -> dict[str, Any]:
+    """records.jsonl, grid.json, the tables and plots under ``run.out``, logged on the parent run."""
+    records = records_from_summary(summary, run.base)
     if args.per_class:
         import ray
 
+        cpus, gpus, use_gpu = _trial_resources(run, args)
         gpu_eval = gpus > 0 and (use_gpu is True or (use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1))
-        add_per_class(records, base, variants, use_gpu=gpu_eval, cpus=cpus)
+        add_per_class(records, run.base, run.variants, use_gpu=gpu_eval, cpus=cpus)
+    out, grid = run.out, run.grid
     write_records(records, out / "records.jsonl")
     state = {
-        "grid": grid.name, "grid_file": str(Path(grid.path).resolve()), "name": name, "seeds": seeds,
-        "variants": chosen, "reference": grid.reference, "tracking_uri": summary.tracking_uri,
+        "grid": grid.name, "grid_file": str(Path(grid.path).resolve()), "name": run.name, "seeds": run.seeds,
+        "variants": run.chosen, "reference": grid.reference, "tracking_uri": summary.tracking_uri,
         "experiment": summary.experiment, "parent_run_id": summary.parent_run_id,
         "experiment_path": summary.experiment_path, "interrupted": summary.interrupted,
         "seconds": round(time.time() - started, 1),
     }
-    state_file.write_text(json.dumps(state, indent=2))
-
-    sub = _subgrid(grid, chosen)
-    written = write_report(sub, records, out, seeds=seeds, per_class=args.per_class)
-    _log_to_parent(summary, out, [state_file, out / "records.jsonl", *written.values()])
+    (out / GRID_STATE).write_text(json.dumps(state, indent=2))
+    written = write_report(_subgrid(grid, run.chosen), records, out, seeds=run.seeds, per_class=args.per_class)
+    _log_to_parent(summary, out, [out / GRID_STATE, out / "records.jsonl", *written.values()])
     print((out / "results.md").read_text(), flush=True)
     print(f"[ablations] tables and plots in {out}; MLflow parent run {summary.parent_run_id} "
           f"(experiment {summary.experiment!r}, {summary.mlflow_ui})", flush=True)

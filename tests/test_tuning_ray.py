@@ -46,13 +46,19 @@ def tiny(root: Path, **overrides) -> Config:
     return synthetic_config(root, **{**base, **overrides})
 
 
-def grid_trials(cfg: Config, tmp_path: Path, name: str, **kwargs):
-    """``run_trials`` with one grid point per variant, no scheduler, half a CPU per worker,
-    quiet, results under ``tmp_path / "ray"``."""
+def grid_trials(cfg: Config, tmp_path: Path, name: str, resources: dict, experiment: str, on_results=None, **top):
+    """``run_trials`` of a grid sweep with one point per variant, no scheduler, half a CPU per
+    worker, quiet, results under ``tmp_path / "ray"``, MLflow in ``tmp_path / "mlflow.db"``."""
     from tuning.runner import run_trials
+    from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
 
-    return run_trials(cfg, {}, name=name, search="grid", num_samples=1, scheduler=None,
-                      storage_path=tmp_path / "ray", cpus_per_worker=0.5, verbose=0, **kwargs)
+    sweep = SweepConfig(
+        name=name, base=cfg, search=SearchSettings(algorithm="grid", num_samples=1, scheduler=None),
+        resources=ResourceSettings(cpus_per_worker=0.5, **resources),
+        mlflow=MlflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=experiment),
+        storage_path=str(tmp_path / "ray"), verbose=0, **top,
+    )
+    return run_trials(sweep, on_results=on_results)
 
 
 def client_for(uri: str):
@@ -72,6 +78,7 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     import optuna
 
     from tuning.runner import run_trials
+    from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = {
@@ -79,22 +86,17 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
         "lr_head": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
         "epochs": 2,
     }
-    summary = run_trials(
-        tiny(synthetic_root),
-        space,
+    sweep = SweepConfig(
         name="opt3",
-        search="optuna",
-        num_samples=3,
-        seed=0,
-        scheduler="asha",
-        storage_path=tmp_path / "ray",
-        tracking_uri=uri,
-        experiment="test-sweep",
-        use_gpu=False,
-        cpus_per_worker=0.5,
-        max_concurrent_trials=2,
+        base=tiny(synthetic_root),
+        space=space,
+        search=SearchSettings(algorithm="optuna", num_samples=3, seed=0, scheduler="asha", max_concurrent_trials=2),
+        resources=ResourceSettings(use_gpu=False, cpus_per_worker=0.5),
+        mlflow=MlflowSettings(tracking_uri=uri, experiment="test-sweep"),
+        storage_path=str(tmp_path / "ray"),
         verbose=0,
     )
+    summary = run_trials(sweep)
     assert not summary.interrupted and not summary.errors
     assert len(summary.trials) == 3
     client = client_for(uri)
@@ -173,10 +175,8 @@ def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, syn
         tmp_path,
         "failing",
         variants={"ok": {}, "corrupt": {"source": f"synthetic:{corrupt}/domain_a"}},
-        tracking_uri=uri,
         experiment="test-failing",
-        use_gpu=False,
-        max_failures=0,
+        resources=dict(use_gpu=False, max_failures=0),
         target_eval="all",  # every finished trial is evaluated on the targets inside its worker
         on_results=lambda s: {"hook": _write(tmp_path / "hook" / "n.txt", str(len(s.trials)))},
     )
@@ -224,12 +224,9 @@ def test_each_worker_of_a_two_worker_trial_gets_its_own_device(ray_session, synt
         tiny(synthetic_root, epochs=1),
         tmp_path,
         "ddp2",
-        tracking_uri=uri,
         experiment="test-placement",
-        num_workers_per_trial=2,
-        use_gpu=True,  # the session's 2 logical GPUs; torch sees no CUDA, so training runs on CPU
-        torch_backend="gloo",
-        resources_per_worker={"fake_gpu": 1},
+        # the session's 2 logical GPUs; torch sees no CUDA, so training runs on CPU
+        resources=dict(workers_per_trial=2, use_gpu=True, torch_backend="gloo", extra={"fake_gpu": 1}),
         target_eval="none",
     )
     (trial,) = summary.trials
@@ -286,10 +283,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
         tiny(synthetic_root, epochs=5),
         tmp_path,
         "killed",
-        tracking_uri=uri,
         experiment="test-kill",
-        use_gpu=False,
-        max_failures=1,
+        resources=dict(use_gpu=False, max_failures=1),
         target_eval="none",
     )
     thread.join(timeout=5)

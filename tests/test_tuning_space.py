@@ -117,19 +117,27 @@ def test_paper_default_point_is_clipped_into_the_space():
 # --------------------------------------------------------------------------- sweep files
 @pytest.mark.parametrize("name", ["quick", "paper"])
 def test_shipped_sweep_configs_validate(name, tmp_path, monkeypatch):
-    from tuning.settings import build_base_config, load_sweep_config
+    import yaml
 
-    sweep = load_sweep_config(REPO / "tuning" / "configs" / f"{name}.yaml")
+    from tuning.settings import load_sweep
+
+    path = REPO / "tuning" / "configs" / f"{name}.yaml"
     if name == "quick":
         # the quick config generates the synthetic data on the fly: point it at a temp dir
-        sweep.base["synthetic"] = {"root": str(tmp_path / "synthetic"), "seed": 0, "n_train": 2, "n_test": 3}
-    base = build_base_config(sweep, base_dir=tmp_path)
-    space = parse_space(sweep.space, base)
-    space.check_for(sweep.search.algorithm)
+        raw = yaml.safe_load(path.read_text())
+        raw["base"]["synthetic"] = {"root": str(tmp_path / "synthetic"), "seed": 0, "n_train": 2, "n_test": 3}
+        path = tmp_path / "quick.yaml"
+        path.write_text(yaml.safe_dump(raw))
+    sweep = load_sweep(path, base_dir=tmp_path)
+    base = sweep.base
+    space = sweep.validate()
     assert {"gamma", "xi", "beta", "lambda1", "lambda2", "focal_lambda", "tau", "lr_prompt", "lr_head"} <= set(space.searched)
-    kwargs = sweep.run_kwargs()
-    assert kwargs["metric"] == "val_objective" and kwargs["mode"] == "max"
-    assert kwargs["scheduler"] == "asha" and kwargs["search"] == "optuna"
+    assert sweep.search.metric == "val_objective" and sweep.search.mode == "max"
+    assert sweep.search.scheduler == "asha" and sweep.search.algorithm == "optuna"
+    # --print-config: the object round-trips through YAML with every section
+    printed = yaml.safe_load(sweep.to_yaml())
+    assert {"base", "space", "search", "resources", "mlflow", "storage_path", "target_eval"} <= set(printed)
+    assert printed["base"]["model"]["clip_model"] == base.model.clip_model
     if name == "quick":
         assert base.model.clip_model == "tiny"
         assert base.data.source == f"synthetic:{tmp_path / 'synthetic' / 'domain_a'}"
@@ -137,19 +145,29 @@ def test_shipped_sweep_configs_validate(name, tmp_path, monkeypatch):
     else:
         assert base.model.clip_model == "ViT-L-14" and base.model.dino_model == "dinov3_vitl16"
         assert base.data.source.startswith("visa:") and base.data.targets[0].startswith("mvtec:")
-        assert kwargs["use_gpu"] is True and kwargs["num_workers_per_trial"] == 1
+        assert sweep.resources.use_gpu is True and sweep.resources.workers_per_trial == 1
 
 
 def test_sweep_config_errors_name_file_and_key(tmp_path):
-    from tuning.settings import SweepConfigError, load_sweep_config
+    from tuning.settings import SweepConfigError, load_sweep
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsearch: {algorithm: optuna, num_sample: 3}\n")
     with pytest.raises(SweepConfigError, match=r"bad.yaml: search: unknown key\(s\) \['num_sample'\]"):
-        load_sweep_config(bad)
+        load_sweep(bad)
     bad.write_text("name: x\nspaces: {}\n")
     with pytest.raises(SweepConfigError, match=r"unknown key\(s\) \['spaces'\]"):
-        load_sweep_config(bad)
+        load_sweep(bad)
+    # values are checked once, at load, naming the file and the section
+    bad.write_text("name: x\nsearch: {algorithm: random}\n")
+    with pytest.raises(SweepConfigError, match=r"bad.yaml: search: algorithm must be 'optuna' or 'grid'"):
+        load_sweep(bad)
+    bad.write_text("name: x\ntarget_eval: some\n")
+    with pytest.raises(SweepConfigError, match=r"bad.yaml: target_eval: must be best, all or none"):
+        load_sweep(bad)
+    bad.write_text("name: x\nbase: {preset: tiny}\nsearch: {points_to_evaluate: [{gamma: 0.5}]}\n")
+    with pytest.raises(SpaceError, match=r"points_to_evaluate\[0\] key 'gamma' is not a searched key"):
+        load_sweep(bad)
 
 
 # --------------------------------------------------------------------------- devices

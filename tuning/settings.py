@@ -1,8 +1,22 @@
-"""Sweep configuration files (``tuning/configs/*.yaml``).
+"""A sweep as a few plain, typed objects that mirror the sweep YAML (``tuning/configs/*.yaml``).
 
 ::
 
-    name: quick                      # default sweep name (folder under storage_path, MLflow parent run)
+    SweepConfig                       # the one object tuning.runner.run_trials takes
+      name, description               # sweep name (folder under storage_path, MLflow parent run)
+      base: ssvp Config               # WHAT is searched from: the config every trial starts from
+      space: {key: spec}              #   ... the searched / fixed keys (tuning.space)
+      variants: {name: overrides}     #   ... named override bundles (ablation variants)
+      search: SearchSettings          # HOW: algorithm, samples, seed, metric, points, scheduler
+      resources: ResourceSettings     # ON WHAT: workers, GPUs/CPUs, custom resources, restarts
+      mlflow: MlflowSettings          # RECORDED WHERE: tracking URI, artifacts, experiment, parent extras
+      storage_path: str               #   ... Ray Tune/Train storage
+      target_eval: best | all | none  # after the search: evaluate on the target datasets
+      verbose: int                    # console: Tune's progress table (0 silent, 1 table, 2 per result)
+
+The YAML::
+
+    name: quick
     base:
       preset: tiny                   # tiny | full (paper defaults) | path/to/config.yaml
       overrides: {epochs: 2, ...}    # any model/train/data keys (flat or dotted)
@@ -39,12 +53,15 @@
     storage_path: runs/ray
     target_eval: best                # best | all | none
 
-Unknown keys anywhere are refused with a message naming them.
+:func:`load_sweep` reads a file, builds the base ``Config`` and validates everything once
+(unknown keys anywhere are refused with a message naming the file and field);
+:meth:`SweepConfig.validate` checks an object built in code (``ablations/grid.py``, tests);
+:meth:`SweepConfig.to_yaml` is what ``sweep.py --print-config`` prints.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,179 +75,286 @@ __all__ = [
     "ResourceSettings",
     "MlflowSettings",
     "SweepConfig",
-    "load_sweep_config",
+    "load_sweep",
+    "read_sweep_file",
     "build_base_config",
+    "ensure_synthetic",
     "CONFIG_DIR",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SEARCHES = ("optuna", "grid")
+MODES = ("max", "min")
+TARGET_EVALS = ("best", "all", "none")
+SCHEDULERS = (None, "asha")
 
 
 class SweepConfigError(ValueError):
-    """A sweep config file is invalid; the message names the file and field."""
+    """A sweep config is invalid; the message names the file (when there is one) and the field."""
 
 
 @dataclass
 class SearchSettings:
-    algorithm: str = "optuna"
-    num_samples: int = 8
+    """How the space is searched (YAML ``search:``)."""
+
+    algorithm: str = "optuna"  # optuna (TPE, seeded) | grid (BasicVariantGenerator)
+    num_samples: int = 8  # Optuna trials, or repeats of the grid
     seed: int = 0
-    metric: str = "val_objective"
+    metric: str = "val_objective"  # per-epoch SOURCE-validation metric reported by fit
     mode: str = "max"
-    points_to_evaluate: Any = "paper"
-    scheduler: str | None = "asha"
+    points_to_evaluate: Any = "paper"  # paper (defaults of the searched keys first) | none | [dict]
+    scheduler: str | None = "asha"  # asha (on `epoch`, max_t = epochs + 1) | none
     grace_period: int = 1
     reduction_factor: float = 2
-    max_concurrent_trials: int | None = None
-    optuna_storage: str | None = None
+    max_concurrent_trials: int | None = None  # None = what the cluster fits
+    optuna_storage: str | None = None  # None = sqlite:///<storage_path>/<name>/optuna.db
     time_budget_s: float | None = None
 
 
 @dataclass
 class ResourceSettings:
-    workers_per_trial: int = 1
-    use_gpu: Any = "auto"
+    """What every trial runs on (YAML ``resources:``)."""
+
+    workers_per_trial: int = 1  # Ray Train workers per trial (DDP when > 1)
+    use_gpu: Any = "auto"  # auto | True | False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    extra: dict = field(default_factory=dict)
-    max_failures: int = 1
-    trial_max_failures: int = 0
-    torch_backend: str = ""
+    extra: dict = field(default_factory=dict)  # custom Ray resources per worker, e.g. {"fake_gpu": 1}
+    max_failures: int = 1  # Ray Train worker-group restarts per trial (from the last checkpoint)
+    trial_max_failures: int = 0  # Tune restarts of a whole trial
+    torch_backend: str = ""  # "" = Ray's choice (nccl with GPUs, gloo without)
 
 
 @dataclass
 class MlflowSettings:
-    tracking_uri: str | None = None
-    artifact_location: str | None = None
+    """Where the sweep is recorded (YAML ``mlflow:``; the parent_* fields are set by launchers)."""
+
+    tracking_uri: str | None = None  # None = sqlite:////CWD/runs/mlflow.db
+    artifact_location: str | None = None  # None = mlartifacts/ beside the SQLite file
     experiment: str = "ssvp-sweeps"
+    parent_tags: dict = field(default_factory=dict)  # extra tags of the parent run
+    parent_params: dict = field(default_factory=dict)  # extra params of the parent run
+    parent_artifacts: Any = field(default_factory=dict)  # {artifact_dir: path} or [path]
+
+
+# keys a sweep YAML may hold in each section (the parent_* fields are not file settings)
+_FILE_KEYS = {
+    SearchSettings: {f.name for f in fields(SearchSettings)},
+    ResourceSettings: {f.name for f in fields(ResourceSettings)},
+    MlflowSettings: {"tracking_uri", "artifact_location", "experiment"},
+}
+_TOP_KEYS = {"name", "description", "base", "space", "variants", "search", "resources", "mlflow",
+             "storage_path", "target_eval"}
 
 
 @dataclass
 class SweepConfig:
+    """One sweep: what is searched (base, space, variants), how (search), on what (resources),
+    recorded where (mlflow, storage_path), and what follows the search (target_eval)."""
+
     name: str = "sweep"
-    base: dict = field(default_factory=lambda: {"preset": "tiny", "overrides": {}})
+    base: Config = field(default_factory=Config.tiny)
     space: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
     search: SearchSettings = field(default_factory=SearchSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     storage_path: str = "runs/ray"
-    target_eval: str = "best"
+    target_eval: str = "best"  # best | all | none
+    verbose: int = 1  # Tune's console verbosity (0 silent, 1 progress table, 2 per result)
     description: str = ""
-    source_file: str = ""
+    source_file: str = ""  # the YAML it was read from ("" when built in code)
 
-    def run_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`tuning.runner.run_trials` (besides base config and space)."""
-        s, r, m = self.search, self.resources, self.mlflow
-        use_gpu = r.use_gpu
-        if isinstance(use_gpu, str) and use_gpu.lower() in ("true", "false"):
-            use_gpu = use_gpu.lower() == "true"
-        return dict(
-            name=self.name,
-            search=s.algorithm,
-            num_samples=s.num_samples,
-            seed=s.seed,
-            metric=s.metric,
-            mode=s.mode,
-            points_to_evaluate=s.points_to_evaluate,
-            scheduler=None if s.scheduler in (None, "none") else s.scheduler,
-            grace_period=s.grace_period,
-            reduction_factor=s.reduction_factor,
-            max_concurrent_trials=s.max_concurrent_trials,
-            optuna_storage=s.optuna_storage,
-            time_budget_s=s.time_budget_s,
-            variants=self.variants or None,
-            storage_path=self.storage_path,
-            tracking_uri=m.tracking_uri,
-            artifact_location=m.artifact_location,
-            experiment=m.experiment,
-            num_workers_per_trial=r.workers_per_trial,
-            use_gpu=use_gpu,
-            cpus_per_worker=r.cpus_per_worker,
-            gpus_per_worker=r.gpus_per_worker,
-            resources_per_worker=r.extra or None,
-            max_failures=r.max_failures,
-            trial_max_failures=r.trial_max_failures,
-            torch_backend=r.torch_backend,
-            target_eval=self.target_eval,
+    # ----- validation (once, before Ray starts) -----
+    def validate(self):
+        """Check every section against ``ssvp.config``; returns the parsed :class:`SearchSpace`.
+
+        Raises :class:`SweepConfigError` (bad setting) or :class:`tuning.space.SpaceError`
+        (bad space, variant or point), each naming the field.
+        """
+        self._normalize()
+        self._check_settings()
+        space = self._check_space()
+        fixed_base = self.base.override(space.fixed)
+        self._check_variants(fixed_base)
+        self._check_points(space, fixed_base)
+        return space
+
+    def _where(self, section: str) -> str:
+        return f"{self.source_file}: {section}" if self.source_file else section
+
+    def _normalize(self) -> None:
+        s, r = self.search, self.resources
+        if s.scheduler == "none":
+            s.scheduler = None
+        if s.points_to_evaluate == "none":
+            s.points_to_evaluate = None
+        if isinstance(r.use_gpu, str) and r.use_gpu.lower() in ("true", "false"):
+            r.use_gpu = r.use_gpu.lower() == "true"
+        self.variants = {str(k): dict(v or {}) for k, v in (self.variants or {}).items()}
+
+    def _check_settings(self) -> None:
+        s, r = self.search, self.resources
+        checks = (
+            (s.algorithm in SEARCHES, "search", f"algorithm must be 'optuna' or 'grid', got {s.algorithm!r}"),
+            (s.mode in MODES, "search", f"mode must be 'max' or 'min', got {s.mode!r}"),
+            (s.scheduler in SCHEDULERS, "search", f"scheduler must be 'asha' or none, got {s.scheduler!r}"),
+            (self.target_eval in TARGET_EVALS, "target_eval", f"must be best, all or none, got {self.target_eval!r}"),
+            (isinstance(s.num_samples, int) and s.num_samples >= 1, "search", "num_samples must be >= 1"),
+            (isinstance(r.workers_per_trial, int) and r.workers_per_trial >= 1, "resources",
+             "workers_per_trial must be >= 1"),
+            (r.use_gpu in (True, False, "auto"), "resources", f"use_gpu must be auto, true or false, got {r.use_gpu!r}"),
+            (bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
+             f"sweep name {self.name!r} must be a non-empty folder name"),
         )
+        for ok, section, message in checks:
+            if not ok:
+                raise SweepConfigError(f"{self._where(section)}: {message}")
+
+    def _check_space(self):
+        from .space import SpaceError, parse_space
+        from .trial import VARIANT_KEY
+
+        space = parse_space(self.space, self.base)
+        space.check_for(self.search.algorithm)
+        if VARIANT_KEY in space.params:
+            raise SpaceError(f"search space key {VARIANT_KEY!r} is reserved for variants")
+        return space
+
+    def _check_variants(self, fixed_base: Config) -> None:
+        from .space import SpaceError
+
+        for vname, overrides in self.variants.items():
+            try:
+                fixed_base.override(overrides)
+            except ConfigError as exc:
+                raise SpaceError(f"variant {vname!r}: {exc}") from None
+
+    def _check_points(self, space, fixed_base: Config) -> None:
+        from .space import SpaceError
+
+        points = self.search.points_to_evaluate
+        if points in (None, "paper"):
+            return
+        for i, point in enumerate(points):
+            for key, value in dict(point).items():
+                if key not in space.searched:
+                    raise SpaceError(f"points_to_evaluate[{i}] key {key!r} is not a searched key of the space")
+                try:
+                    fixed_base.override({key: value})
+                except ConfigError as exc:
+                    raise SpaceError(f"points_to_evaluate[{i}] key {key!r}: {exc}") from None
+
+    # ----- printing -----
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the YAML's section order (``base`` resolved to the full config)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["base"] = self.base.to_dict()
+        for key in ("search", "resources", "mlflow"):
+            out[key] = asdict(out[key])
+        return out
+
+    def to_yaml(self) -> str:
+        """What ``sweep.py --print-config`` prints."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def replace(self, **changes: Any) -> "SweepConfig":
+        """A copy with top-level fields changed (sections are copied, not shared)."""
+        sections = {k: replace(getattr(self, k)) for k in ("search", "resources", "mlflow") if k not in changes}
+        return replace(self, **sections, **changes)
 
 
+# ----- reading a sweep YAML -----
 def _section(cls, raw: Any, where: str):
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
         raise SweepConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
-    names = {f.name for f in fields(cls)}
+    names = _FILE_KEYS[cls]
     unknown = sorted(set(raw) - names)
     if unknown:
         raise SweepConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(names))}")
     return cls(**dict(raw))
 
 
-def load_sweep_config(path: str | Path) -> SweepConfig:
-    """Read a sweep YAML; ``path`` may also be a bare name of a file in ``tuning/configs``."""
+def resolve_config_path(path: str | Path) -> Path:
+    """``path``, or the file of that bare name in ``tuning/configs``."""
     p = Path(path)
     if not p.is_file() and not p.suffix and (CONFIG_DIR / f"{p.name}.yaml").is_file():
         p = CONFIG_DIR / f"{p.name}.yaml"
     if not p.is_file():
         raise SweepConfigError(f"sweep config {path} does not exist")
+    return p
+
+
+def read_sweep_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The YAML mapping of a sweep file (top-level and ``base`` keys checked); no config built."""
+    p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SweepConfigError(f"cannot parse sweep config {p}: {exc}") from exc
     if not isinstance(raw, Mapping):
         raise SweepConfigError(f"sweep config {p} must hold a mapping at top level")
-    top = {f.name for f in fields(SweepConfig)} - {"source_file"}
-    unknown = sorted(set(raw) - top)
+    unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise SweepConfigError(f"sweep config {p}: unknown key(s) {unknown}; known: {', '.join(sorted(top))}")
-    where = str(p)
-    cfg = SweepConfig(
+        raise SweepConfigError(f"sweep config {p}: unknown key(s) {unknown}; known: {', '.join(sorted(_TOP_KEYS))}")
+    unknown_base = sorted(set(raw.get("base") or {}) - {"preset", "overrides", "synthetic"})
+    if unknown_base:
+        raise SweepConfigError(f"{p}: base: unknown key(s) {unknown_base}; known: overrides, preset, synthetic")
+    return p, dict(raw)
+
+
+def load_sweep(
+    path: str | Path, overrides: Mapping[str, Any] | None = None, base_dir: str | Path | None = None
+) -> SweepConfig:
+    """Read, build and validate a sweep file: the :class:`SweepConfig` that ``run_trials`` takes.
+
+    ``overrides`` (``sweep.py --set``) are applied to the base config; ``base_dir`` anchors
+    relative paths in ``base`` (default: the working directory). Generates the synthetic data
+    of ``base.synthetic`` if missing.
+    """
+    p, raw = read_sweep_file(path)
+    where = str(p.resolve())
+    base = build_base_config(raw.get("base") or {"preset": "tiny"}, where, base_dir)
+    if overrides:
+        try:
+            base = base.override(dict(overrides))
+        except ConfigError as exc:
+            raise SweepConfigError(f"{where}: --set: {exc}") from None
+    sweep = SweepConfig(
         name=str(raw.get("name") or p.stem),
-        base=dict(raw.get("base") or {"preset": "tiny"}),
+        base=base,
         space=dict(raw.get("space") or {}),
         variants=dict(raw.get("variants") or {}),
-        search=_section(SearchSettings, raw.get("search"), f"{where}: search"),
-        resources=_section(ResourceSettings, raw.get("resources"), f"{where}: resources"),
-        mlflow=_section(MlflowSettings, raw.get("mlflow"), f"{where}: mlflow"),
+        search=_section(SearchSettings, raw.get("search"), f"{p}: search"),
+        resources=_section(ResourceSettings, raw.get("resources"), f"{p}: resources"),
+        mlflow=_section(MlflowSettings, raw.get("mlflow"), f"{p}: mlflow"),
         storage_path=str(raw.get("storage_path") or "runs/ray"),
         target_eval=str(raw.get("target_eval") or "best"),
         description=str(raw.get("description") or ""),
-        source_file=str(p.resolve()),
+        source_file=where,
     )
-    unknown_base = sorted(set(cfg.base) - {"preset", "overrides", "synthetic"})
-    if unknown_base:
-        raise SweepConfigError(f"{where}: base: unknown key(s) {unknown_base}; known: overrides, preset, synthetic")
-    return cfg
+    sweep.validate()
+    return sweep
 
 
-def build_base_config(sweep: SweepConfig, base_dir: str | Path | None = None) -> Config:
-    """The trials' base ``Config``: preset (+ file), overrides, and the synthetic data if requested.
+def build_base_config(base: Mapping[str, Any], source_file: str = "", base_dir: str | Path | None = None) -> Config:
+    """The trials' base ``Config`` from a YAML ``base:`` section: preset (+ file), overrides, synthetic data.
 
-    With ``base.synthetic`` the built-in benchmark is generated (``ssvp.data.make_synthetic``)
+    With ``synthetic`` the built-in benchmark is generated (``ssvp.data.make_synthetic``)
     into ``root`` when missing, here in the driver before any trial starts, and the config
     points at ``domain_a`` (source) and ``domain_b`` (target).
     """
-    base = dict(sweep.base)
+    base = dict(base)
     base_dir = Path(base_dir or Path.cwd()).resolve()
-    preset = base.get("preset", "tiny")
     overrides = copy.deepcopy(base.get("overrides") or {})
     try:
-        if preset == "tiny":
-            cfg = Config.tiny()
-        elif preset in ("full", "paper", None):
-            cfg = Config()
-        else:
-            file = Path(str(preset))
-            if not file.is_absolute():
-                cand = [base_dir / file, Path(sweep.source_file).parent / file]
-                file = next((c for c in cand if c.is_file()), cand[0])
-            cfg = load_config(file)
+        cfg = _preset_config(base.get("preset", "tiny"), source_file, base_dir)
         synthetic = base.get("synthetic")
         if synthetic:
             if not isinstance(synthetic, Mapping):
-                raise SweepConfigError(f"{sweep.source_file}: base.synthetic must be a mapping {{root, seed}}")
+                raise SweepConfigError(f"{source_file}: base.synthetic must be a mapping {{root, seed}}")
             root = Path(str(synthetic.get("root", "data/synthetic")))
             root = root if root.is_absolute() else base_dir / root
             ensure_synthetic(root, int(synthetic.get("seed", 0)), {k: v for k, v in synthetic.items() if k not in ("root", "seed")})
@@ -238,7 +362,19 @@ def build_base_config(sweep: SweepConfig, base_dir: str | Path | None = None) ->
             overrides.setdefault("targets", [f"synthetic:{root / 'domain_b'}"])
         return cfg.override(overrides)
     except ConfigError as exc:
-        raise SweepConfigError(f"{sweep.source_file or 'sweep config'}: base: {exc}") from None
+        raise SweepConfigError(f"{source_file or 'sweep config'}: base: {exc}") from None
+
+
+def _preset_config(preset: Any, source_file: str, base_dir: Path) -> Config:
+    if preset == "tiny":
+        return Config.tiny()
+    if preset in ("full", "paper", None):
+        return Config()
+    file = Path(str(preset))
+    if not file.is_absolute():
+        cand = [base_dir / file] + ([Path(source_file).parent / file] if source_file else [])
+        file = next((c for c in cand if c.is_file()), cand[0])
+    return load_config(file)
 
 
 def ensure_synthetic(root: Path, seed: int = 0, options: Mapping[str, Any] | None = None) -> Path:

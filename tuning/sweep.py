@@ -28,6 +28,11 @@ See the results (parent run = the sweep, child runs = its trials, plus the
 
     mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db
 
+Check what would run (the file, ``--set`` and the flags, base config resolved) without
+starting anything::
+
+    python tuning/sweep.py --config tuning/configs/quick.yaml --set epochs=2 --print-config
+
 Exit status: 0 when the sweep ran to its end (failed trials are listed, not fatal),
 2 for a bad config or search space, 130 when interrupted (resume with ``--resume``).
 """
@@ -104,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key (repeatable), e.g. --set epochs=3")
     p.add_argument("--quiet", action="store_true", help="no live progress table")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the sweep as it would run (file + --set + flags, base config resolved) and exit")
     return p
 
 
@@ -116,6 +123,62 @@ def _latest_sweep(storage: Path, prefix: str) -> str | None:
     return max(cands, key=lambda d: d.stat().st_mtime).name
 
 
+# command-line flag -> (section, field) of the SweepConfig
+_FLAGS = (
+    ("tracking_uri", "mlflow", "tracking_uri"), ("experiment", "mlflow", "experiment"),
+    ("num_samples", "search", "num_samples"), ("max_concurrent", "search", "max_concurrent_trials"),
+    ("workers_per_trial", "resources", "workers_per_trial"), ("use_gpu", "resources", "use_gpu"),
+    ("gpus_per_worker", "resources", "gpus_per_worker"), ("cpus_per_worker", "resources", "cpus_per_worker"),
+)
+
+
+def sweep_from_args(args: argparse.Namespace):
+    """The :class:`tuning.settings.SweepConfig` of the command line: the file, ``--set`` and the flags.
+
+    Raises ``SweepConfigError`` / ``SpaceError`` / ``ConfigError`` naming the bad field.
+    """
+    from tuning.settings import SweepConfigError, load_sweep
+
+    sweep = load_sweep(args.config, overrides=dict(args.set))
+    for flag, section, key in _FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(getattr(sweep, section), key, value)
+    storage = Path(args.storage_path or sweep.storage_path).expanduser()
+    storage = storage if storage.is_absolute() else (Path.cwd() / storage).resolve()
+    sweep.storage_path = str(storage)
+    sweep.target_eval = args.target_eval or sweep.target_eval
+    sweep.verbose = 0 if args.quiet else 1
+    sweep.mlflow.parent_tags = {"config_file": sweep.source_file, "launcher": "tuning/sweep.py"}
+    sweep.mlflow.parent_artifacts = {"sweep_config": sweep.source_file}
+    if args.name:
+        sweep.name = args.name
+    elif args.resume:
+        latest = _latest_sweep(storage, f"{sweep.name}-")
+        if latest is None:
+            raise SweepConfigError(f"--resume: no sweep of config {sweep.name!r} under {storage}; pass --name")
+        sweep.name = latest
+    else:
+        sweep.name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep.validate()  # the flags too, before Ray starts
+    return sweep
+
+
+def _connect(args: argparse.Namespace) -> bool:
+    from tuning.runner import init_ray
+
+    if args.local:
+        init_ray(None, num_cpus=args.num_cpus)
+        return True
+    try:
+        init_ray(args.address or "auto")
+    except ConnectionError as exc:
+        print(f"error: no Ray cluster at {args.address or 'auto'} ({exc}); start one with "
+              "`ray start --head` or run with --local", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.local:
@@ -123,62 +186,26 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_importable()
 
     from ssvp.config import ConfigError
-    from tuning.settings import SweepConfigError, build_base_config, load_sweep_config
-    from tuning.space import SpaceError, parse_space
+    from tuning.settings import SweepConfigError
+    from tuning.space import SpaceError
 
     try:
-        sweep = load_sweep_config(args.config)
-        base = build_base_config(sweep)
-        if args.set:
-            base = base.override(dict(args.set))
-        parse_space(sweep.space, base)  # reject a bad space before Ray starts
+        sweep = sweep_from_args(args)
     except (SweepConfigError, SpaceError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(sweep.to_yaml(), end="", flush=True)
+        return 0
 
-    kwargs = sweep.run_kwargs()
-    if args.storage_path:
-        kwargs["storage_path"] = args.storage_path
-    storage = Path(kwargs["storage_path"]).expanduser()
-    storage = storage if storage.is_absolute() else (Path.cwd() / storage).resolve()
-    kwargs["storage_path"] = str(storage)
-    if args.name:
-        kwargs["name"] = args.name
-    elif args.resume:
-        latest = _latest_sweep(storage, f"{sweep.name}-")
-        if latest is None:
-            print(f"error: --resume: no sweep of config {sweep.name!r} under {storage}; pass --name", file=sys.stderr)
-            return 2
-        kwargs["name"] = latest
-    else:
-        kwargs["name"] = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for flag, key in (("tracking_uri", "tracking_uri"), ("experiment", "experiment"), ("num_samples", "num_samples"),
-                      ("workers_per_trial", "num_workers_per_trial"), ("use_gpu", "use_gpu"),
-                      ("gpus_per_worker", "gpus_per_worker"), ("cpus_per_worker", "cpus_per_worker"),
-                      ("max_concurrent", "max_concurrent_trials"), ("target_eval", "target_eval")):
-        value = getattr(args, flag)
-        if value is not None:
-            kwargs[key] = value
-    kwargs["verbose"] = 0 if args.quiet else 1
-    kwargs["resume"] = args.resume
-    kwargs["parent_run_tags"] = {"config_file": sweep.source_file, "launcher": "tuning/sweep.py"}
-    kwargs["extra_parent_artifacts"] = {"sweep_config": sweep.source_file}
+    from tuning.runner import SweepExistsError, run_trials
 
-    from tuning.runner import SweepExistsError, init_ray, run_trials
-
-    if args.local:
-        init_ray(None, num_cpus=args.num_cpus)
-    else:
-        try:
-            init_ray(args.address or "auto")
-        except ConnectionError as exc:
-            print(f"error: no Ray cluster at {args.address or 'auto'} ({exc}); start one with "
-                  "`ray start --head` or run with --local", file=sys.stderr)
-            return 2
-    print(f"[sweep] {kwargs['name']}: {sweep.search.algorithm} search, {kwargs['num_samples']} samples, "
-          f"storage {storage}", flush=True)
+    if not _connect(args):
+        return 2
+    print(f"[sweep] {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} samples, "
+          f"storage {sweep.storage_path}", flush=True)
     try:
-        summary = run_trials(base, sweep.space, **kwargs)
+        summary = run_trials(sweep, resume=args.resume)
     except (SpaceError, ConfigError, SweepExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -207,25 +207,17 @@ def release_trial_placement_group(train_storage: str, trial_id: str) -> bool:
     return False
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker body: train with ``ssvp.engine.fit`` and report each epoch."""
+def _placement_record(ctx, use_gpu: bool) -> dict[str, Any]:
+    """Where this Ray Train worker runs and which device it takes (``placement/rank<r>.json``)."""
     import ray
-    import ray.train
     import torch
 
-    from ssvp import engine
-    from ssvp.config import Config
-
-    ctx = ray.train.get_context()
-    rank, local_rank = ctx.get_world_rank(), ctx.get_local_rank()
-    use_gpu = bool(loop_config["use_gpu"])
+    local_rank = ctx.get_local_rank()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()] if use_gpu else []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     device = select_device(local_rank, use_gpu, torch.cuda.device_count(), gpu_ids, visible)
-    cfg = Config.from_dict(loop_config["cfg"]).override({"device": device})
-
-    placement = {
-        "world_rank": rank,
+    return {
+        "world_rank": ctx.get_world_rank(),
         "local_rank": local_rank,
         "world_size": ctx.get_world_size(),
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -240,6 +232,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "distributed": bool(torch.distributed.is_available() and torch.distributed.is_initialized()),
         "placement_group_id": _current_pg_hex(),
     }
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker body: train with ``ssvp.engine.fit`` and report each epoch."""
+    import ray
+    import ray.train
+
+    from ssvp import engine
+    from ssvp.config import Config
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    placement = _placement_record(ctx, bool(loop_config["use_gpu"]))
+    cfg = Config.from_dict(loop_config["cfg"]).override({"device": placement["device"]})
     resume_from = None
     checkpoint = ray.train.get_checkpoint()  # set when Train restarted the workers or the trial resumed
     if checkpoint is not None:

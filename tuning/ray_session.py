@@ -1,0 +1,65 @@
+"""The Ray session a sweep runs in: connect to a cluster or start Ray on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+__all__ = ["init_ray", "free_port"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    object_store_memory: int = 400 * 1024 * 1024,
+    dashboard_port: int | None = None,
+) -> None:
+    """Connect to a cluster (``address="auto"`` / ``ray://...``) or start Ray in-process.
+
+    A local start binds every port to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``)
+    and keeps memory modest. It runs the dashboard (on 127.0.0.1) because Ray Train's
+    placement-group cleaner asks the state API whether a trial's controller is still
+    alive, and it exports ``RAY_API_SERVER_ADDRESS`` to every Ray process so that
+    lookup finds *this* instance even when other Ray instances run on the machine.
+    ``num_gpus=None`` lets Ray count the GPUs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # The flag is read when ray is imported; a process that imported ray before setting it
+    # would still bind to the outside address, so set the module constant as well.
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    port = dashboard_port or free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by raylet and workers
+    kwargs: dict[str, Any] = dict(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=True,
+    )
+    if num_gpus is not None:
+        kwargs["num_gpus"] = num_gpus
+    if resources:
+        kwargs["resources"] = dict(resources)
+    ray.init(**kwargs)
