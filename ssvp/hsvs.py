@@ -6,22 +6,23 @@ paths between the CLIP tokens ``F_c`` [B, N, D_c] and the DINO tokens ``F_d`` [B
     Q_c = F_c W_c^Q,  K_d = F_d W_d^K,  V_d = F_d W_d^V                      (Eq. 2)
     Q_d = F_d W_d^Q,  K_c = F_c W_c^K,  V_c = F_c W_c^V                      (Eq. 2)
     Attn_{c->d} = Softmax(Q_c K_d^T / sqrt(d_head)) V_d                      (Eq. 3)
-    Attn_{d->c} = Softmax(Q_d K_c^T / sqrt(d_head)) V_c                      (Eq. 4)
-    Z_joint = [LN(Attn_{c->d}) ; LN(Attn_{d->c})],  F = F_c + Z_joint W_o    (Eq. 5)
+    Attn_{d->c} = Softmax(Q_d K_c^T / sqrt(d_head)) V_c                      (Eq. 3)
+    Z_joint = [LN(Attn_{c->d}) || LN(Attn_{d->c})]                           (Eq. 4)
+    V_syn = F_c + F_mlp(Z_joint),  F_mlp = Linear(2D_c, D_c) GELU Linear(D_c, D_c)   (Eq. 5)
 
 ``Attn_{c->d}`` injects DINO's geometric priors into the CLIP semantic manifold,
-``Attn_{d->c}`` is the reciprocal structural path. The projection ``W_o`` maps the
-concatenation back to ``D_c`` so the fused tokens can be compared with CLIP text
-embeddings. The residual to ``F_c`` (``residual=True``, default) is this
-implementation's reading of "fuse into the CLIP semantic space": it keeps the output
-anchored in CLIP's joint space; pass ``residual=False`` for ``F = Z_joint W_o``.
+``Attn_{d->c}`` is the reciprocal structural path; d_head = D_c / heads. F_mlp is the
+"two-layer MLP activated by GELU" of Eq. 5 (hidden width D_c: the paper gives none) and
+the residual to F_c is Eq. 5's. ``ln=False`` drops the LayerNorms (Algorithm 1, line 5
+has none; ``model.ln_eq4_eq11``).
 
 Every tapped layer pair (CLIP layer i with DINO layer i) gets its own block, and so
 does the global token (a sequence of length 1; there the softmax over a single key is
 identically 1, so each path reduces to its value projection).
 
-``ConcatFusion`` is the Table 3 (B) ablation: ``F = F_c + [LN(F_c) ; LN(F_d)] W_o``,
-the same output head without the attention paths.
+``ConcatFusion`` is the Table 3 (B) ablation: ``V_syn = F_c + F_mlp([LN(F_c) || LN(F_d)])``,
+the same two-layer GELU MLP and residual without the attention paths, so rows B and C
+differ only by the attention.
 """
 from __future__ import annotations
 
@@ -29,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CrossAttention", "ATFBlock", "ConcatFusion", "HSVSFusion"]
+__all__ = ["CrossAttention", "fusion_mlp", "ATFBlock", "ConcatFusion", "HSVSFusion"]
+
+
+def fusion_mlp(in_dim: int, dim: int) -> nn.Sequential:
+    """F_mlp of Eq. 5: Linear(in_dim, dim) -> GELU -> Linear(dim, dim)."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+def _norm(dim: int, ln: bool) -> nn.Module:
+    return nn.LayerNorm(dim) if ln else nn.Identity()
 
 
 class CrossAttention(nn.Module):
@@ -51,7 +61,7 @@ class CrossAttention(nn.Module):
         q = self.q(x_q).view(b, nq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x_kv).view(b, nk, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(x_kv).view(b, nk, self.heads, self.head_dim).transpose(1, 2)
-        # Eq. 3-4 (and Eq. 10): Softmax(Q K^T / sqrt(d_head)) V, per head
+        # Eq. 3 (and Eq. 10): Softmax(Q K^T / sqrt(d_head)) V, per head
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(b, nq, self.heads * self.head_dim)
 
@@ -59,35 +69,35 @@ class CrossAttention(nn.Module):
 class ATFBlock(nn.Module):
     """Dual-path cross-attention fusion of one CLIP/DINO token pair (Eq. 2-5)."""
 
-    def __init__(self, clip_dim: int, dino_dim: int, heads: int, residual: bool = True) -> None:
+    def __init__(self, clip_dim: int, dino_dim: int, heads: int, residual: bool = True, ln: bool = True) -> None:
         super().__init__()
         self.residual = residual
         self.c2d = CrossAttention(clip_dim, dino_dim, clip_dim, heads)  # Q_c, K_d, V_d (Eq. 2)
         self.d2c = CrossAttention(dino_dim, clip_dim, clip_dim, heads)  # Q_d, K_c, V_c (Eq. 2)
-        self.norm_c2d = nn.LayerNorm(clip_dim)
-        self.norm_d2c = nn.LayerNorm(clip_dim)
-        self.out = nn.Linear(2 * clip_dim, clip_dim)  # W_o of Eq. 5
+        self.norm_c2d = _norm(clip_dim, ln)  # LN of Eq. 4
+        self.norm_d2c = _norm(clip_dim, ln)
+        self.mlp = fusion_mlp(2 * clip_dim, clip_dim)  # F_mlp of Eq. 5
 
     def forward(self, f_c: torch.Tensor, f_d: torch.Tensor) -> torch.Tensor:
-        a_cd = self.c2d(f_c, f_d)  # Eq. 3
-        a_dc = self.d2c(f_d, f_c)  # Eq. 4
-        z_joint = torch.cat([self.norm_c2d(a_cd), self.norm_d2c(a_dc)], dim=-1)  # Eq. 5
-        fused = self.out(z_joint)
-        return f_c + fused if self.residual else fused
+        a_cd = self.c2d(f_c, f_d)  # Attn_{c->d}, Eq. 3
+        a_dc = self.d2c(f_d, f_c)  # Attn_{d->c}, Eq. 3
+        z_joint = torch.cat([self.norm_c2d(a_cd), self.norm_d2c(a_dc)], dim=-1)  # Eq. 4
+        fused = self.mlp(z_joint)
+        return f_c + fused if self.residual else fused  # Eq. 5
 
 
 class ConcatFusion(nn.Module):
-    """Table 3 (B): concatenate the normalised CLIP and DINO tokens and project to D_c."""
+    """Table 3 (B): the normalised CLIP and DINO tokens concatenated, then Eq. 5's MLP and residual."""
 
-    def __init__(self, clip_dim: int, dino_dim: int, residual: bool = True) -> None:
+    def __init__(self, clip_dim: int, dino_dim: int, residual: bool = True, ln: bool = True) -> None:
         super().__init__()
         self.residual = residual
-        self.norm_c = nn.LayerNorm(clip_dim)
-        self.norm_d = nn.LayerNorm(dino_dim)
-        self.out = nn.Linear(clip_dim + dino_dim, clip_dim)
+        self.norm_c = _norm(clip_dim, ln)
+        self.norm_d = _norm(dino_dim, ln)
+        self.mlp = fusion_mlp(clip_dim + dino_dim, clip_dim)
 
     def forward(self, f_c: torch.Tensor, f_d: torch.Tensor) -> torch.Tensor:
-        fused = self.out(torch.cat([self.norm_c(f_c), self.norm_d(f_d)], dim=-1))
+        fused = self.mlp(torch.cat([self.norm_c(f_c), self.norm_d(f_d)], dim=-1))
         return f_c + fused if self.residual else fused
 
 
@@ -99,7 +109,14 @@ class HSVSFusion(nn.Module):
     """
 
     def __init__(
-        self, mode: str, n_layers: int, clip_dim: int, dino_dim: int, heads: int, residual: bool = True
+        self,
+        mode: str,
+        n_layers: int,
+        clip_dim: int,
+        dino_dim: int,
+        heads: int,
+        residual: bool = True,
+        ln: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("atf", "concat", "none"):
@@ -113,8 +130,8 @@ class HSVSFusion(nn.Module):
 
         def make() -> nn.Module:
             if mode == "atf":
-                return ATFBlock(clip_dim, dino_dim, heads, residual)
-            return ConcatFusion(clip_dim, dino_dim, residual)
+                return ATFBlock(clip_dim, dino_dim, heads, residual, ln)
+            return ConcatFusion(clip_dim, dino_dim, residual, ln)
 
         self.layers = nn.ModuleList(make() for _ in range(n_layers))
         self.global_block = make()

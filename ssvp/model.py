@@ -179,12 +179,17 @@ def head_class(model_cfg: Any) -> type[nn.Module]:
 class SSVP(nn.Module):
     """Frozen ``Backbones`` + the trainable head (``head_class``); ``model(images, class_names) -> SSVPOutput``."""
 
-    def __init__(self, model_cfg: Any, device: str | torch.device | None = None) -> None:
+    def __init__(self, model_cfg: Any, device: str | torch.device | None = None, lazy: bool = False) -> None:
         super().__init__()
         from .backbones import Backbones
 
         self.model_cfg = model_cfg
-        self.backbones = Backbones(model_cfg, device=device)
+        if lazy:  # text tower now, vision towers on first need (a feature-cache miss): ssvp.lazy_backbones
+            from .lazy_backbones import LazyBackbones
+
+            self.backbones = LazyBackbones(model_cfg, device=device)
+        else:
+            self.backbones = Backbones(model_cfg, device=device)
         bb = self.backbones
         self.head = head_class(model_cfg)(model_cfg, bb.clip_dim, bb.dino_dim, bb.text)
         if device is not None:

@@ -1,31 +1,37 @@
-"""Vision-Conditioned Prompt Generator (VCPG): decoupled prompts, VAE latent, gated text update.
+"""Vision-Conditioned Prompt Generator (VCPG, §3.2): decoupled prompts, VAE latent, gated text update.
 
 Decoupled prompts (Eq. 6). For class word ``[cls]`` and state s in {normal, abnormal},
-prompt k in 1..P (P = ``model.n_prompts``)::
+prompt k in 1..P (P = ``model.n_prompts``, 3 per state as in §4.2)::
 
     p_{s,k} = [SOS] [V]bg_1 .. [V]bg_m  [V]state_{s,k,1} .. [V]state_{s,k,n}  [cls] . [EOS]
-    T_init[s, k] = E_text(p_{s,k})                                            (Eq. 6)
+    T_init[s, k] = T_clip(p_{s,k})                                            (Eq. 6)
 
 ``[V]bg`` (m = ``n_ctx_bg`` vectors) is one learnable context shared by every prompt;
 ``[V]state`` (n = ``n_ctx_state`` vectors) is learnable per state and prompt. The frozen
 CLIP text tower maps the embeddings to the joint space (gradients reach the contexts).
 
-VAE on the visual global feature V_global (Eq. 7-9)::
+VAE on the global synergistic feature V_global (Eq. 7-9)::
 
-    mu, log sigma^2 = Enc(V_global)                                           (Eq. 7)
-    z = mu + sigma * eps,  eps ~ N(0, I)    (training; z = mu in eval mode)   (Eq. 8)
-    V_hat = Dec(z);  L_VAE = ||V_global - V_hat||^2 + beta KL                 (Eq. 9, ssvp.losses)
+    mu = F_mu(V_global),  log sigma^2 = F_sigma(V_global)   two parallel MLPs (Eq. 7)
+    z = mu + eps (.) exp(log sigma^2 / 2),  eps ~ N(0, I)                       (Eq. 8)
+    V_hat = D_theta(z);  L_VAE = ||V_global - V_hat||^2 + beta KL             (Eq. 9, ssvp.losses)
+
+§3.2.2 uses "the sampled z" at inference too: in eval mode eps comes from a generator
+re-seeded with ``z_seed`` at every ``eval()``, so an evaluation is reproducible;
+``z_infer="mu"`` uses z = mu instead (an option).
 
 Text-latent cross-attention and gate (Eq. 10-11)::
 
-    H = Attn(Q = T_init W_q, K = Z W_k, V = Z W_v) W_o,  Z = tokens(z)        (Eq. 10)
-    T_final = LN(T_init + alpha * H),  alpha initialised to ``alpha_init`` (0) (Eq. 11)
+    Q_text = T_init W_Q,  K_z = Z W_K,  V_z = Z W_V
+    delta_inj = Softmax(Q_text K_z^T / sqrt(d_k)) V_z                         (Eq. 10)
+    T_final = LN(T_init + alpha * delta_inj),  alpha initialised to 0        (Eq. 11)
 
-``Z`` splits z into ``n_latent_tokens`` (4) tokens of width D_c by one linear map: over a
-single key the softmax would be identically 1 and every prompt would receive the same
-update, so several latent tokens let each prompt query weight them. With alpha = 0,
-T_final = LN(T_init) and the attention weights get exactly zero gradient until alpha
-moves (alpha itself gets a gradient from the first step).
+As written Z = z W_in is a single token (``n_latent_tokens=1``): the softmax over one key
+is 1, so delta_inj = V_z and every prompt of an image gets the same visual bias (W_Q and
+W_K then get no gradient). ``n_latent_tokens=n`` splits the projection into n tokens so
+each prompt weighs them (an option). ``ln=False`` drops the LayerNorm of Eq. 11
+(Algorithm 1 line 8 has none; ``model.ln_eq4_eq11``). With alpha = 0, T_final = LN(T_init)
+and only alpha gets a gradient from delta_inj at the first step.
 
 The margin loss (Eq. 12) keeps T_final near sg(T_init); see ``ssvp.losses``.
 """
@@ -152,43 +158,66 @@ class VCPG(nn.Module):
     """VAE over V_global + text-latent cross-attention + gate alpha + LayerNorm (Eq. 7-11)."""
 
     def __init__(
-        self, dim: int, latent_dim: int, heads: int, alpha_init: float = 0.0, n_latent_tokens: int = 4
+        self,
+        dim: int,
+        latent_dim: int,
+        heads: int,
+        alpha_init: float = 0.0,
+        n_latent_tokens: int = 1,
+        ln: bool = True,
+        z_infer: str = "sample",
+        z_seed: int = 0,
     ) -> None:
         super().__init__()
+        if z_infer not in ("sample", "mu"):
+            raise ValueError(f"model.z_infer must be sample or mu; got {z_infer!r}")
         hidden = dim
         self.n_latent_tokens = n_latent_tokens
-        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.GELU())  # Enc of Eq. 7
-        self.to_mu = nn.Linear(hidden, latent_dim)
-        self.to_logvar = nn.Linear(hidden, latent_dim)
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))  # Dec, Eq. 9
+        self.z_infer = z_infer
+        self.z_seed = int(z_seed)
+        # E_phi: two parallel MLPs F_mu and F_sigma (Eq. 7; hidden width D_c)
+        self.f_mu = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, latent_dim))
+        self.f_sigma = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))  # D_theta, Eq. 9
         self.latent_tokens = nn.Linear(latent_dim, n_latent_tokens * dim)  # Z = tokens(z)
-        self.cross = CrossAttention(dim, dim, dim, heads)  # Eq. 10
-        self.cross_out = nn.Linear(dim, dim)  # W_o of Eq. 10
+        self.cross = CrossAttention(dim, dim, dim, heads)  # W_Q, W_K, W_V of Eq. 10
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))  # Eq. 11 gate
-        self.norm = nn.LayerNorm(dim)  # Eq. 11
+        self.norm = nn.LayerNorm(dim) if ln else nn.Identity()  # Eq. 11
+        self._eval_gen: torch.Generator | None = None
+
+    def train(self, mode: bool = True) -> "VCPG":
+        super().train(mode)
+        if not mode:  # every evaluation pass draws the same eps sequence
+            self._eval_gen = torch.Generator().manual_seed(self.z_seed)
+        return self
 
     def encode(self, v_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(v_global)
-        mu = self.to_mu(h)  # Eq. 7
-        logvar = self.to_logvar(h).clamp(*_LOGVAR_RANGE)  # Eq. 7 (clamped for stability)
+        mu = self.f_mu(v_global)  # Eq. 7
+        logvar = self.f_sigma(v_global).clamp(*_LOGVAR_RANGE)  # Eq. 7 (clamped for stability)
         return mu, logvar
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if self.training:
+            eps = torch.randn_like(mu)
+        elif self.z_infer == "mu":
             return mu
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # Eq. 8
+        else:
+            if self._eval_gen is None:
+                self._eval_gen = torch.Generator().manual_seed(self.z_seed)
+            eps = torch.randn(mu.shape, generator=self._eval_gen).to(device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)  # Eq. 8
 
     def update_text(self, t_init: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """t_init [B, ..., D], z [B, latent] -> T_final, same shape as t_init (Eq. 10-11)."""
         b, d = t_init.shape[0], t_init.shape[-1]
         q = t_init.reshape(b, -1, d)
         mem = self.latent_tokens(z).view(b, self.n_latent_tokens, d)
-        h = self.cross_out(self.cross(q, mem))  # Eq. 10
-        return self.norm(q + self.alpha * h).view_as(t_init)  # Eq. 11
+        delta = self.cross(q, mem)  # delta_inj, Eq. 10
+        return self.norm(q + self.alpha * delta).view_as(t_init)  # Eq. 11
 
     def forward(self, v_global: torch.Tensor, t_init: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(v_global)
         z = self.reparameterize(mu, logvar)
-        recon = self.decoder(z)  # V_hat of Eq. 9
+        recon = self.decoder(z)  # D_theta(z) of Eq. 9
         t_final = self.update_text(t_init, z)
         return {"mu": mu, "logvar": logvar, "z": z, "recon": recon, "t_final": t_final}

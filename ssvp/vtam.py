@@ -1,34 +1,37 @@
-"""Visual-Text Anomaly Mapper (VTAM): per-layer maps, dual-gated fusion, calibrated image score.
+"""Visual-Text Anomaly Mapper (VTAM, §3.3): layer maps, AnomalyMoE dual gate, calibrated score.
 
-Per tapped layer l, each fused patch token f (and the global token) is compared with the
-normal / abnormal text embeddings t_n, t_a of its image:
+Per tapped layer l, each fused patch token V^(l)(h, w) is compared with the normal and
+abnormal text embeddings t_n, t_a of its image (unit vectors, see ``ssvp.model``):
 
-    s_k = cos(f, t_k) / tau,  k in {n, a}                                    (Eq. 13)
-    M_l = Softmax_k(s_k)  -> [normal, abnormal] probability per patch         (Eq. 14)
+    M^(l)_k(h, w) = cos(V^(l)(h, w), t_k),  k in {norm, anom}                        (Eq. 13)
+    P_anom^(l) = exp(M_anom / tau) / (exp(M_norm / tau) + exp(M_anom / tau))          (Eq. 14)
 
-Dual gate (AnomalyMoE-style):
+AnomalyMoE (Algorithm 2), as written:
 
-    w = Softmax_l(W_s V_global)                  global scale gate, sum_l w_l = 1   (Eq. 15)
-    G = Softmax_l(Conv1x1([M_1^a, ..., M_L^a]))  local spatial gate per pixel       (Eq. 16)
-    pi_l(p) = w_l G_l(p) / sum_k w_k G_k(p),  M = sum_l pi_l M_l                     (Eq. 17)
+    w_scale = Softmax(F_gate^global(V_global))       F_gate^global: Linear-GELU-Linear (Eq. 15)
+    M_spatial^(l) = sigmoid(F_gate^local(V^(l)))     F_gate^local: one 1x1 conv D -> 1,
+                                                     shared by the layers (Alg. 2 line 12) (Eq. 16)
+    P_map = sum_l w_scale[l] * (M_spatial^(l) (.) P_anom^(l))                        (Eq. 17)
 
-The two gates are combined multiplicatively and renormalised, so ``M`` stays a convex
-combination of per-layer probability maps (normal + abnormal = 1 at every pixel).
+Because M_spatial is in (0, 1) and not renormalised, P_map can fall below every layer map
+at a pixel: the gate suppresses background, as §3.3.2 says it should.
 
-Image score, in logit space so that BCE can be taken on sigma(S_final) (Eq. 21):
+Image score (§3.3.3):
 
-    S_global = (cos(V_global, t_a) - cos(V_global, t_n)) / tau
-             = logit of the Eq. 14 softmax applied to the global token
-    S_local  = logit(max_p M^a(p))                                           (Eq. 18, ``max``)
-    S_final  = (1 - gamma) S_global + gamma S_local                           (Eq. 19)
+    S_local  = max_{h,w} P_map(h, w)                     (Eq. 18, ``s_local="max"``)
+             | Mean_{h,w}(MaxPool_k(P_map))              (Alg. 1 line 10, ``"mean_maxpool"``)
+    S_global = <V_global, t_a> - <V_global, t_n>         (Eq. 19 inner product, ``s_global="inner"``)
+             | cos(V_global, t_a) - cos(V_global, t_n)   (Alg. 1 line 11, ``"cosine"``)
+    S_final  = (1 - gamma) S_global + gamma S_local                                   (Eq. 19)
 
-The paper contradicts itself on S_local: Eq. 18 takes the maximum of the fused map
-(``s_local="max"``, default, the main text), while Algorithm 1 averages spatial
-max-pooled maps; ``s_local="mean_maxpool"`` implements the latter as the mean over
-layers of each layer map's spatial max, ``logit(mean_l max_p M_l^a(p))``.
+Eq. 19 writes <V_global, T_final> for a T_final that holds both prompt banks; reading it
+as the abnormal-minus-normal similarity (the log-odds form of Eq. 14's two-state
+comparison) is this implementation's interpretation (docs/PAPER_MAP.md). For the inner
+product, t_n / t_a are the raw state embeddings (mean of the P prompts' T_final), for the
+cosine the unit ones. S_final is a logit: Eq. 21 takes sigma(S_final).
 
-With ``enabled=False`` (Table 3 ablation "VTAM off") there are no gates: the map is
-the plain mean of the layer maps and S_final = S_global.
+With ``enabled=False`` (Table 3 rows A-D, "VTAM off") there are no gates: P_map is the
+plain mean of the layer maps and S_final = S_global.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["state_probs", "prob_logit", "VTAM"]
+__all__ = ["state_probs", "prob_logit", "local_score", "global_score", "VTAM"]
 
 _EPS = 1e-6
 
@@ -61,6 +64,26 @@ def prob_logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+def local_score(p_map: torch.Tensor, mode: str = "max", kernel: int = 3) -> torch.Tensor:
+    """S_local of P_map [B, g, g]: ``max`` (Eq. 18) or ``mean_maxpool`` (Alg. 1 line 10)."""
+    if mode == "max":
+        return p_map.flatten(1).amax(dim=1)  # Eq. 18
+    if mode == "mean_maxpool":
+        pooled = F.max_pool2d(p_map[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)
+        return pooled[:, 0, : p_map.shape[-2], : p_map.shape[-1]].flatten(1).mean(dim=1)  # Alg. 1 line 10
+    raise ValueError(f"model.s_local must be max or mean_maxpool; got {mode!r}")
+
+
+def global_score(v_global: torch.Tensor, t_state: torch.Tensor, mode: str = "inner") -> torch.Tensor:
+    """S_global [B] from V_global [B, D] and state embeddings t_state [B, 2, D] (normal, abnormal)."""
+    if mode == "cosine":
+        v_global, t_state = F.normalize(v_global, dim=-1), F.normalize(t_state, dim=-1)
+    elif mode != "inner":
+        raise ValueError(f"model.s_global must be inner or cosine; got {mode!r}")
+    sim = torch.einsum("bd,bkd->bk", v_global, t_state)  # Eq. 19 <V_global, T_final> per state
+    return sim[:, 1] - sim[:, 0]
+
+
 class VTAM(nn.Module):
     def __init__(
         self,
@@ -70,26 +93,37 @@ class VTAM(nn.Module):
         gamma: float,
         s_local: str = "max",
         enabled: bool = True,
+        s_global: str = "inner",
+        s_local_kernel: int = 3,
     ) -> None:
         super().__init__()
         if s_local not in ("max", "mean_maxpool"):
             raise ValueError(f"model.s_local must be max or mean_maxpool; got {s_local!r}")
+        if s_global not in ("inner", "cosine"):
+            raise ValueError(f"model.s_global must be inner or cosine; got {s_global!r}")
         self.n_layers = n_layers
         self.tau = float(tau)
         self.gamma = float(gamma)
         self.s_local_mode = s_local
+        self.s_local_kernel = int(s_local_kernel)
+        self.s_global_mode = s_global
         self.enabled = enabled
         if enabled:
-            self.scale_gate = nn.Linear(clip_dim, n_layers)  # W_s of Eq. 15
-            self.spatial_gate = nn.Conv2d(n_layers, n_layers, kernel_size=1)  # Eq. 16
+            # F_gate^global of Eq. 15 (an MLP; hidden width D_c: the paper gives none)
+            self.scale_gate = nn.Sequential(nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, n_layers))
+            self.spatial_gate = nn.Conv2d(clip_dim, 1, kernel_size=1)  # F_gate^local of Eq. 16
 
-    def forward(self, patches: torch.Tensor, v_global: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """patches [B, L, N, D] (N = g*g), v_global [B, D], text [B, 2, D] (normal, abnormal).
+    def forward(
+        self, patches: torch.Tensor, v_global: torch.Tensor, text: torch.Tensor, t_state: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """patches [B, L, N, D] (N = g*g), v_global [B, D], text [B, 2, D] (normal, abnormal; the
+        maps use their directions), t_state [B, 2, D] raw state embeddings for the inner product of
+        Eq. 19 (default: ``text``).
 
-        Returns layer_maps [B, L, 2, g, g], map [B, 2, g, g], scale_weights [B, L],
-        spatial_weights [B, L, g, g], s_global / s_local / s_final [B].
+        Returns layer_maps [B, L, 2, g, g], map [B, 2, g, g] (channel 1 = P_map, channel 0 = 1 - P_map),
+        scale_weights [B, L], spatial_weights [B, L, g, g] (M_spatial), s_global / s_local / s_final [B].
         """
-        b, n_layers, n, _ = patches.shape
+        b, n_layers, n, d = patches.shape
         g = math.isqrt(n)
         if g * g != n:
             raise ValueError(f"patch count N={n} is not a square grid")
@@ -97,41 +131,28 @@ class VTAM(nn.Module):
             raise ValueError(f"VTAM built for {self.n_layers} layers, got {n_layers}")
         layer_maps = state_probs(patches, text, self.tau)  # [B, L, N, 2], Eq. 13-14
         layer_maps = layer_maps.permute(0, 1, 3, 2).reshape(b, n_layers, 2, g, g)
-
-        t = F.normalize(text, dim=-1)
-        v = F.normalize(v_global, dim=-1)
-        cos = torch.einsum("bd,bkd->bk", v, t)
-        s_global = (cos[:, 1] - cos[:, 0]) / self.tau  # logit of Eq. 14 on the global token
+        p_anom = layer_maps[:, :, 1]  # P_anom^(l), [B, L, g, g]
+        s_global = global_score(v_global, text if t_state is None else t_state, self.s_global_mode)
 
         if self.enabled:
-            scale_w = self.scale_gate(v_global).softmax(dim=-1)  # Eq. 15
-            spatial_w = self.spatial_gate(layer_maps[:, :, 1]).softmax(dim=1)  # Eq. 16
-            pi = scale_w[:, :, None, None] * spatial_w
-            pi = pi / pi.sum(dim=1, keepdim=True)  # Eq. 17
-            fused = (pi[:, :, None] * layer_maps).sum(dim=1)
-        else:
-            scale_w = layer_maps.new_full((b, n_layers), 1.0 / n_layers)
-            spatial_w = layer_maps.new_full((b, n_layers, g, g), 1.0 / n_layers)
-            fused = layer_maps.mean(dim=1)
-
-        s_local = self.local_score(fused, layer_maps)
-        if self.enabled:
+            scale_w = self.scale_gate(v_global).softmax(dim=-1)  # w_scale, Eq. 15
+            grid = patches.reshape(b * n_layers, g, g, d).permute(0, 3, 1, 2)  # V^(l) as [B*L, D, g, g]
+            spatial_w = torch.sigmoid(self.spatial_gate(grid)).view(b, n_layers, g, g)  # M_spatial, Eq. 16
+            p_map = (scale_w[:, :, None, None] * (spatial_w * p_anom)).sum(dim=1)  # Eq. 17
+            s_local = local_score(p_map, self.s_local_mode, self.s_local_kernel)  # Eq. 18
             s_final = (1.0 - self.gamma) * s_global + self.gamma * s_local  # Eq. 19
         else:
+            scale_w = p_anom.new_full((b, n_layers), 1.0 / n_layers)
+            spatial_w = p_anom.new_ones((b, n_layers, g, g))
+            p_map = p_anom.mean(dim=1)
+            s_local = local_score(p_map, self.s_local_mode, self.s_local_kernel)
             s_final = s_global
         return {
             "layer_maps": layer_maps,
-            "map": fused,
+            "map": torch.stack([1.0 - p_map, p_map], dim=1),
             "scale_weights": scale_w,
             "spatial_weights": spatial_w,
             "s_global": s_global,
             "s_local": s_local,
             "s_final": s_final,
         }
-
-    def local_score(self, fused: torch.Tensor, layer_maps: torch.Tensor) -> torch.Tensor:
-        if self.s_local_mode == "max":
-            peak = fused[:, 1].flatten(1).amax(dim=1)  # Eq. 18
-        else:
-            peak = layer_maps[:, :, 1].flatten(2).amax(dim=2).mean(dim=1)  # Algorithm 1 variant
-        return prob_logit(peak)

@@ -1,4 +1,4 @@
-"""HSVS (Eq. 2-5), VCPG (Eq. 7-11) and VTAM (Eq. 13-19) on small tensors, against hand computations."""
+"""HSVS (Eq. 2-5), VCPG (Eq. 7-11) and VTAM (Eq. 13-19, Alg. 2) on small tensors, against hand computations."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ssvp.hsvs import ATFBlock, ConcatFusion, HSVSFusion
 from ssvp.vcpg import VCPG
-from ssvp.vtam import VTAM, prob_logit, state_probs
+from ssvp.vtam import VTAM, global_score, local_score, state_probs
 
 
 @pytest.fixture(autouse=True)
@@ -25,16 +25,52 @@ def _manual_attn(x_q, x_kv, mod):
     return w @ v
 
 
+def _mlp(x, mlp):
+    """F_mlp of Eq. 5 by hand: W2 GELU(W1 x + b1) + b2."""
+    h = F.gelu(x @ mlp[0].weight.T + mlp[0].bias)
+    return h @ mlp[2].weight.T + mlp[2].bias
+
+
 def test_atf_matches_hand_computation():
     blk = ATFBlock(clip_dim=8, dino_dim=12, heads=1)
+    assert isinstance(blk.mlp[1], torch.nn.GELU) and blk.mlp[0].in_features == 16  # two-layer GELU MLP
     f_c, f_d = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
     a_cd = _manual_attn(f_c, f_d, blk.c2d)  # Eq. 3
-    a_dc = _manual_attn(f_d, f_c, blk.d2c)  # Eq. 4
-    z = torch.cat([F.layer_norm(a_cd, (8,)), F.layer_norm(a_dc, (8,))], -1)  # Eq. 5 (LN affine = identity at init)
-    expected = f_c + z @ blk.out.weight.T + blk.out.bias
+    a_dc = _manual_attn(f_d, f_c, blk.d2c)  # Eq. 3
+    z = torch.cat([F.layer_norm(a_cd, (8,)), F.layer_norm(a_dc, (8,))], -1)  # Eq. 4 (LN affine = identity at init)
+    expected = f_c + _mlp(z, blk.mlp)  # Eq. 5
     torch.testing.assert_close(blk(f_c, f_d), expected, rtol=1e-5, atol=1e-5)
     blk.residual = False
     torch.testing.assert_close(blk(f_c, f_d), expected - f_c, rtol=1e-5, atol=1e-5)
+
+
+def test_eq5_mlp_on_a_hand_computed_token():
+    """D_c = 1: Z_joint = [a, b]; F_mlp = w2 * GELU(w1 . z + b1) + b2, numbers by hand."""
+    blk = ATFBlock(clip_dim=1, dino_dim=1, heads=1, ln=False)
+    with torch.no_grad():
+        for lin in (blk.c2d.q, blk.c2d.k, blk.c2d.v, blk.d2c.q, blk.d2c.k, blk.d2c.v):
+            lin.weight.fill_(1.0)
+            lin.bias.zero_()
+        blk.mlp[0].weight.copy_(torch.tensor([[1.0, 2.0]]))
+        blk.mlp[0].bias.fill_(0.5)
+        blk.mlp[2].weight.fill_(3.0)
+        blk.mlp[2].bias.fill_(-1.0)
+    # one token each: the softmax over one key is 1, so Attn_{c->d} = f_d, Attn_{d->c} = f_c
+    out = blk(torch.tensor([[[2.0]]]), torch.tensor([[[0.25]]]))
+    h = 1.0 * 0.25 + 2.0 * 2.0 + 0.5  # 4.75
+    gelu = 0.5 * h * (1 + math.erf(h / math.sqrt(2)))
+    assert out.item() == pytest.approx(2.0 + 3.0 * gelu - 1.0, rel=1e-5)
+
+
+def test_ln_option_drops_the_eq4_layernorm():
+    """model.ln_eq4_eq11=false (Algorithm 1 line 5): Z_joint = [Attn_{c->d} || Attn_{d->c}]."""
+    blk = ATFBlock(clip_dim=8, dino_dim=12, heads=1, ln=False)
+    f_c, f_d = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    z = torch.cat([_manual_attn(f_c, f_d, blk.c2d), _manual_attn(f_d, f_c, blk.d2c)], -1)
+    torch.testing.assert_close(blk(f_c, f_d), f_c + _mlp(z, blk.mlp), rtol=1e-5, atol=1e-5)
+    with_ln = ATFBlock(clip_dim=8, dino_dim=12, heads=1, ln=True)
+    with_ln.load_state_dict(blk.state_dict(), strict=False)
+    assert (with_ln(f_c, f_d) - blk(f_c, f_d)).abs().max() > 1e-3
 
 
 def test_atf_single_token_reduces_to_value_projection():
@@ -57,7 +93,11 @@ def test_concat_fusion_matches_hand_computation():
     blk = ConcatFusion(clip_dim=8, dino_dim=12)
     f_c, f_d = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
     cat = torch.cat([F.layer_norm(f_c, (8,)), F.layer_norm(f_d, (12,))], -1)
-    torch.testing.assert_close(blk(f_c, f_d), f_c + cat @ blk.out.weight.T + blk.out.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blk(f_c, f_d), f_c + _mlp(cat, blk.mlp), rtol=1e-5, atol=1e-5)
+    # rows B and C of Table 3 differ only by the attention: the same MLP shape and residual
+    atf = ATFBlock(clip_dim=8, dino_dim=12, heads=1)
+    assert [type(m) for m in blk.mlp] == [type(m) for m in atf.mlp]
+    assert blk.mlp[2].weight.shape == atf.mlp[2].weight.shape
 
 
 def test_fusion_pairs_layers_one_to_one():
@@ -97,31 +137,62 @@ def test_alpha_zero_gives_layernorm_of_t_init():
     t_init = torch.randn(3, 2, 3, 16) * 5 + 2
     out = vc(torch.randn(3, 16), t_init)
     torch.testing.assert_close(out["t_final"], F.layer_norm(t_init, (16,)), rtol=1e-5, atol=1e-5)  # Eq. 11
+    no_ln = VCPG(dim=16, latent_dim=4, heads=2, alpha_init=0.0, ln=False)  # Algorithm 1 line 8
+    torch.testing.assert_close(no_ln(torch.randn(3, 16), t_init)["t_final"], t_init)
 
 
-def test_alpha_nonzero_adds_gated_cross_attention():
-    vc = VCPG(dim=16, latent_dim=4, heads=1, alpha_init=0.7).eval()
+def test_encoder_is_two_parallel_mlps():
+    """Eq. 7: mu = F_mu(V), log sigma^2 = F_sigma(V), no shared trunk."""
+    vc = VCPG(dim=8, latent_dim=3, heads=2)
+    v = torch.randn(4, 8)
+    mu, logvar = vc.encode(v)
+    torch.testing.assert_close(mu, _mlp(v, vc.f_mu))
+    torch.testing.assert_close(logvar, _mlp(v, vc.f_sigma).clamp(-10, 10))
+    with torch.no_grad():
+        for p in vc.f_sigma.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(vc.encode(v)[0], mu)  # F_sigma does not feed mu
+
+
+def test_eq10_single_latent_token_gives_every_prompt_v_z():
+    """As written (n_latent_tokens=1): one key, softmax = 1, delta_inj = Z W_V for every prompt."""
+    vc = VCPG(dim=16, latent_dim=4, heads=2, alpha_init=0.7, z_infer="mu").eval()
     t_init, v = torch.randn(2, 2, 3, 16), torch.randn(2, 16)
     out = vc(v, t_init)
-    z = out["z"]
-    torch.testing.assert_close(z, out["mu"])  # eval: z = mu
-    mem = vc.latent_tokens(z).view(2, vc.n_latent_tokens, 16)
+    torch.testing.assert_close(out["z"], out["mu"])  # z_infer=mu
+    v_z = vc.cross.v(vc.latent_tokens(out["z"]))  # [B, 16]
+    expected = F.layer_norm(t_init + 0.7 * v_z[:, None, None, :], (16,))  # Eq. 10-11
+    torch.testing.assert_close(out["t_final"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_nonzero_adds_gated_cross_attention_over_latent_tokens():
+    vc = VCPG(dim=16, latent_dim=4, heads=1, alpha_init=0.7, n_latent_tokens=4, z_infer="mu").eval()
+    t_init, v = torch.randn(2, 2, 3, 16), torch.randn(2, 16)
+    out = vc(v, t_init)
+    mem = vc.latent_tokens(out["z"]).view(2, 4, 16)
     q = t_init.reshape(2, 6, 16)
-    h = vc.cross_out(_manual_attn(q, mem, vc.cross))  # Eq. 10
+    h = _manual_attn(q, mem, vc.cross)  # Eq. 10
     expected = F.layer_norm(q + 0.7 * h, (16,)).view_as(t_init)  # Eq. 11
     torch.testing.assert_close(out["t_final"], expected, rtol=1e-5, atol=1e-5)
     assert (out["t_final"] - F.layer_norm(t_init, (16,))).abs().max() > 1e-3
 
 
-def test_reparameterization_uses_mu_plus_sigma_eps_in_training():
-    vc = VCPG(dim=8, latent_dim=5, heads=2).train()
+def test_reparameterization_samples_in_training_and_seeded_at_inference():
+    vc = VCPG(dim=8, latent_dim=5, heads=2, z_seed=7).train()
     mu, logvar = torch.randn(4, 5), torch.randn(4, 5)
     torch.manual_seed(123)
     z = vc.reparameterize(mu, logvar)
     torch.manual_seed(123)
     eps = torch.randn(4, 5)
     torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps)  # Eq. 8
+    # inference (§3.2.2 "the sampled z"): eps from a generator seeded with z_seed at eval()
     vc.eval()
+    z1 = vc.reparameterize(mu, logvar)
+    eps = torch.randn(4, 5, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z1, mu + torch.exp(0.5 * logvar) * eps)
+    vc.eval()  # a new evaluation pass draws the same eps again: reproducible
+    torch.testing.assert_close(vc.reparameterize(mu, logvar), z1)
+    vc.z_infer = "mu"  # the option
     assert torch.equal(vc.reparameterize(mu, logvar), mu)
 
 
@@ -130,9 +201,9 @@ def test_alpha_zero_blocks_attention_gradients_but_not_alpha():
     out = vc(torch.randn(2, 8), torch.randn(2, 2, 3, 8))
     (out["t_final"] * torch.randn_like(out["t_final"])).sum().backward()
     assert vc.alpha.grad is not None and vc.alpha.grad.abs() > 0
-    for mod in (vc.cross, vc.cross_out, vc.latent_tokens):
+    for mod in (vc.cross, vc.latent_tokens):
         for p in mod.parameters():
-            assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0
 
 
 # ----------------------------------------------------------------------------- VTAM
@@ -152,35 +223,57 @@ def _vtam_inputs(b=2, n_layers=3, g=4, d=8):
     return torch.randn(b, n_layers, g * g, d), torch.randn(b, d), torch.randn(b, 2, d)
 
 
-def test_gates_are_distributions_and_map_is_a_probability():
+def _set_gates(vt, scale_logits, conv_weight=None, conv_bias=0.0):
+    """Scale gate -> constant logits (last layer of F_gate^global), spatial gate -> given 1x1 conv."""
+    with torch.no_grad():
+        vt.scale_gate[2].weight.zero_()
+        vt.scale_gate[2].bias.copy_(torch.tensor(scale_logits))
+        vt.spatial_gate.weight.zero_()
+        if conv_weight is not None:
+            vt.spatial_gate.weight.copy_(torch.tensor(conv_weight).view_as(vt.spatial_gate.weight))
+        vt.spatial_gate.bias.fill_(conv_bias)
+
+
+def test_gates_as_written_eq15_17():
     vt = VTAM(n_layers=3, clip_dim=8, tau=0.07, gamma=0.5)
-    out = vt(*_vtam_inputs())
-    torch.testing.assert_close(out["scale_weights"].sum(-1), torch.ones(2))  # Eq. 15
-    torch.testing.assert_close(out["spatial_weights"].sum(1), torch.ones(2, 4, 4))  # Eq. 16
+    patches, v, text = _vtam_inputs()
+    out = vt(patches, v, text)
+    torch.testing.assert_close(out["scale_weights"].sum(-1), torch.ones(2))  # Eq. 15 softmax
+    assert isinstance(vt.scale_gate[1], torch.nn.GELU)  # F_gate^global is an MLP
+    # Eq. 16: M = sigmoid(conv1x1(V^(l))), one conv shared by the layers, on the fused features
+    grid = patches.view(2, 3, 4, 4, 8)
+    m = torch.sigmoid(grid @ vt.spatial_gate.weight.view(8) + vt.spatial_gate.bias)
+    torch.testing.assert_close(out["spatial_weights"], m, rtol=1e-5, atol=1e-6)
+    expected = (out["scale_weights"][:, :, None, None] * m * out["layer_maps"][:, :, 1]).sum(1)  # Eq. 17
+    torch.testing.assert_close(out["map"][:, 1], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["map"].sum(1), torch.ones(2, 4, 4))
     torch.testing.assert_close(out["layer_maps"].sum(2), torch.ones(2, 3, 4, 4))
-    assert out["map"].min() >= 0 and out["map"].max() <= 1
 
 
-def test_dual_gate_fusion_matches_hand_weights():
-    """Scale gate forced to (0.25, 0.75), spatial gate uniform -> M = 0.25 M_1 + 0.75 M_2 (Eq. 15-17)."""
-    vt = VTAM(n_layers=2, clip_dim=8, tau=0.1, gamma=0.5)
-    with torch.no_grad():
-        vt.scale_gate.weight.zero_()
-        vt.scale_gate.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
-        vt.spatial_gate.weight.zero_()
-        vt.spatial_gate.bias.zero_()
-    out = vt(*_vtam_inputs(n_layers=2))
-    torch.testing.assert_close(out["scale_weights"], torch.tensor([[0.25, 0.75]] * 2))
-    lm = out["layer_maps"]
-    torch.testing.assert_close(out["map"], 0.25 * lm[:, 0] + 0.75 * lm[:, 1])
-    # spatial gate alone: scale uniform, spatial weights favour layer 1 at every pixel by e^1 : 1
-    with torch.no_grad():
-        vt.scale_gate.bias.zero_()
-        vt.spatial_gate.bias.copy_(torch.tensor([1.0, 0.0]))
-    out = vt(*_vtam_inputs(n_layers=2))
-    w1 = math.e / (math.e + 1)
-    torch.testing.assert_close(out["map"], w1 * out["layer_maps"][:, 0] + (1 - w1) * out["layer_maps"][:, 1])
+def test_dual_gate_on_hand_computed_numbers():
+    """D=2, t_n=(1,0), t_a=(0,1), tau=1. Layer 1 token (1,0): P = 1/(1+e); layer 2 token (0,1): P = e/(1+e).
+    w_scale = (0.25, 0.75); conv weight (0, 2): M^(1) = sigmoid(0) = 0.5, M^(2) = sigmoid(2)."""
+    vt = VTAM(n_layers=2, clip_dim=2, tau=1.0, gamma=0.5)
+    _set_gates(vt, [0.0, math.log(3.0)], conv_weight=[0.0, 2.0])
+    patches = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [B=1, L=2, N=1, D=2]
+    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    out = vt(patches, torch.zeros(1, 2), text)
+    p1, p2 = 1 / (1 + math.e), math.e / (1 + math.e)
+    sig2 = 1 / (1 + math.exp(-2.0))
+    expected = 0.25 * 0.5 * p1 + 0.75 * sig2 * p2  # Eq. 17
+    assert out["map"][0, 1, 0, 0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_local_gate_can_push_the_map_below_every_layer_map():
+    """The gate of Eq. 16-17 is not renormalised: it suppresses a background pixel below all layer maps."""
+    vt = VTAM(n_layers=3, clip_dim=8, tau=1.0, gamma=0.5)  # tau = 1: every P_anom^(l) in [0.12, 0.88]
+    patches, v, text = _vtam_inputs()
+    _set_gates(vt, [0.0, 0.0, 0.0], conv_bias=-4.0)  # M = sigmoid(-4) ~ 0.018 everywhere
+    out = vt(patches, v, text)
+    lowest = out["layer_maps"][:, :, 1].amin(dim=1)
+    assert bool((out["map"][:, 1] < lowest).all())
+    # a convex mix of the layer maps (the old gate) could never do that
+    assert bool((out["layer_maps"][:, :, 1].mean(1) >= lowest).all())
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
@@ -189,24 +282,36 @@ def test_s_final_follows_eq19(gamma):
     patches, v, text = _vtam_inputs()
     out = vt(patches, v, text)
     torch.testing.assert_close(out["s_final"], (1 - gamma) * out["s_global"] + gamma * out["s_local"])
-    if gamma == 0.0:
-        torch.testing.assert_close(out["s_final"], out["s_global"])
     if gamma == 1.0:
         torch.testing.assert_close(out["s_final"], out["s_local"])
-    # S_global is the logit of the Eq. 14 softmax on the global token
-    p_global = state_probs(v[:, None], text, 0.07)[:, 0, 1]
-    torch.testing.assert_close(torch.sigmoid(out["s_global"]), p_global, rtol=1e-5, atol=1e-6)
 
 
-def test_s_local_modes():
-    patches, v, text = _vtam_inputs()
-    out = VTAM(3, 8, 0.07, 0.5, s_local="max")(patches, v, text)
-    torch.testing.assert_close(out["s_local"], prob_logit(out["map"][:, 1].flatten(1).amax(1)))  # Eq. 18
+def test_s_global_inner_product_and_cosine_by_hand():
+    """V = (3, 4), t_n = (1, 0), t_a = (0, 2): <V,t_a> - <V,t_n> = 8 - 3 = 5 (Eq. 19); cosine: 0.8 - 0.6 = 0.2."""
+    v, t = torch.tensor([[3.0, 4.0]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    assert global_score(v, t, "inner").item() == pytest.approx(5.0)
+    assert global_score(v, t, "cosine").item() == pytest.approx(0.2)
+    patches = torch.randn(1, 2, 4, 2)
+    inner = VTAM(2, 2, 0.07, 0.0, s_global="inner")(patches, v, t)
+    cosine = VTAM(2, 2, 0.07, 0.0, s_global="cosine")(patches, v, t)
+    assert inner["s_final"].item() == pytest.approx(5.0) and cosine["s_final"].item() == pytest.approx(0.2)
+    # raw state embeddings for the inner product, unit ones for the maps
+    sep = VTAM(2, 2, 0.07, 0.0)(patches, v, F.normalize(t, dim=-1), t_state=t)
+    assert sep["s_global"].item() == pytest.approx(5.0)
+
+
+def test_s_local_max_and_mean_maxpool_by_hand():
+    """One hot pixel (value 1) at (1, 1) of a 4x4 map: max = 1 (Eq. 18); a 3x3 max-pool lights 9 cells,
+    their mean is 9/16 (Algorithm 1 line 10 taken literally)."""
+    p = torch.zeros(1, 4, 4)
+    p[0, 1, 1] = 1.0
+    assert local_score(p, "max").item() == 1.0
+    assert local_score(p, "mean_maxpool", 3).item() == pytest.approx(9 / 16)
+    p[0, 1, 1], p[0, 3, 3] = 0.0, 0.5  # corner: 2x2 window inside the map -> 4 cells at 0.5
+    assert local_score(p, "mean_maxpool", 3).item() == pytest.approx(4 * 0.5 / 16)
     vt = VTAM(3, 8, 0.07, 0.5, s_local="mean_maxpool")
-    out = vt(patches, v, text)
-    per_layer_max = out["layer_maps"][:, :, 1].flatten(2).amax(2)  # [B, L]
-    torch.testing.assert_close(out["s_local"], prob_logit(per_layer_max.mean(1)))  # Algorithm 1
-    torch.testing.assert_close(prob_logit(torch.tensor([0.5, 0.8])), torch.tensor([0.0, math.log(4.0)]))
+    out = vt(*_vtam_inputs())
+    torch.testing.assert_close(out["s_local"], local_score(out["map"][:, 1], "mean_maxpool", 3))
     with pytest.raises(ValueError, match="s_local"):
         VTAM(3, 8, 0.07, 0.5, s_local="mean")
 
@@ -215,7 +320,7 @@ def test_vtam_off_is_plain_mean_and_global_score():
     vt = VTAM(n_layers=3, clip_dim=8, tau=0.07, gamma=0.5, enabled=False)
     assert sum(p.numel() for p in vt.parameters()) == 0
     out = vt(*_vtam_inputs())
-    torch.testing.assert_close(out["map"], out["layer_maps"].mean(1))
+    torch.testing.assert_close(out["map"][:, 1], out["layer_maps"][:, :, 1].mean(1))
     torch.testing.assert_close(out["s_final"], out["s_global"])
     torch.testing.assert_close(out["scale_weights"], torch.full((2, 3), 1 / 3))
 

@@ -39,17 +39,30 @@ def test_bce_on_sigmoid_of_s_final():
     assert bce_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_vae_against_hand_values_and_target_is_data():
+def test_bce_without_sigma_is_algorithm3():
+    """l_class_sigma=false: BCE(S_final, y) on the score itself: S = 0.7, y = 1 -> -ln 0.7 (vs -ln sigma(0.7))."""
+    s, y = torch.tensor([0.7]), torch.tensor([1])
+    assert bce_loss(s, y, sigma=False).item() == pytest.approx(-math.log(0.7), rel=1e-6)
+    assert bce_loss(s, y, sigma=True).item() == pytest.approx(math.log(1 + math.exp(-0.7)), rel=1e-6)
+
+
+def test_vae_sum_as_written_and_mean_option():
     recon = torch.tensor([[1.0, 2.0]], requires_grad=True)
     target = torch.tensor([[0.0, 0.0]], requires_grad=True)
     mu = torch.tensor([[1.0, 0.0]])
     logvar = torch.tensor([[0.0, math.log(2.0)]])
-    loss, rec, kl = vae_loss(recon, target, mu, logvar, beta=0.1)
-    assert rec.item() == pytest.approx(2.5)  # (1 + 4) / 2
-    # per dim: 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) = 0.5 and 0.5 (2 - 1 - ln 2)
-    kl_expected = (0.5 + 0.5 * (1 - math.log(2.0))) / 2
-    assert kl.item() == pytest.approx(kl_expected, rel=1e-6)
-    assert loss.item() == pytest.approx(2.5 + 0.1 * kl_expected, rel=1e-6)  # Eq. 9
+    # per dim KL: 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) = 0.5 and 0.5 (2 - 1 - ln 2)
+    kl_sum = 0.5 + 0.5 * (1 - math.log(2.0))
+    loss, rec, kl = vae_loss(recon, target, mu, logvar, beta=0.1)  # Eq. 9 as written: sums
+    assert rec.item() == pytest.approx(5.0)  # ||(1, 2)||^2
+    assert kl.item() == pytest.approx(kl_sum, rel=1e-6)
+    assert loss.item() == pytest.approx(5.0 + 0.1 * kl_sum, rel=1e-6)
+    # batch of two identical rows: the sums are per image, averaged over the batch
+    two = vae_loss(recon.repeat(2, 1), target.repeat(2, 1), mu.repeat(2, 1), logvar.repeat(2, 1), 0.1)
+    assert two[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    loss_m, rec_m, kl_m = vae_loss(recon, target, mu, logvar, beta=0.1, reduction="mean")  # the option
+    assert rec_m.item() == pytest.approx(2.5) and kl_m.item() == pytest.approx(kl_sum / 2, rel=1e-6)
+    assert loss_m.item() == pytest.approx(2.5 + 0.1 * kl_sum / 2, rel=1e-6)
     loss.backward()
     assert target.grad is None and recon.grad is not None
     # standard normal posterior: KL = 0
@@ -92,7 +105,7 @@ def _fake_output(b=2, h=4, with_vae=True):
 
 
 def test_total_loss_is_eq22():
-    cfg = Config.tiny(lambda1=0.7, lambda2=0.3, beta=0.05, xi=0.5, focal_lambda=2.0).model
+    cfg = Config.tiny(lambda1=0.7, lambda2=0.3, beta=0.05, xi=0.5, focal_lambda=2.0, l_seg_on="p_map").model
     out = _fake_output()
     masks = (torch.rand(2, 4, 4) > 0.7).float()
     labels = torch.tensor([1, 0])
@@ -108,6 +121,20 @@ def test_total_loss_is_eq22():
     assert float(parts["total"]) == pytest.approx(loss.item())
     loss.backward()
     assert out.anomaly_map.grad is not None and out.score_logit.grad is not None
+
+
+def test_l_seg_on_every_layer_as_written_or_on_p_map():
+    """Eq. 20 on each P_anom^(l) (mean over layers) by default; l_seg_on=p_map: on P_map (Alg. 3)."""
+    out = _fake_output()
+    layers = torch.rand(2, 3, 4, 4)
+    out.aux["layer_maps"] = torch.stack([1 - layers, layers], dim=2)
+    masks, labels = (torch.rand(2, 4, 4) > 0.7).float(), torch.tensor([1, 0])
+    per_layer = sum(focal_loss(layers[:, i], masks, 2.0) for i in range(3)) / 3
+    _, parts = total_loss(out, masks, labels, Config.tiny().model)
+    assert float(parts["focal"]) == pytest.approx(per_layer.item(), rel=1e-6)
+    _, parts = total_loss(out, masks, labels, Config.tiny(l_seg_on="p_map").model)
+    assert float(parts["focal"]) == pytest.approx(focal_loss(out.anomaly_map, masks, 2.0).item(), rel=1e-6)
+    assert abs(per_layer.item() - focal_loss(out.anomaly_map, masks, 2.0).item()) > 1e-3
 
 
 def test_total_loss_without_vcpg_has_no_vae_or_margin():

@@ -174,15 +174,24 @@ def test_trainable_parameter_groups(model):
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in model.head.parameters())
 
 
-def test_eval_is_deterministic_and_train_samples_z(model, feats):
+def test_eval_samples_a_seeded_z_and_train_samples_z(model, feats):
+    """Eq. 8 / §3.2.2: inference uses a sampled z; eps is re-seeded at every eval(), so an evaluation
+    pass is reproducible. z_infer=mu (the option) gives z = mu."""
     head = model.head
     head.eval()
-    a, b = head(feats, NAMES, SIZE), head(feats, NAMES, SIZE)
-    torch.testing.assert_close(a.aux["z"], a.aux["mu"])
+    a = head(feats, NAMES, SIZE)
+    assert (a.aux["z"] - a.aux["mu"]).abs().max() > 0
+    head.eval()
+    b = head(feats, NAMES, SIZE)
     torch.testing.assert_close(a.score_logit, b.score_logit)
+    torch.testing.assert_close(a.aux["z"], b.aux["z"])
     head.train()
     c = head(feats, NAMES, SIZE)
     assert (c.aux["z"] - c.aux["mu"]).abs().max() > 0
+    _, mu_head = _variant_head(model, z_infer="mu")
+    mu_head.eval()
+    d = mu_head(feats, NAMES, SIZE)
+    torch.testing.assert_close(d.aux["z"], d.aux["mu"])
 
 
 def _variant_head(model, **overrides):
@@ -202,6 +211,8 @@ def _variant_head(model, **overrides):
         {"vtam": False},
         {"fusion": "none", "vcpg": False, "vtam": False},
         {"s_local": "mean_maxpool", "gamma": 1.0},
+        {"s_global": "cosine", "ln_eq4_eq11": False, "l_class_sigma": False},
+        {"l_seg_on": "p_map", "vae_reduction": "mean", "n_latent_tokens": 4},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -250,6 +261,15 @@ def _grid_mean(out):
     tau = Config.tiny().model.tau
     p = state_probs(patches, text, tau)  # [B, L, N, 2]
     return p.mean(1).permute(0, 2, 1).reshape(p.shape[0], 2, g, g)
+
+
+def test_score_is_sigma_of_s_final_or_the_clamped_score(model, feats):
+    cfg, head = _variant_head(model)
+    out = head(feats, NAMES, SIZE)
+    torch.testing.assert_close(out.score, torch.sigmoid(out.score_logit))  # Eq. 21
+    cfg, head = _variant_head(model, l_class_sigma=False)
+    out = head(feats, NAMES, SIZE)
+    torch.testing.assert_close(out.score, out.score_logit.clamp(0, 1))  # Alg. 3
 
 
 def test_fusion_none_never_needs_dino(cfg):
