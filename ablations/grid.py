@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1,
                    help="Ray Train restarts of a failing trial's worker group before it counts as failed (default 1)")
     p.add_argument("--dry-run", action="store_true", help="check the grid and print its trials; start nothing")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the sweep the grid runs (tuning.settings.SweepConfig as YAML); start nothing")
     p.add_argument("--quiet", action="store_true", help="no live Tune progress table")
     return p
 
@@ -379,6 +381,9 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         check_resume(run)
     if args.dry_run:
         return print_dry_run(run)
+    if args.print_config:
+        print(grid_sweep(run, args, run.out / "grid.yaml").to_yaml(), end="", flush=True)
+        return {"dry_run": True}
     ensure_synthetic(run.base)
     from tuning.runner import run_trials
 

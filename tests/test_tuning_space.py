@@ -148,25 +148,20 @@ def test_shipped_sweep_configs_validate(name, tmp_path, monkeypatch):
         assert sweep.resources.use_gpu is True and sweep.resources.workers_per_trial == 1
 
 
-def test_sweep_config_errors_name_file_and_key(tmp_path):
+@pytest.mark.parametrize("text, error, match", [
+    ("search: {algorithm: optuna, num_sample: 3}", "config", r"bad.yaml: search: unknown key\(s\) \['num_sample'\]"),
+    ("spaces: {}", "config", r"unknown key\(s\) \['spaces'\]"),
+    # values are checked once, at load, naming the file and the section
+    ("search: {algorithm: random}", "config", r"bad.yaml: search: algorithm must be 'optuna' or 'grid'"),
+    ("target_eval: some", "config", r"bad.yaml: target_eval: must be best, all or none"),
+    ("search: {points_to_evaluate: [{gamma: 0.5}]}", "space", r"points_to_evaluate\[0\] key 'gamma' is not a searched key"),
+])
+def test_sweep_config_errors_name_file_and_key(tmp_path, text, error, match):
     from tuning.settings import SweepConfigError, load_sweep
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nsearch: {algorithm: optuna, num_sample: 3}\n")
-    with pytest.raises(SweepConfigError, match=r"bad.yaml: search: unknown key\(s\) \['num_sample'\]"):
-        load_sweep(bad)
-    bad.write_text("name: x\nspaces: {}\n")
-    with pytest.raises(SweepConfigError, match=r"unknown key\(s\) \['spaces'\]"):
-        load_sweep(bad)
-    # values are checked once, at load, naming the file and the section
-    bad.write_text("name: x\nsearch: {algorithm: random}\n")
-    with pytest.raises(SweepConfigError, match=r"bad.yaml: search: algorithm must be 'optuna' or 'grid'"):
-        load_sweep(bad)
-    bad.write_text("name: x\ntarget_eval: some\n")
-    with pytest.raises(SweepConfigError, match=r"bad.yaml: target_eval: must be best, all or none"):
-        load_sweep(bad)
-    bad.write_text("name: x\nbase: {preset: tiny}\nsearch: {points_to_evaluate: [{gamma: 0.5}]}\n")
-    with pytest.raises(SpaceError, match=r"points_to_evaluate\[0\] key 'gamma' is not a searched key"):
+    bad.write_text(f"name: x\n{text}\n")
+    with pytest.raises(SweepConfigError if error == "config" else SpaceError, match=match):
         load_sweep(bad)
 
 
