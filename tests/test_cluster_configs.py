@@ -127,6 +127,9 @@ def test_mlflow_servers_ask_for_a_login_and_bind_only_where_needed():
     assert params["backend_store_uri"] == "sqlite:////home/ray/mlflow/mlflow.db"
     assert "-v /home/ubuntu/mlflow:/home/ray/mlflow" in cfg["docker"]["head_run_options"]  # on the head's disk
     assert "MLFLOW_AUTH_ADMIN_PASSWORD=\"$MLFLOW_TRACKING_PASSWORD\"" in head_cmds
+    # the basic-auth app needs mlflow[auth] (Flask-WTF) and a CSRF key, both provided
+    assert '"mlflow[auth]==' in " ".join(cfg["setup_commands"]) and '"mlflow[auth]==' in (CLUSTER / "Dockerfile").read_text()
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=CHANGE-ME" in (CLUSTER / "secrets.env.example").read_text()
     ini = (CLUSTER / "mlflow-auth.ini").read_text()
     assert "admin_username = admin" in ini and "admin_password" not in ini
     assert "MLFLOW_AUTH_CONFIG_PATH=/home/ray/ssvp/cluster/mlflow-auth.ini" in head_cmds
@@ -142,6 +145,7 @@ def test_mlflow_servers_ask_for_a_login_and_bind_only_where_needed():
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == "postgresql://mlflow:$(POSTGRES_PASSWORD)@mlflow-db:5432/mlflow"
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "ssvp-secrets", "key": "POSTGRES_PASSWORD"}
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ssvp-secrets"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "ssvp-secrets"
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
     assert policies["mlflow-from-namespace"]["spec"]["podSelector"]["matchLabels"] == {"app": "mlflow"}
     assert policies["mlflow-db-from-mlflow"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app": "mlflow"}
