@@ -1,10 +1,4 @@
-"""``ssvp`` command line: train, eval, predict, make-synthetic.
-
-    ssvp make-synthetic --out data/synthetic
-    ssvp train --config configs/tiny.yaml --set gamma=0.3 --out runs/ssvp
-    ssvp eval --checkpoint runs/ssvp/checkpoints/best --out runs/ssvp/eval.json
-    ssvp predict --checkpoint runs/ssvp/checkpoints/best --input photos/ --class-name tire --out preds/
-"""
+"""``ssvp`` command line: train, eval, predict, make-synthetic (examples: ``ssvp --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -74,19 +68,75 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+class EpochPrinter:
+    """``on_epoch`` callback of ``fit``: one console line per epoch with the training losses, the
+    validation metrics and the best objective so far (reads the metrics only: no RNG, no state)."""
+
+    VAL = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "P-AUPRO"))
+
+    def __init__(self, epochs: int, stream=None):
+        import time
+
+        self.epochs = epochs
+        self.stream = stream or sys.stdout
+        self.best: tuple[float, int] | None = None
+        self.clock = time.monotonic
+        self.start = self.clock()
+
+    def __call__(self, epoch: int, metrics: dict, checkpoint: str | None) -> None:
+        import math
+
+        now = self.clock()
+        parts = [f"epoch {epoch:>{len(str(self.epochs))}}/{self.epochs}"]
+        if isinstance(metrics.get("train_loss"), float):
+            loss = f"loss {metrics['train_loss']:.4f}"
+            terms = [f"{k[len('train_'):]} {v:.4f}" for k, v in metrics.items()
+                     if k.startswith("train_") and k not in ("train_loss", "train_total") and isinstance(v, float)]
+            parts.append(loss + (f" ({', '.join(terms)})" if terms else ""))
+        val = [f"{title} {metrics['val_' + k]:.4f}" for k, title in self.VAL
+               if isinstance(metrics.get("val_" + k), float) and math.isfinite(metrics["val_" + k])]
+        obj = metrics.get("val_objective")
+        if isinstance(obj, float) and math.isfinite(obj):
+            val.append(f"objective {obj:.4f}")
+            if self.best is None or obj > self.best[0]:
+                self.best = (obj, epoch)
+        if val:
+            parts.append("val " + ", ".join(val))
+        if self.best is not None:
+            parts.append(f"best {self.best[0]:.4f} @ epoch {self.best[1]}" + (" *" if self.best[1] == epoch else ""))
+        parts.append(f"{now - self.start:.1f}s")
+        self.start = now
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def _print_config(cfg: Config) -> int:
+    import yaml
+
+    print(f"# resolved ssvp config (ssvp {_version()})")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import evaluate, fit
 
     cfg = _config(args)
+    if args.print_config:
+        return _print_config(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
-    result = fit(cfg, checkpoint_dir=out / "checkpoints", resume_from=args.resume)
+    result = fit(cfg, checkpoint_dir=out / "checkpoints", resume_from=args.resume,
+                 on_epoch=EpochPrinter(cfg.train.epochs))
     (out / "history.json").write_text(json.dumps(result.history, indent=2))
-    print(f"best epoch {result.best_epoch}: " + ", ".join(
-        f"{k}={v:.4f}" for k, v in result.best_metrics.items() if k.startswith("val_") and isinstance(v, float)
-    ))
-    print(f"checkpoints: {out / 'checkpoints' / 'best'} (best), {out / 'checkpoints' / 'last'} (last)")
+    if cfg.train.protocol == "paper":  # §4.1-4.2: all source classes, the last epoch is the model
+        print(f"protocol paper: trained on all source classes; the model is the last epoch ({result.best_epoch})")
+        print(f"checkpoints: {out / 'checkpoints' / 'last'} (= {out / 'checkpoints' / 'best'})")
+    else:
+        print(f"protocol select: best epoch {result.best_epoch}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in result.best_metrics.items() if k.startswith("val_") and isinstance(v, float)
+        ))
+        print(f"checkpoints: {out / 'checkpoints' / 'best'} (best), {out / 'checkpoints' / 'last'} (last)")
     if not args.no_eval:
         results = evaluate(cfg, out / "checkpoints" / "best")
         for target, report in results.items():
@@ -100,6 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
     cfg = _config(args)
+    if args.print_config:
+        return _print_config(cfg)
     results = evaluate(cfg, args.checkpoint, datasets=args.targets or None)
     for target, report in results.items():
         print(f"\n## {target}\n{_metric_table(report)}")
@@ -109,11 +161,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds(args: argparse.Namespace) -> tuple[float | None, float | None, str]:
+    """(image threshold, pixel threshold, where they come from): the flags, else the validation
+    F1-max thresholds stored with the checkpoint (``ssvp.thresholds``), else none."""
+    stored: dict = {}
+    try:
+        from .engine import load_checkpoint
+
+        stored = dict(load_checkpoint(args.checkpoint).get("thresholds") or {})
+    except Exception as exc:  # noqa: BLE001 - the model load reports a bad checkpoint itself
+        logging.getLogger("ssvp.cli").debug("no stored thresholds: %s", exc)
+    image, pixel = args.threshold, args.pixel_threshold
+    if image is not None:
+        source = "--threshold"
+    elif stored.get("image") is not None:
+        image = float(stored["image"])
+        source = (f"validation F1-max on the source validation classes "
+                  f"({', '.join(stored.get('classes') or []) or '?'}; epoch {stored.get('epoch', '?')})")
+    else:
+        source = "none: this checkpoint stores no validation threshold (pass --threshold)"
+    if pixel is None:
+        pixel = stored.get("pixel") if stored.get("pixel") is not None else image
+    return image, (None if pixel is None else float(pixel)), source
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import load_image
     from .engine import predict_paths
-    from .viz import save_overlay
+    from .metrics import smooth_maps
+    from .viz import find_mask, save_overlay, save_panel
 
     cfg = _config(args)
+    if args.print_config:
+        return _print_config(cfg)
     src = Path(args.input)
     if src.is_file():
         paths = [src]
@@ -123,55 +205,148 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--input {src} is neither an image file nor a folder")
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
+    if args.masks and not Path(args.masks).is_dir():
+        raise FileNotFoundError(f"--masks {args.masks} is not a folder")
+    threshold, pixel_threshold, source = _thresholds(args)
+    print(f"threshold: {'%.4f' % threshold if threshold is not None else 'none'} ({source})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = predict_paths(cfg, args.checkpoint, paths, args.class_name)
+    n_anomalous = 0
     with (out / "scores.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "score", "overlay"])
-        for i, r in enumerate(results):
+        writer.writerow(["path", "score", "label", "threshold", "width", "height", "mask", "overlay", "panel"])
+        for r in results:
             rel = Path(r["path"]).relative_to(src) if src.is_dir() else Path(Path(r["path"]).name)
-            overlay = out / rel.with_suffix(".overlay.png")
-            save_overlay(r["image"], r["map"], overlay, title=f"score {r['score']:.3f}")
-            writer.writerow([r["path"], f"{r['score']:.6f}", str(overlay)])
-            print(f"{r['score']:.4f}  {r['path']}")
-    print(f"scores: {out / 'scores.csv'}; overlays under {out}")
+            photo = load_image(r["path"])  # the photo at its own size: outputs keep its size and aspect
+            amap = r["map"]
+            if cfg.data.smoothing_sigma > 0:  # as for the pixel metrics and the validation threshold
+                amap = np.asarray(smooth_maps(amap[None], cfg.data.smoothing_sigma))[0]
+            label = "" if threshold is None else ("anomalous" if r["score"] >= threshold else "normal")
+            n_anomalous += label == "anomalous"
+            mask = find_mask(r["path"], args.masks, src if src.is_dir() else src.parent)
+            overlay = save_overlay(photo, amap, out / rel.with_suffix(".overlay.png"))
+            panel = out / rel.with_suffix(".panel.png")
+            if not args.no_panel:
+                save_panel(photo, amap, panel, score=r["score"], threshold=threshold, pixel_threshold=pixel_threshold,
+                           mask=mask, title=f"{r['path']}  (class '{args.class_name}')")
+            writer.writerow([r["path"], f"{r['score']:.6f}", label,
+                             "" if threshold is None else f"{threshold:.6f}", photo.shape[-1], photo.shape[-2],
+                             str(mask or ""), str(overlay), "" if args.no_panel else str(panel)])
+            print(f"{r['score']:.4f}  {label or '-':9s}  {r['path']}")
+    summary = f"{len(results)} image(s)"
+    if threshold is not None:
+        summary += f", {n_anomalous} anomalous at threshold {threshold:.4f}"
+    print(f"{summary}; scores: {out / 'scores.csv'}; overlays and panels under {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssvp", description="SSVP zero-shot anomaly detection")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    try:
+        from importlib.metadata import version
 
-    p = sub.add_parser("make-synthetic", help="generate the built-in synthetic benchmark (MVTec-AD layout)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+        return version("ssvp-platform")
+    except Exception:  # noqa: BLE001 - not installed: the source tree's version
+        from . import __version__
+
+        return __version__
+
+
+EPILOG = """examples:
+  ssvp make-synthetic --out data/synthetic
+  ssvp train --config configs/tiny.yaml --out runs/tiny
+  ssvp train --config configs/tiny.yaml --set gamma=0.3 --set vcpg=false --print-config
+  ssvp eval --checkpoint runs/tiny/checkpoints/best --out runs/tiny/eval.csv
+  ssvp predict --checkpoint runs/tiny/checkpoints/best --input photos/ --class-name tire --out preds/
+
+Run 'ssvp COMMAND --help' for the options of a command."""
+
+SET_HELP = "override one config key, e.g. --set gamma=0.3 or --set train.epochs=5 (repeatable; KEY or SECTION.KEY)"
+PRINT_CONFIG_HELP = "print the resolved config (file + checkpoint + --set) as YAML and exit without running"
+
+
+def _command(sub, name: str, help: str, description: str, examples: str):
+    import textwrap
+
+    return sub.add_parser(name, help=help, description=textwrap.fill(description, 88), epilog="examples:\n" + examples,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssvp", description="SSVP zero-shot industrial anomaly detection (frozen CLIP + DINOv3, learned heads)",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and library messages (INFO level)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "make-synthetic", "generate the built-in synthetic benchmark (MVTec-AD layout)",
+                 "Write the built-in synthetic benchmark: two visual domains (domain_a, domain_b) of "
+                 "several classes each, with pixel masks, in the MVTec-AD folder layout.",
+                 "  ssvp make-synthetic --out data/synthetic\n  ssvp make-synthetic --out /tmp/syn --seed 3")
+    p.add_argument("--out", required=True, help="folder to write the benchmark into (created)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default: 0)")
     p.set_defaults(func=cmd_make_synthetic)
 
-    p = sub.add_parser("train", help="train the SSVP heads on the source dataset")
-    p.add_argument("--config", help="YAML/JSON config (preset: tiny for the tiny backbones)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
-    p.add_argument("--out", default="runs/ssvp", help="output folder (config, checkpoints, history, eval)")
-    p.add_argument("--resume", help="checkpoint directory to continue from")
+    p = _command(sub, "train", "train the SSVP heads on the source dataset",
+                 "Train the SSVP heads on data.source, select the best epoch on held-out source classes "
+                 "(one line per epoch), then evaluate it on data.targets.",
+                 "  ssvp train --config configs/tiny.yaml --out runs/tiny\n"
+                 "  ssvp train --config configs/paper.yaml --set train.epochs=5 --out runs/paper\n"
+                 "  ssvp train --config configs/tiny.yaml --print-config\n"
+                 "  ssvp train --config configs/tiny.yaml --resume runs/tiny/checkpoints/last --out runs/tiny")
+    p.add_argument("--config", help="YAML/JSON config file (default: the built-in paper config; "
+                                    "'preset: tiny' in the file selects the tiny backbones)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--out", default="runs/ssvp", help="output folder for config.yaml, checkpoints/{best,last}, "
+                                                      "history.json and eval.json (default: runs/ssvp)")
+    p.add_argument("--resume", metavar="CHECKPOINT_DIR", help="checkpoint directory to continue from (e.g. OUT/checkpoints/last)")
     p.add_argument("--no-eval", action="store_true", help="skip the target evaluation after training")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the target datasets")
-    p.add_argument("--checkpoint", required=True)
+    p = _command(sub, "eval", "evaluate a checkpoint on the target datasets",
+                 "Evaluate a checkpoint on the target datasets: per-class and mean I-AUROC, I-F1max, I-AP, "
+                 "P-AUROC, P-AUPRO, P-AP.",
+                 "  ssvp eval --checkpoint runs/tiny/checkpoints/best\n"
+                 "  ssvp eval --checkpoint runs/tiny/checkpoints/best --targets mvtec:/data/mvtec_ad --out eval.csv")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (holds head.pt and config.json)")
     p.add_argument("--config", help="config file (default: the one stored with the checkpoint)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--targets", nargs="*", help="FORMAT:ROOT datasets (default: data.targets)")
-    p.add_argument("--out", help="write results to .json or .csv")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--targets", nargs="*", metavar="FORMAT:ROOT",
+                   help="datasets to evaluate on, e.g. mvtec:/data/mvtec_ad visa:/data/VisA (default: data.targets)")
+    p.add_argument("--out", metavar="FILE", help="also write the results to FILE (.json, or .csv: one row per class)")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="score images and write anomaly-map overlays")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--input", required=True, help="an image or a folder of images")
-    p.add_argument("--class-name", required=True, help="object class word used in the prompts")
-    p.add_argument("--out", default="predictions")
+    p = _command(sub, "predict", "score images and write anomaly-map overlays, panels and labels",
+                 "Score images with a checkpoint. Writes OUT/scores.csv (path, score, label, threshold, size, "
+                 "files) and, per image, <name>.overlay.png (heatmap over the photo, at the photo's size) and "
+                 "<name>.panel.png (image | ground truth where a mask exists | heatmap with colour bar | "
+                 "predicted mask). The label threshold is --threshold, else the validation F1-max threshold "
+                 "stored with the checkpoint.",
+                 "  ssvp predict --checkpoint runs/tiny/checkpoints/best --input photos/ --class-name tire\n"
+                 "  ssvp predict --checkpoint CKPT --input mvtec/tire/test --class-name tire --threshold 0.62 --out preds/")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (holds head.pt and config.json)")
+    p.add_argument("--config", help="config file (default: the one stored with the checkpoint)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--input", required=True, metavar="PATH", help="an image file or a folder of images (searched recursively)")
+    p.add_argument("--class-name", required=True, metavar="WORD", help="object class word used in the prompts (e.g. tire, bottle)")
+    p.add_argument("--out", default="predictions", metavar="DIR", help="output folder for scores.csv, overlays and panels "
+                                                        "(default: predictions)")
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="image-score threshold: score >= T is labelled anomalous (default: the validation "
+                        "threshold stored with the checkpoint)")
+    p.add_argument("--pixel-threshold", type=float, metavar="T",
+                   help="anomaly-map threshold of the predicted mask (default: the stored validation pixel "
+                        "threshold, else the image threshold)")
+    p.add_argument("--masks", metavar="DIR",
+                   help="ground-truth masks mirroring --input (NAME_mask.png or NAME.png); default: found "
+                        "automatically in the MVTec-AD layout (CLASS/ground_truth/DEFECT/NAME_mask.png)")
+    p.add_argument("--no-panel", action="store_true", help="write only the overlays, no panels")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_predict)
     return parser
 

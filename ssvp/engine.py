@@ -467,8 +467,9 @@ def fit(
         metrics = {k: v / max(1, n_steps) for k, v in sums.items()}
         metrics["epoch"] = epoch + 1
         metrics["lr_prompt"] = optimizer.param_groups[0]["lr"]
+        val_thresholds: dict = {}
         if val_ds is not None and len(val_ds):
-            report = evaluate_dataset(cfg, model, val_ds, device, features)
+            report = evaluate_dataset(cfg, model, val_ds, device, features, thresholds=val_thresholds)
             for k, v in report["mean"].items():
                 if isinstance(v, (int, float)):
                     metrics[f"val_{k}"] = float(v)
@@ -482,7 +483,8 @@ def fit(
 
         ckpt_path = None
         if checkpoint_dir is not None and rank == 0:
-            extra = {"history": result.history, "best_epoch": result.best_epoch, "best_metrics": result.best_metrics}
+            extra = {"history": result.history, "best_epoch": result.best_epoch, "best_metrics": result.best_metrics,
+                     "thresholds": dict(val_thresholds, epoch=epoch + 1)}  # for `ssvp predict`
             ckpt_path = save_checkpoint(Path(checkpoint_dir) / "last", cfg, model, optimizer, scheduler, epoch, extra)
             if improved:
                 best = Path(checkpoint_dir) / "best"
@@ -544,10 +546,17 @@ def predict_dataset(cfg: Config, model, ds: Dataset, device: torch.device, featu
     }
 
 
-def evaluate_dataset(cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource) -> dict:
+def evaluate_dataset(cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource,
+                     thresholds: dict | None = None) -> dict:
+    """Metrics report of ``ds``; ``thresholds``, when given, receives the F1-max decision thresholds
+    (``ssvp.thresholds.validation_thresholds``) that ``ssvp predict`` labels images with."""
     from .metrics import evaluate_predictions
 
     preds = predict_dataset(cfg, model, ds, device, features)
+    if thresholds is not None:
+        from .thresholds import validation_thresholds
+
+        thresholds.update(validation_thresholds(preds, cfg.data.smoothing_sigma))
     return evaluate_predictions(
         {c: {k: v for k, v in p.items() if k != "paths"} for c, p in preds.items()},
         smoothing_sigma=cfg.data.smoothing_sigma,

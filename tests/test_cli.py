@@ -29,6 +29,9 @@ def test_train_eval_predict(tmp_path, synthetic_root):
     proc = ssvp("train", "--config", str(cfg_file), "--set", "gamma=0.4", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best epoch" in proc.stdout and "mean" in proc.stdout
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" | ")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]  # tiny preset too
+    assert all("loss " in line and "val I-AUROC" in line and "best " in line for line in epoch_lines)
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(0.0 <= h["val_image_auroc"] <= 1.0 for h in history)
@@ -58,9 +61,36 @@ def test_train_eval_predict(tmp_path, synthetic_root):
     scores = list(csv.DictReader((pred / "scores.csv").open()))
     n_images = len(list(images.rglob("*.png")))
     assert len(scores) == n_images
-    overlay = Image.open(scores[0]["overlay"])
-    assert overlay.width == 2 * overlay.height - 2 * 14 or overlay.width > overlay.height
-    assert all(0.0 <= float(r["score"]) <= 1.0 for r in scores)
+    # the validation F1-max threshold stored with the checkpoint labels every image
+    stored = state["thresholds"]
+    assert stored["image"] is not None and stored["classes"] and "validation F1-max" in proc.stdout
+    for r in scores:
+        assert 0.0 <= float(r["score"]) <= 1.0
+        assert float(r["threshold"]) == pytest.approx(stored["image"], abs=1e-6)
+        assert r["label"] == ("anomalous" if float(r["score"]) >= stored["image"] else "normal")
+        photo = Image.open(r["path"])
+        assert Image.open(r["overlay"]).size == photo.size == (int(r["width"]), int(r["height"]))
+        assert Image.open(r["panel"]).height > photo.height
+        assert bool(r["mask"]) == ("/good/" not in r["path"])  # MVTec layout: masks found for defects
+
+    # real photos with masks (MVTec 3D-AD tire, 300 x 400 portrait): full-size outputs, given threshold
+    from conftest import TIRE
+
+    tire = TIRE / "tire" / "test"
+    if tire.is_dir():
+        out = tmp_path / "tire_pred"
+        proc = ssvp("predict", "--checkpoint", str(best), "--input", str(tire / "cut"), "--class-name", "tire",
+                    "--threshold", "0.3", "--pixel-threshold", "0.5", "--out", str(out), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = list(csv.DictReader((out / "scores.csv").open()))
+        assert len(rows) == len(list((tire / "cut").glob("*.png"))) and "(--threshold)" in proc.stdout
+        for r in rows:
+            assert (int(r["width"]), int(r["height"])) == Image.open(r["path"]).size == (300, 400)
+            assert Image.open(r["overlay"]).size == (300, 400)
+            assert r["label"] == ("anomalous" if float(r["score"]) >= 0.3 else "normal")
+            assert r["mask"].endswith("_mask.png")
+            panel = Image.open(r["panel"])
+            assert 4 * 300 < panel.width < 4 * 300 + 250 and 400 < panel.height < 400 + 150  # 4 tiles
 
 
 def test_resume_continues_from_checkpoint(tmp_path, synthetic_root):
@@ -92,3 +122,27 @@ def test_nan_loss_stops_with_step(tmp_path, synthetic_root):
 def test_cli_reports_bad_config_value(tmp_path):
     proc = ssvp("train", "--set", "gamma=3", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert proc.returncode == 2 and "model.gamma" in proc.stderr
+
+
+def test_cli_help_version_and_print_config(tmp_path, synthetic_root):
+    proc = ssvp("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "examples:" in proc.stdout and "--version" in proc.stdout
+    proc = ssvp("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("ssvp ")
+    proc = ssvp("train", "--help", cwd=tmp_path)
+    assert "--print-config" in proc.stdout and "examples:" in proc.stdout
+    out = tmp_path / "never"
+    proc = ssvp("train", "--config", str(_tiny_file(tmp_path, synthetic_root)),
+                "--set", "gamma=0.3", "--set", "train.epochs=7", "--print-config", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["gamma"] == 0.3 and cfg["train"]["epochs"] == 7 and cfg["model"]["clip_model"] == "tiny"
+    assert not out.exists()  # printed, nothing run
+
+
+def _tiny_file(tmp_path, root):
+    f = tmp_path / "tiny.yaml"
+    f.write_text(f"preset: tiny\ndata: {{source: 'synthetic:{root}/domain_a', targets: ['synthetic:{root}/domain_b']}}\n")
+    return f
