@@ -44,7 +44,7 @@ __all__ = [
     "ENV_TRACKING_URI", "ENV_STORAGE", "ENV_FEATURE_CACHE", "ENV_DATA_ROOT", "ENV_LAUNCH_DIR",
     "ENV_GIT_COMMIT", "ENV_GIT_DIRTY", "PathError", "Choice", "choose", "is_uri", "launch_dir",
     "ray_temp_reason", "resolve_local", "resolve_location", "resolve_tracking_uri", "data_root",
-    "resolve_dataset", "resolve_config_paths", "git_state", "runtime_env",
+    "resolve_data_path", "apply_flags", "resolve_dataset", "resolve_config_paths", "git_state", "runtime_env",
 ]
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -195,6 +195,23 @@ def _under_data_root(value: str, root: Path | None, what: str, environ) -> str:
         return str(Path(root, *parts[1:]))
     return str(resolve_local(value, what=what, origin="config", flag="--data-root", env=ENV_DATA_ROOT,
                              environ=environ))
+
+
+def resolve_data_path(value: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Path:
+    """A local data folder (e.g. the synthetic benchmark's ``data/synthetic``) by the same rule as
+    dataset roots: ``data/X`` under the data root, other relative paths against the launch directory."""
+    return Path(_under_data_root(str(value), data_root(None, environ), f"data folder {str(value)!r}", environ))
+
+
+def apply_flags(data_root_flag: str | None = None, feature_cache_flag: str | None = None) -> None:
+    """Put ``--data-root`` / ``--feature-cache`` (made absolute against the launch directory) into
+    this process's ``SSVP_DATA_ROOT`` / ``SSVP_FEATURE_CACHE``, where every later resolution finds them:
+    a flag wins over the environment it replaces, and the environment over the config."""
+    for value, flag, env in ((data_root_flag, "--data-root", ENV_DATA_ROOT),
+                             (feature_cache_flag, "--feature-cache", ENV_FEATURE_CACHE)):
+        if value:
+            os.environ[env] = str(resolve_local(value, what=flag.lstrip("-").replace("-", " "), origin=flag,
+                                                flag=flag, env=env))
 
 
 def resolve_dataset(spec: str, root: Path | None, environ: Mapping[str, str] | None = None) -> str:

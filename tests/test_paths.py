@@ -125,6 +125,24 @@ def test_dataset_roots_resolve_under_the_data_root(tmp_path):
     assert out.train.feature_cache == "/flag/fc"
     out = resolve_config_paths(cfg, environ={**env, "SSVP_FEATURE_CACHE": "/env/fc"})
     assert out.train.feature_cache == "/env/fc"
+    from ssvp.paths import resolve_data_path
+
+    assert resolve_data_path("data/synthetic", env) == Path("/data/synthetic")
+    assert resolve_data_path("elsewhere/synthetic", env) == tmp_path / "elsewhere" / "synthetic"
+
+
+def test_flags_go_into_the_environment_absolute(tmp_path, monkeypatch):
+    from ssvp.paths import apply_flags
+
+    monkeypatch.setenv("SSVP_LAUNCH_DIR", str(tmp_path))
+    monkeypatch.setenv("SSVP_DATA_ROOT", "/env/data")
+    monkeypatch.delenv("SSVP_FEATURE_CACHE", raising=False)
+    apply_flags(None, "fc")
+    import os
+
+    assert os.environ["SSVP_DATA_ROOT"] == "/env/data" and os.environ["SSVP_FEATURE_CACHE"] == str(tmp_path / "fc")
+    apply_flags("/flag/data", None)
+    assert os.environ["SSVP_DATA_ROOT"] == "/flag/data"
 
 
 def _git(repo: Path, *args: str) -> str:
