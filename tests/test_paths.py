@@ -136,8 +136,8 @@ def test_flags_go_into_the_environment_absolute(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SSVP_LAUNCH_DIR", str(tmp_path))
     monkeypatch.setenv("SSVP_DATA_ROOT", "/env/data")
-    monkeypatch.delenv("SSVP_FEATURE_CACHE", raising=False)
-    apply_flags(None, "fc")
+    monkeypatch.setenv("SSVP_FEATURE_CACHE", "")  # recorded, so the flag's value is undone after the test
+    apply_flags(None, "fc")  # only flags given are applied
     import os
 
     assert os.environ["SSVP_DATA_ROOT"] == "/env/data" and os.environ["SSVP_FEATURE_CACHE"] == str(tmp_path / "fc")
