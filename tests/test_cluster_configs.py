@@ -567,3 +567,41 @@ def test_ray_up_sync_with_the_configs_excludes_keeps_every_package_importable(tm
     broken = tmp_path / "broken"
     _rsync_copy(broken, ["data"])
     assert not (broken / "ssvp" / "data").exists()
+
+
+# ----------------------------------------------------------------------------- cluster/README.md
+def _readme_commands() -> list[str]:
+    """Every shell command of cluster/README.md's code blocks, continuation lines joined."""
+    text = (CLUSTER / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    out = []
+    for b in blocks:
+        joined = re.sub(r"\\\n\s*", " ", b)
+        out += [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return out
+
+
+def test_readme_submits_with_the_captured_commit_and_flags_the_launchers_accept():
+    from ablations import grid as grid_cli
+    from tuning import sweep as sweep_cli
+
+    cmds = _readme_commands()
+    submits = [c for c in cmds if c.startswith("ray job submit")]
+    assert len(submits) >= 5
+    for c in submits:
+        assert "--working-dir ." in c
+        assert '--runtime-env-json "$(python -m ssvp.paths runtime-env)"' in c or '--runtime-env-json "$ENV_JSON"' in c, c
+        argv = shlex.split(c.split(" -- ", 1)[1].split("#")[0])
+        assert argv[0] == "python" and (REPO / argv[1]).is_file(), c
+        parser = sweep_cli.build_parser() if argv[1] == "tuning/sweep.py" else grid_cli.build_parser()
+        args = parser.parse_args(argv[2:])
+        assert (REPO / (args.config if argv[1] == "tuning/sweep.py" else args.grid)).is_file()
+        # locations come from the environment; an --out is absolute on a cluster (relative one machine only)
+        assert args.storage_path is None and args.tracking_uri is None, c
+    one_machine = [c for c in cmds if c.startswith("ENV_JSON=")]
+    assert one_machine and all(k in one_machine[0] for k in (
+        "MLFLOW_TRACKING_URI=", "SSVP_STORAGE_PATH=", "SSVP_DATA_ROOT=", "SSVP_FEATURE_CACHE="))
+    starts = [c for c in cmds if c.startswith("ray start --head")]
+    assert starts and all("--node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1" in c for c in starts)
+    assert any(c.startswith("kubectl -n ssvp create secret generic ssvp-secrets --from-env-file=cluster/secrets.env")
+               for c in cmds)
