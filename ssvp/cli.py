@@ -191,7 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import load_image
     from .engine import predict_paths
     from .metrics import smooth_maps
-    from .viz import find_mask, save_overlay, save_panel
+    from .viz import find_mask, known_good, save_overlay, save_panel
 
     cfg = _config(args)
     if args.print_config:
@@ -225,11 +225,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             label = "" if threshold is None else ("anomalous" if r["score"] >= threshold else "normal")
             n_anomalous += label == "anomalous"
             mask = find_mask(r["path"], args.masks, src if src.is_dir() else src.parent)
+            truth = mask if mask is not None else (np.zeros(photo.shape[-2:], bool) if known_good(r["path"]) else None)
             overlay = save_overlay(photo, amap, out / rel.with_suffix(".overlay.png"))
             panel = out / rel.with_suffix(".panel.png")
             if not args.no_panel:
                 save_panel(photo, amap, panel, score=r["score"], threshold=threshold, pixel_threshold=pixel_threshold,
-                           mask=mask, title=f"{r['path']}  (class '{args.class_name}')")
+                           mask=truth, title=f"{r['path']}  (class '{args.class_name}')")
             writer.writerow([r["path"], f"{r['score']:.6f}", label,
                              "" if threshold is None else f"{threshold:.6f}", photo.shape[-1], photo.shape[-2],
                              str(mask or ""), str(overlay), "" if args.no_panel else str(panel)])

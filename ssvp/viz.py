@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 PANEL_MAX_SIDE = 1024  # panel tiles larger than this are scaled down (aspect kept); overlays never
+PANEL_MIN_SIDE = 256  # smaller photos are scaled up in the panel so that its text stays legible
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -77,6 +78,12 @@ def save_overlay(image: Any, amap: np.ndarray, path: str | Path, alpha: float = 
     return path
 
 
+def known_good(image_path: str | Path) -> bool:
+    """An image of the MVTec-AD layout's ``test/good`` folder: its ground truth is empty."""
+    p = Path(image_path)
+    return p.parent.name == "good" and p.parent.parent.name == "test"
+
+
 def find_mask(image_path: str | Path, masks_dir: str | Path | None = None,
               input_root: str | Path | None = None) -> Path | None:
     """The ground-truth mask of an image, or None.
@@ -122,11 +129,14 @@ def colour_bar(height: int, width: int, font, marks: dict[str, float] | None = N
     img.paste(Image.fromarray(heat_colors(values)), (2, pad))
     draw = ImageDraw.Draw(img)
     draw.rectangle([2, pad, 2 + bar_w - 1, pad + inner - 1], outline="black")
+    text_h = _text_size(draw, "0.00", font)[1]
+    mark_ys = [pad + round((1 - float(np.clip(v, 0, 1))) * (inner - 1))
+               for v in (marks or {}).values() if v is not None and np.isfinite(v)]
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = pad + round((1 - v) * (inner - 1))
         draw.line([2 + bar_w, y, 2 + bar_w + 4, y], fill="black")
-        th = _text_size(draw, f"{v:.2f}", font)[1]
-        draw.text((bar_w + 8, y - th // 2 - 1), f"{v:.2f}", fill="black", font=font)
+        if all(abs(y - my) > text_h + 3 for my in mark_ys):  # a mark's label wins over a tick's
+            draw.text((bar_w + 8, y - text_h // 2 - 1), f"{v:.2f}", fill="black", font=font)
     for label, v in (marks or {}).items():
         if v is None or not np.isfinite(v):
             continue
@@ -169,6 +179,7 @@ def render_panel(
     mask: np.ndarray | str | Path | None = None,
     title: str = "",
     max_side: int = PANEL_MAX_SIDE,
+    min_side: int = PANEL_MIN_SIDE,
 ) -> tuple[Image.Image, dict[str, tuple[int, int, int, int]]]:
     """``image | ground truth | heatmap + colour bar | predicted mask`` as one picture, and the
     box (x0, y0, x1, y1) of each tile by kind: ``image``, ``truth``, ``map``, ``pred``.
@@ -180,10 +191,10 @@ def render_panel(
     """
     rgb = _rgb_array(image)
     h, w = rgb.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
+    scale = min(1.0, max_side / max(h, w)) if max(h, w) >= min_side else min_side / max(h, w)
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     base_img = Image.fromarray((rgb * 255).astype(np.uint8))
-    if scale < 1.0:
+    if scale != 1.0:
         base_img = base_img.resize((tw, th), Image.BILINEAR)
     base = np.asarray(base_img, dtype=np.float32)
     amap_t = resize_map(amap, (tw, th))
@@ -201,10 +212,10 @@ def render_panel(
         tiles.append(("truth", "Ground truth" if m.any() else "Ground truth (no defect)",
                       _mask_tile(base, m, (0, 200, 0))))
     heat = Image.fromarray((0.5 * base + 0.5 * heat_colors(amap_t)).astype(np.uint8))
-    tiles.append(("map", f"Anomaly map (max {float(np.max(amap_t)):.2f})", heat))
+    tiles.append(("map", "Anomaly map", heat))
     if px_t is not None:
         pred = amap_t >= px_t
-        tiles.append(("pred", f"Predicted mask (map >= {px_t:.2f})", _mask_tile(base, pred, (255, 40, 40))))
+        tiles.append(("pred", f"Predicted mask (>= {px_t:.2f})", _mask_tile(base, pred, (255, 40, 40))))
 
     font_px = max(12, min(28, round(th / 22)))
     font = _font(font_px)
@@ -214,11 +225,15 @@ def render_panel(
     head_h = font_px + 2 * gap
     label = None if threshold is None else ("anomalous" if score >= threshold else "normal")
     lines = [f"score {score:.4f}" + (f"  ->  {label.upper()}  (threshold {threshold:.4f})" if label else
-                                      "  (no threshold: no label)")]
+                                      "  (no threshold: no label)") + f"  |  map max {float(np.max(amap_t)):.2f}"]
     if title:
         lines.append(title)
     foot_h = (font_px + 6) * len(lines) + gap
-    width = len(tiles) * tw + (len(tiles) - 1) * gap + gap + bar.width + 2 * gap
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_font = {name: next((f for f in (font, small, _font(10)) if _text_size(probe, name, f)[0] <= tw),
+                             _font(10)) for _, name, _ in tiles}
+    text_w = max(_text_size(probe, line, font if i == 0 else small)[0] for i, line in enumerate(lines)) + 2 * gap
+    width = max(len(tiles) * tw + (len(tiles) - 1) * gap + gap + bar.width + 2 * gap, text_w)
     canvas = Image.new("RGB", (width, head_h + th + foot_h), "white")
     draw = ImageDraw.Draw(canvas)
     x = gap
@@ -226,8 +241,8 @@ def render_panel(
     for kind, name, tile in tiles:
         canvas.paste(tile, (x, head_h))
         boxes[kind] = (x, head_h, x + tw, head_h + th)
-        tw_text = _text_size(draw, name, font)[0]
-        draw.text((x + max(0, (tw - tw_text) // 2), gap), name, fill="black", font=font)
+        tw_text = _text_size(draw, name, title_font[name])[0]
+        draw.text((x + max(0, (tw - tw_text) // 2), gap), name, fill="black", font=title_font[name])
         if kind == "map":
             canvas.paste(bar, (x + tw + gap // 2, head_h))
             x += bar.width + gap // 2
@@ -237,4 +252,4 @@ def render_panel(
         colour = ("firebrick" if label == "anomalous" else "darkgreen" if label else "black") if i == 0 else "dimgray"
         draw.text((gap, y), line, fill=colour, font=font if i == 0 else small)
         y += font_px + 6
-    return canvas.crop((0, 0, x, canvas.height)), boxes
+    return canvas.crop((0, 0, max(x, text_w), canvas.height)), boxes
