@@ -49,3 +49,26 @@ def test_local_and_s3_storage_behave_alike(s3, tmp_path, monkeypatch):
 
     keys = s3_keys(s3["AWS_ENDPOINT_URL"], "ssvp-test", "query-endpoint/")
     assert "query-endpoint/exp/t1/placement/rank0.json" in keys
+
+
+def test_remote_path_acts_like_a_path(s3, monkeypatch):
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    root = storage.storage_path("s3://ssvp-test/rp")
+    assert isinstance(root, storage.RemotePath) and str(root / "a" / "b.json") == "s3://ssvp-test/rp/a/b.json"
+    f = root / "exp" / "ssvp_sweep.json"
+    assert not f.exists() and not f.is_file()
+    (root / "exp").mkdir(parents=True, exist_ok=True)
+    f.write_text("{}")
+    assert f.read_text() == "{}" and f.is_file() and (root / "exp").is_dir()
+    assert f.name == "ssvp_sweep.json" and str(f.parent) == "s3://ssvp-test/rp/exp"
+    assert [p.name for p in root.iterdir()] == ["exp"] and root.stat().st_mtime >= 0
+    with pytest.raises(FileNotFoundError):
+        (root / "missing.json").read_text()
+    with storage.local_copy(root / "exp") as local:
+        assert (local / "ssvp_sweep.json").read_text() == "{}"
+    assert not local.exists()  # the temporary download is gone
+    assert storage.as_uri("ssvp-test/rp/x/checkpoint_1", "s3://ssvp-test/rp?endpoint_override=h:1") == \
+        "s3://ssvp-test/rp/x/checkpoint_1?endpoint_override=h:1"
+    assert storage.as_uri("/mnt/x", "/mnt") == "/mnt/x"
+    assert isinstance(storage.storage_path("/mnt/x"), type(storage.Path("/")))

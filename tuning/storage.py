@@ -9,14 +9,16 @@ platform writes beside Ray's (placement records, target reports, sweep state) go
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ssvp.paths import is_uri
 
 __all__ = ["join", "is_remote", "filesystem", "write_text", "read_text", "exists", "is_dir", "list_dirs",
-           "download", "local_path"]
+           "download", "local_path", "as_uri", "RemotePath", "storage_path", "local_copy"]
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -123,3 +125,107 @@ def download(uri: str | os.PathLike, dest: str | os.PathLike) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
+
+
+def as_uri(path: str | os.PathLike, like: str | os.PathLike | None) -> str:
+    """A path Ray reports inside a remote filesystem (``bucket/ray/x/checkpoint_...``, no scheme) as a
+    URI of the same store as ``like`` (scheme and endpoint query); local paths and URIs unchanged."""
+    path = str(path)
+    if like is None or not is_remote(like) or is_uri(path):
+        return path
+    scheme = str(like).split("://", 1)[0]
+    _, sep, query = str(like).partition("?")
+    return f"{scheme}://{path.lstrip('/')}" + (sep + query if sep else "")
+
+
+class _Stat:
+    def __init__(self, mtime: float):
+        self.st_mtime = mtime
+
+
+class RemotePath:
+    """The part of ``pathlib.Path`` the platform uses, on an object store URI (see :func:`storage_path`)."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+
+    def __truediv__(self, part: str | os.PathLike) -> "RemotePath":
+        return RemotePath(join(self.uri, str(part)))
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.uri!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    @property
+    def name(self) -> str:
+        return self.uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "RemotePath":
+        head, sep, query = self.uri.partition("?")
+        return RemotePath(head.rstrip("/").rsplit("/", 1)[0] + (sep + query if sep else ""))
+
+    def exists(self) -> bool:
+        return exists(self.uri)
+
+    def is_dir(self) -> bool:
+        return is_dir(self.uri)
+
+    def is_file(self) -> bool:
+        return exists(self.uri) and not is_dir(self.uri)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        fs, path = filesystem(self.uri)
+        fs.create_dir(path, recursive=True)
+
+    def read_text(self) -> str:
+        text = read_text(self.uri)
+        if text is None:
+            raise FileNotFoundError(self.uri)
+        return text
+
+    def write_text(self, text: str) -> int:
+        write_text(self.uri, text)
+        return len(text)
+
+    def iterdir(self):
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(self.uri)
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            yield self / info.base_name
+
+    def stat(self) -> _Stat:
+        fs, path = filesystem(self.uri)
+        info = fs.get_file_info(path)
+        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        if info.type.name == "Directory" and not mtime:  # object stores keep no folder times: newest entry
+            mtime = max((c.stat().st_mtime for c in self.iterdir() if not c.is_dir()), default=0.0)
+        return _Stat(mtime)
+
+
+def storage_path(uri: str | os.PathLike) -> "Path | RemotePath":
+    """``Path`` for a local folder, :class:`RemotePath` for an object-store URI: the same calls on both."""
+    return RemotePath(str(uri)) if is_remote(uri) else Path(str(uri).removeprefix("file://")).expanduser()
+
+
+@contextlib.contextmanager
+def local_copy(path: "str | os.PathLike | RemotePath"):
+    """A local folder or file with the content of ``path``: itself when local, a temporary download otherwise."""
+    if not is_remote(str(path)):
+        yield Path(str(path).removeprefix("file://"))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="ssvp-storage-"))
+    try:
+        name = RemotePath(str(path)).name or "item"
+        yield download(str(path), tmp / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
