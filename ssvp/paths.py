@@ -227,7 +227,19 @@ def resolve_config_paths(cfg, *, data_root_flag: str | None = None, feature_cach
     """A copy of ``cfg`` (``ssvp.config.Config``) whose dataset roots, feature cache and local
     weight paths are absolute, chosen by the module's rule. Trials run in their own working
     directories, on other machines of a cluster too, so relative paths would point nowhere there."""
-    root = data_root(data_root_flag, environ)
+    try:  # the data root matters only for data/... paths; a refused default must not fail the others
+        root, root_error = data_root(data_root_flag, environ), None
+    except PathError as exc:
+        root, root_error = None, exc
+
+    def needs_root(value: str) -> bool:
+        return bool(value) and not is_uri(value) and Path(value).parts[:1] == ("data",)
+
+    for value in [cfg.data.source, *cfg.data.targets]:
+        if root_error is not None and needs_root(value.partition(":")[2]):
+            raise root_error
+    if root_error is not None and any(needs_root(v) for v in (cfg.model.clip_pretrained, cfg.model.dino_weights)):
+        raise root_error
     updates: dict[str, Any] = {
         "source": resolve_dataset(cfg.data.source, root, environ),
         "targets": [resolve_dataset(t, root, environ) for t in cfg.data.targets],

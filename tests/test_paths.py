@@ -94,6 +94,9 @@ def test_relative_stores_inside_a_ray_copy_are_refused_with_the_remedy(monkeypat
         resolve_config_paths(cfg, environ={**env, "SSVP_DATA_ROOT": "/data"})
     with pytest.raises(PathError, match="--data-root or set SSVP_DATA_ROOT"):
         resolve_config_paths(Config.tiny(), environ=env)
+    # absolute dataset roots need no data root: the refused default does not matter then
+    absolute = Config.tiny(source="synthetic:/d/domain_a", targets=["synthetic:/d/domain_b"])
+    assert resolve_config_paths(absolute, environ=env).data.source == "synthetic:/d/domain_a"
     # given explicitly, the same launch works
     out = resolve_config_paths(cfg, environ={**env, "SSVP_DATA_ROOT": "/data", "SSVP_FEATURE_CACHE": "/mnt/f"})
     assert out.train.feature_cache == "/mnt/f"
