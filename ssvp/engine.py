@@ -8,6 +8,7 @@ images. Nothing here imports Ray or MLflow.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -72,16 +73,32 @@ def image_size_of(cfg: Config) -> int:
     return cfg.data.image_size or 14 * cfg.model.grid
 
 
+def with_backbone_sizes(ds, model):
+    """``ds`` whose items also carry the DINO input resized from the original image (paper §4.2:
+    CLIP 518 px, DINO 592 px), when the model has a DINO branch at another size than ``ds``'s."""
+    size = int(getattr(model.backbones, "dino_image_size", 0) or 0)
+    if not size or not hasattr(ds, "with_dino_size") or size == getattr(ds, "image_size", None):
+        return ds
+    return ds.with_dino_size(size)
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-def build_model(cfg: Config, device: torch.device):
+LAZY_BACKBONES_ENV = "SSVP_LAZY_BACKBONES"
+
+
+def build_model(cfg: Config, device: torch.device, lazy: bool | None = None):
+    """SSVP on ``device``. ``lazy`` (default: on when ``train.feature_cache`` is set, unless
+    ``SSVP_LAZY_BACKBONES=0``) defers the vision towers to the first cache miss."""
     from .model import SSVP
 
-    return SSVP(cfg.model).to(device)
+    if lazy is None:
+        lazy = bool(cfg.train.feature_cache) and os.environ.get(LAZY_BACKBONES_ENV, "1").strip() != "0"
+    return SSVP(cfg.model, lazy=lazy).to(device)
 
 
 FEATURE_CACHE_DTYPE_ENV = "SSVP_FEATURE_CACHE_DTYPE"
@@ -113,10 +130,11 @@ class FeatureSource:
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor):
+    def __call__(self, images: torch.Tensor, images_dino: torch.Tensor | None = None):
+        """Features of ``images`` (CLIP input) and ``images_dino`` (DINO input from the original, §4.2)."""
         if self.cache is not None:
-            return self.cache.get_batch(images)
-        return self.model.backbones(images)
+            return self.cache.get_batch(images, images_dino=images_dino)
+        return self.model.backbones(images, images_dino)
 
     def dataset(self, ds: Dataset) -> Dataset:
         """``ds`` as the loader should read it: with a cache, items whose features are cached
@@ -134,31 +152,41 @@ class FeatureSource:
     def batch(self, batch: Mapping[str, Any]):
         """Features of a loader batch (from ``dataset(ds)``): cached keys need no image."""
         if "feature_key" not in batch:
-            return self(batch["image"].to(self.device, non_blocking=True))
+            dino = batch.get("image_dino")
+            return self(batch["image"].to(self.device, non_blocking=True),
+                        None if dino is None else dino.to(self.device, non_blocking=True))
         cache = self.cache
         images = batch["image"]
+        images_dino = batch.get("image_dino")
         pos = {b: j for j, b in enumerate(batch["image_pos"])}
         keys = list(batch["feature_key"])
         for b, key in enumerate(keys):
             if key is None:  # decoded this time: hash the content, remember it for the file
-                keys[b] = cache.key_for(images[pos[b]])
+                keys[b] = cache.key_for(images[pos[b]], None if images_dino is None else images_dino[pos[b]])
                 if batch["feature_token"][b]:
                     cache.paths.put(batch["feature_token"][b], keys[b])
         size = int(batch["mask"].shape[-1])
+        dino_size = batch.get("dino_size")
 
         def images_for(idx: list[int]):
-            from .data import load_image
+            from .data.base import load_image_sizes
 
-            out, out_keys = [], []
+            out, out_dino, out_keys = [], [], []
             for b in idx:
                 if b in pos:
                     img, key = images[pos[b]], keys[b]
+                    dimg = None if images_dino is None else images_dino[pos[b]]
                 else:  # the features vanished since the index lookup: decode again, key by content
-                    img = load_image(batch["path"][b], size)
-                    key = cache.key_for(img)
+                    img, dimg = (load_image_sizes(batch["path"][b], [size, dino_size]) if dino_size
+                                 else (load_image_sizes(batch["path"][b], [size])[0], None))
+                    key = cache.key_for(img, dimg)
                 out.append(img)
+                out_dino.append(dimg)
                 out_keys.append(key)
-            return torch.stack(out).to(self.device, non_blocking=True), out_keys
+            imgs = torch.stack(out).to(self.device, non_blocking=True)
+            if any(d is None for d in out_dino):
+                return imgs, out_keys
+            return imgs, torch.stack(out_dino).to(self.device, non_blocking=True), out_keys
 
         return cache.get_keyed(keys, images_for)
 
@@ -195,6 +223,7 @@ class _SkipDecode(Dataset):
         self.paths = paths
         self.decode_id = decode_id
         self.image_size = int(ds.image_size)
+        self.dino_size = int(getattr(ds, "dino_image_size", None) or 0)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -205,7 +234,7 @@ class _SkipDecode(Dataset):
         except OSError:
             return None
         ident = [os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-        return json.dumps([*ident, self.image_size, self.decode_id])
+        return json.dumps([*ident, self.image_size, self.dino_size, self.decode_id])
 
     def __getitem__(self, index: int) -> dict:
         from .data import DatasetError
@@ -224,6 +253,7 @@ class _SkipDecode(Dataset):
         return {
             "image": item.image, "mask": item.mask, "label": int(item.label), "cls_name": item.cls_name,
             "defect": item.defect, "path": item.path, "feature_key": None, "feature_token": token,
+            "image_dino": getattr(item, "image_dino", None), "dino_size": self.dino_size,
         }
 
     def _light(self, rec, key: str) -> dict:
@@ -238,13 +268,17 @@ class _SkipDecode(Dataset):
         return {
             "image": None, "mask": mask, "label": int(rec.label), "cls_name": rec.cls_name,
             "defect": rec.defect, "path": rec.image_path, "feature_key": key, "feature_token": None,
+            "image_dino": None, "dino_size": self.dino_size,
         }
 
 
 def _collate_keyed(items: list[dict]) -> dict[str, Any]:
     """Collate ``_SkipDecode`` items: ``image`` stacks the decoded ones (at ``image_pos``) or is None."""
     pos = [i for i, it in enumerate(items) if it["image"] is not None]
+    dino = [items[i].get("image_dino") for i in pos]
     return {
+        "image_dino": torch.stack(dino) if pos and all(d is not None for d in dino) else None,
+        "dino_size": int(items[0].get("dino_size") or 0),
         "image": torch.stack([items[i]["image"] for i in pos]) if pos else None,
         "image_pos": pos,
         "mask": torch.stack([it["mask"] for it in items]),
@@ -359,6 +393,18 @@ def load_head(model, path: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------- training
+def training_splits(cfg: Config, image_size: int | None = None):
+    """(train_ds, val_ds) of the source under ``train.protocol``: ``paper`` trains on every source
+    class (val empty); ``select`` holds out ``data.val_classes`` / ``val_fraction`` for selection."""
+    from .data import zero_shot_splits
+
+    data_cfg = cfg.data
+    if cfg.train.protocol == "paper":  # every source class trains; nothing is held out
+        data_cfg = dataclasses.replace(cfg.data, val_classes=[], val_fraction=0.0)
+    train_ds, val_ds, _ = zero_shot_splits(data_cfg, image_size or image_size_of(cfg))
+    return train_ds, val_ds
+
+
 def fit(
     cfg: Config,
     on_epoch: EpochCallback | None = None,
@@ -366,8 +412,12 @@ def fit(
     resume_from: str | Path | None = None,
     splits: tuple | None = None,
 ) -> FitResult:
-    """Train the SSVP heads (Algorithm 3) and validate on held-out source categories each epoch.
+    """Train the SSVP heads (Algorithm 3).
 
+    ``train.protocol``: ``paper`` (default, §4.1-4.2) trains on all source classes and the model
+    is the last epoch (``best/`` = ``last/``, no selection); ``select`` holds out source classes
+    (``data.val_classes`` / ``val_fraction``), reports ``val_*`` metrics every epoch and keeps the
+    best epoch in ``best/`` (what sweeps optimise; targets are never seen either way).
     ``on_epoch(epoch, metrics, checkpoint_path)`` is called after every epoch (on every
     rank under DDP; ``checkpoint_path`` is the epoch's checkpoint directory, written by
     rank 0 only, else None). ``resume_from`` continues from a checkpoint directory.
@@ -380,15 +430,16 @@ def fit(
     seed_everything(cfg.train.seed)
     image_size = image_size_of(cfg)
     if splits is None:
-        from .data import zero_shot_splits
-
-        train_ds, val_ds, _ = zero_shot_splits(cfg.data, image_size)
+        train_ds, val_ds = training_splits(cfg, image_size)
     else:
         train_ds, val_ds = splits[:2]
     if len(train_ds) == 0:
         raise ValueError(f"the source training split of {cfg.data.source} is empty")
 
     model = build_model(cfg, device)
+    train_ds = with_backbone_sizes(train_ds, model)
+    if val_ds is not None:
+        val_ds = with_backbone_sizes(val_ds, model)
     features = FeatureSource(cfg, model, device)
     train_source = features.dataset(train_ds)
     head = model.head
@@ -477,13 +528,15 @@ def fit(
             vals = [v for v in vals if v is not None and math.isfinite(v)]
             metrics["val_objective"] = float(np.mean(vals)) if vals else float("nan")
         result.history.append(metrics)
-        improved = result.best_epoch < 0 or _better(metrics, result.best_metrics)
+        # paper protocol: no model selection, the reported model is the last epoch
+        improved = cfg.train.protocol == "paper" or result.best_epoch < 0 or _better(metrics, result.best_metrics)
         if improved:
             result.best_epoch, result.best_metrics = epoch + 1, dict(metrics)
 
         ckpt_path = None
         if checkpoint_dir is not None and rank == 0:
             extra = {"history": result.history, "best_epoch": result.best_epoch, "best_metrics": result.best_metrics,
+                     "protocol": cfg.train.protocol,
                      "thresholds": dict(val_thresholds, epoch=epoch + 1)}  # for `ssvp predict`
             ckpt_path = save_checkpoint(Path(checkpoint_dir) / "last", cfg, model, optimizer, scheduler, epoch, extra)
             if improved:
@@ -515,10 +568,56 @@ def _better(new: Mapping[str, float], old: Mapping[str, float]) -> bool:
 
 
 # --------------------------------------------------------------------------- evaluation
+def _alignment_batch(head, out, names: list[str], masks: torch.Tensor, static: dict) -> dict | None:
+    """Per-image parts of TIR-FG and SCD (Eq. 23-24, ``ssvp.metrics.alignment``); None when the
+    head's output has no fused patches / state embeddings (e.g. another head)."""
+    from .metrics.alignment import cell_fraction, scd_per_image, static_text, tir_fg_sums
+
+    aux = out.aux
+    patches, text = aux.get("patches"), aux.get("text")
+    if patches is None or text is None or not hasattr(head, "text_encoder"):
+        return None
+    g = math.isqrt(patches.shape[2])
+    num, den = tir_fg_sums(patches.float(), text[:, 1].float(), cell_fraction(masks, g).to(patches.device))
+    missing = [c for c in dict.fromkeys(names) if c not in static]
+    if missing:
+        for c, t in zip(missing, static_text(head.text_encoder, missing)):
+            static[c] = t.to(text.device)
+    t_static = torch.stack([static[c] for c in names])
+    d = scd_per_image(text.float(), t_static)
+    return {"tir_num": num.cpu().numpy(), "tir_den": den.cpu().numpy(),
+            "scd_normal": d[:, 0].cpu().numpy(), "scd_abnormal": d[:, 1].cpu().numpy()}
+
+
+def alignment_report(parts: Mapping[str, Mapping[str, list]]) -> dict[str, dict[str, float]]:
+    """Per class: tir_fg (one sum over the class's anomalous pixels, Eq. 23), scd_normal and
+    scd_abnormal (means over images, Eq. 24); a "mean" entry averages the classes (NaN skipped)."""
+    out: dict[str, dict[str, float]] = {}
+    for cls, p in parts.items():
+        den = float(np.sum(p["tir_den"]))
+        out[cls] = {
+            "tir_fg": float(np.sum(p["tir_num"]) / den) if den > 0 else float("nan"),
+            "scd_normal": float(np.mean(p["scd_normal"])),
+            "scd_abnormal": float(np.mean(p["scd_abnormal"])),
+        }
+    mean = {}
+    for key in ("tir_fg", "scd_normal", "scd_abnormal"):
+        vals = [r[key] for r in out.values() if math.isfinite(r[key])]
+        mean[key] = float(np.mean(vals)) if vals else float("nan")
+    out["mean"] = mean
+    return out
+
+
 @torch.no_grad()
-def predict_dataset(cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource) -> dict:
-    """Scores and maps per class: ``{cls: {labels, scores, masks, maps, paths}}`` as numpy arrays."""
+def predict_dataset(
+    cfg: Config, model, ds: Dataset, device: torch.device, features: FeatureSource, alignment: dict | None = None
+) -> dict:
+    """Scores and maps per class: ``{cls: {labels, scores, masks, maps, paths}}`` as numpy arrays.
+
+    ``alignment``, when given, receives per class the per-image parts of TIR-FG and SCD
+    (``alignment_report`` turns them into Table 4's numbers)."""
     model.head.eval()
+    static: dict = {}
     loader = _loader(features.dataset(ds), cfg.train.eval_batch_size, False, cfg, 0)
     per_class: dict[str, dict[str, list]] = {}
     for batch in _progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval"):
@@ -527,6 +626,14 @@ def predict_dataset(cfg: Config, model, ds: Dataset, device: torch.device, featu
             out = model.head(feats, list(batch["cls_name"]), batch["mask"].shape[-1])
         scores = out.score.float().cpu().numpy()
         maps = out.anomaly_map.float().cpu().numpy()
+        parts = None
+        if alignment is not None:
+            parts = _alignment_batch(model.head, out, list(batch["cls_name"]), batch["mask"], static)
+        if parts is not None:
+            for i, cls in enumerate(batch["cls_name"]):
+                rec = alignment.setdefault(cls, {k: [] for k in parts})
+                for k, v in parts.items():
+                    rec[k].append(float(v[i]))
         for i, cls in enumerate(batch["cls_name"]):
             rec = per_class.setdefault(cls, {"labels": [], "scores": [], "masks": [], "maps": [], "paths": []})
             rec["labels"].append(int(batch["label"][i]))
@@ -552,15 +659,24 @@ def evaluate_dataset(cfg: Config, model, ds: Dataset, device: torch.device, feat
     (``ssvp.thresholds.validation_thresholds``) that ``ssvp predict`` labels images with."""
     from .metrics import evaluate_predictions
 
-    preds = predict_dataset(cfg, model, ds, device, features)
+    parts: dict = {}
+    preds = predict_dataset(cfg, model, ds, device, features, alignment=parts)
     if thresholds is not None:
         from .thresholds import validation_thresholds
 
         thresholds.update(validation_thresholds(preds, cfg.data.smoothing_sigma))
-    return evaluate_predictions(
+    report = evaluate_predictions(
         {c: {k: v for k, v in p.items() if k != "paths"} for c, p in preds.items()},
         smoothing_sigma=cfg.data.smoothing_sigma,
     )
+    if parts:  # Table 4: TIR-FG and SCD per state, beside the Table 1-2 metrics
+        align = alignment_report(parts)
+        report["alignment"] = align
+        report["mean"].update(align["mean"])
+        for cls, vals in align.items():
+            if cls in report["per_class"]:
+                report["per_class"][cls].update(vals)
+    return report
 
 
 def evaluate(
@@ -597,14 +713,14 @@ def evaluate(
             max_per_class=cfg.data.max_per_class,
             allow_outside_root=cfg.data.allow_paths_outside_root,
         )
-        out[spec] = evaluate_dataset(cfg, model, ds, device, features)
+        out[spec] = evaluate_dataset(cfg, model, with_backbone_sizes(ds, model), device, features)
     return out
 
 
 @torch.no_grad()
 def predict_paths(cfg: Config, checkpoint: str | Path | None, paths: list[Path], class_name: str, model=None) -> list[dict]:
     """Score image files: ``[{path, score, map (HxW numpy at the model's input size)}]``."""
-    from .data import load_image
+    from .data.base import load_image_sizes
 
     device = resolve_device(cfg.train.device)
     if model is None:
@@ -618,8 +734,12 @@ def predict_paths(cfg: Config, checkpoint: str | Path | None, paths: list[Path],
     bs = cfg.train.eval_batch_size
     for start in range(0, len(paths), bs):
         chunk = paths[start : start + bs]
-        images = torch.stack([load_image(p, size) for p in chunk]).to(device)
-        feats = features(images)
+        dino_size = int(getattr(model.backbones, "dino_image_size", 0) or 0)
+        sizes = [size, dino_size] if dino_size and dino_size != size else [size]
+        loaded = [load_image_sizes(p, sizes) for p in chunk]  # one decode, each size from the original
+        images = torch.stack([x[0] for x in loaded]).to(device)
+        images_dino = torch.stack([x[1] for x in loaded]).to(device) if len(sizes) == 2 else None
+        feats = features(images, images_dino)
         with _autocast(device, cfg.model.bf16):
             out = model.head(feats, [class_name] * len(chunk), size)
         for i, p in enumerate(chunk):

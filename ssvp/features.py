@@ -144,14 +144,17 @@ class FeatureCache:
                     )
         self.backbones = backbones
         self.dtype = np.dtype(dtype)
-        self.spec = {
-            "backbones": backbones.spec(),
-            "format": FORMAT_VERSION,
-            "dtype": dtype,
-            "versions": _versions(),
-        }
-        self.spec_hash = spec_hash_of(self.spec)
         self.root = Path(root).expanduser()
+        # A lazily built model (ssvp.lazy_backbones) has no vision towers yet: open the folder
+        # that its cheap identity (spec_token) was mapped to when the towers were last built.
+        self._alias = self._alias_path(backbones, dtype)
+        known = self._read_alias() if self._alias is not None and not getattr(backbones, "built", True) else None
+        self.verified = known is None  # an alias is checked against the full spec at the first miss
+        if known is not None:
+            self.spec_hash, self.spec = known
+        else:
+            self.spec = self._full_spec()
+            self.spec_hash = spec_hash_of(self.spec)
         self.dir = self.root / self.spec_hash[:24]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -160,12 +163,19 @@ class FeatureCache:
         if not os.access(self.dir, os.W_OK):
             raise FeatureCacheError(f"feature cache folder {self.dir} is not writable")
         self._write_spec()
+        if self._alias is not None and known is None:
+            self._alias.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_bytes(self._alias, self.spec_hash.encode())
         bb = backbones
         n = bb.grid * bb.grid
+        if hasattr(bb, "tap_counts"):
+            n_clip, n_dino = bb.tap_counts()
+        else:
+            n_clip, n_dino = len(bb.clip.taps), (len(bb.dino.taps) if bb.dino is not None else 0)
         self.shapes = {
-            "clip_patch": (len(bb.clip.taps), n, bb.clip_dim),
+            "clip_patch": (n_clip, n, bb.clip_dim),
             "clip_global": (bb.clip_dim,),
-            "dino_patch": (len(bb.dino.taps), n, bb.dino_dim) if bb.dino is not None else (0, n, 0),
+            "dino_patch": (n_dino, n, bb.dino_dim) if n_dino else (0, n, 0),
             "dino_global": (bb.dino_dim,),
         }
         sizes = [int(np.prod(s)) for s in self.shapes.values()]
@@ -173,6 +183,44 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.paths = PathIndex(self.dir)
+
+    # ----- spec and its alias -----
+    def _full_spec(self) -> dict[str, Any]:
+        return {"backbones": self.backbones.spec(), "format": FORMAT_VERSION, "dtype": str(self.dtype), "versions": _versions()}
+
+    def _alias_path(self, backbones: Backbones, dtype: str) -> Path | None:
+        """``root/aliases/<sha256 of the cheap identity>``: holds the full spec hash (None: no identity)."""
+        from .lazy_backbones import spec_token
+
+        token = spec_token(backbones)
+        if token is None:
+            return None
+        key = spec_hash_of({"token": token, "format": FORMAT_VERSION, "dtype": dtype, "versions": _versions()})
+        return self.root / "aliases" / key
+
+    def _read_alias(self) -> tuple[str, dict] | None:
+        try:
+            spec_hash = self._alias.read_text().strip()
+            stored = json.loads((self.root / spec_hash[:24] / "spec.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if stored.pop("spec_hash", None) != spec_hash:
+            return None
+        return spec_hash, stored
+
+    def _verify(self) -> None:
+        """Before the first backbone call of an alias-opened cache: the full spec must hash the same."""
+        full = spec_hash_of(self._full_spec())
+        if full != self.spec_hash:
+            try:
+                self._alias.unlink()
+            except OSError:
+                pass
+            raise FeatureCacheError(
+                f"feature cache {self.dir}: the backbones' weights no longer match the ones this folder "
+                f"was opened for (spec {full[:24]} vs {self.spec_hash[:24]}); the alias {self._alias} was removed, run again"
+            )
+        self.verified = True
 
     # ----- keys and paths -----
     def _write_spec(self) -> None:
@@ -186,8 +234,10 @@ class FeatureCache:
                 pass
         _atomic_write_bytes(path, text.encode())
 
-    def key_for(self, image: torch.Tensor) -> str:
-        """Content key of one preprocessed image ``[3, S, S]`` (float in [0, 1]) under this spec."""
+    def key_for(self, image: torch.Tensor, image_dino: torch.Tensor | None = None) -> str:
+        """Content key of one preprocessed image ``[3, S, S]`` (float in [0, 1]) under this spec,
+        and of its DINO-size input ``image_dino`` (paper §4.2: resized from the original). Without
+        ``image_dino`` the DINO branch upsamples ``image``: keyed apart ("dino:from-image")."""
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"FeatureCache.key_for expects one image [3, S, S], got {tuple(image.shape)}")
         arr = image.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -195,6 +245,12 @@ class FeatureCache:
         h.update(self.spec_hash.encode())
         h.update(repr(tuple(arr.shape)).encode())
         h.update(arr.tobytes())
+        if image_dino is None:
+            h.update(b"dino:from-image")
+        else:
+            dino = image_dino.detach().to("cpu", torch.float32).contiguous().numpy()
+            h.update(b"dino:" + repr(tuple(dino.shape)).encode())
+            h.update(dino.tobytes())
         return h.hexdigest()
 
     def path_for(self, key: str) -> Path:
@@ -230,14 +286,22 @@ class FeatureCache:
         return [flat[o[j] : o[j + 1]].reshape(self.shapes[name]) for j, name in enumerate(_NAMES)]
 
     # ----- batches -----
-    def get_batch(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> BackboneFeatures:
-        """Features of ``images`` [B, 3, S, S]: read hits, compute and store misses (one backbone call)."""
+    def get_batch(
+        self, images: torch.Tensor, keys: Sequence[str] | None = None, images_dino: torch.Tensor | None = None
+    ) -> BackboneFeatures:
+        """Features of ``images`` [B, 3, S, S] (and their DINO-size inputs ``images_dino``): read hits,
+        compute and store misses (one backbone call)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"FeatureCache.get_batch expects images [B, 3, S, S], got {tuple(images.shape)}")
-        keys = list(keys) if keys is not None else [self.key_for(img) for img in images]
+        if keys is None:
+            dino = [None] * images.shape[0] if images_dino is None else list(images_dino)
+            keys = [self.key_for(img, d) for img, d in zip(images, dino)]
+        keys = list(keys)
         if len(keys) != images.shape[0]:
             raise ValueError(f"FeatureCache.get_batch: {len(keys)} keys for {images.shape[0]} images")
-        return self.get_keyed(keys, lambda idx: (images[idx], [keys[i] for i in idx]))
+        if images_dino is None:
+            return self.get_keyed(keys, lambda idx: (images[idx], [keys[i] for i in idx]))
+        return self.get_keyed(keys, lambda idx: (images[idx], images_dino[idx], [keys[i] for i in idx]))
 
     def get_keyed(self, keys: Sequence[str], images_for) -> BackboneFeatures:
         """Features for content ``keys``; a batch of hits needs no image at all.
@@ -252,12 +316,16 @@ class FeatureCache:
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
         if miss:
-            images, miss_keys = images_for(miss)
+            got = images_for(miss)  # (images, keys) or (images, images_dino, keys)
+            images, miss_keys = got[0], got[-1]
+            images_dino = got[1] if len(got) == 3 else None
             if len(miss_keys) != len(miss) or images.shape[0] != len(miss):
                 raise ValueError(f"FeatureCache.get_keyed: images_for returned {images.shape[0]} images / {len(miss_keys)} keys for {len(miss)} misses")
             for i, k in zip(miss, miss_keys):
                 keys[i] = k
-            fresh = self.backbones(images)
+            if not self.verified:
+                self._verify()
+            fresh = self.backbones(images) if images_dino is None else self.backbones(images, images_dino)
             for j, i in enumerate(miss):
                 flat = self._pack(fresh, j)
                 self._store(keys[i], flat)

@@ -204,7 +204,12 @@ class SSVP(nn.Module):
         return self
 
     def forward(
-        self, images: torch.Tensor, class_names: list[str] | tuple[str, ...], out_size: int | None = None
+        self,
+        images: torch.Tensor,
+        class_names: list[str] | tuple[str, ...],
+        out_size: int | None = None,
+        images_dino: torch.Tensor | None = None,
     ) -> SSVPOutput:
-        feats = self.backbones(images)
+        """``images`` CLIP input; ``images_dino`` DINO input resized from the original (§4.2; optional)."""
+        feats = self.backbones(images, images_dino)
         return self.head(feats, class_names, out_size or images.shape[-1])
