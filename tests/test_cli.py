@@ -79,11 +79,11 @@ def test_train_eval_predict(tmp_path, synthetic_root):
     tire = TIRE / "tire" / "test"
     if tire.is_dir():
         out = tmp_path / "tire_pred"
-        proc = ssvp("predict", "--checkpoint", str(best), "--input", str(tire / "cut"), "--class-name", "tire",
+        proc = ssvp("predict", "--checkpoint", str(best), "--input", str(tire / "combined"), "--class-name", "tire",
                     "--threshold", "0.3", "--pixel-threshold", "0.5", "--out", str(out), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = list(csv.DictReader((out / "scores.csv").open()))
-        assert len(rows) == len(list((tire / "cut").glob("*.png"))) and "(--threshold)" in proc.stdout
+        assert len(rows) == len(list((tire / "combined").glob("*.png"))) and "(--threshold)" in proc.stdout
         for r in rows:
             assert (int(r["width"]), int(r["height"])) == Image.open(r["path"]).size == (300, 400)
             assert Image.open(r["overlay"]).size == (300, 400)
