@@ -25,14 +25,18 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config of the command line, its paths resolved by ``ssvp.paths`` (``data/...`` under
+    SSVP_DATA_ROOT, the feature cache from SSVP_FEATURE_CACHE, relative ones against the launch folder)."""
+    from .paths import resolve_config_paths
+
     overrides = _parse_sets(getattr(args, "set", None))
     if getattr(args, "config", None):
-        return load_config(args.config, overrides)
+        return resolve_config_paths(load_config(args.config, overrides))
     if getattr(args, "checkpoint", None):
         from .engine import config_from_checkpoint
 
-        return config_from_checkpoint(args.checkpoint).override(overrides)
-    return load_config(None, overrides)
+        return resolve_config_paths(config_from_checkpoint(args.checkpoint).override(overrides))
+    return resolve_config_paths(load_config(None, overrides))
 
 
 def _metric_table(report: dict) -> str:
@@ -273,6 +277,13 @@ def _command(sub, name: str, help: str, description: str, examples: str):
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --config and --set of the commands that run a trained checkpoint."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (holds head.pt and config.json)")
+    p.add_argument("--config", help="config file (default: the one stored with the checkpoint)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssvp", description="SSVP zero-shot industrial anomaly detection (frozen CLIP + DINOv3, learned heads)",
@@ -313,9 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "P-AUROC, P-AUPRO, P-AP.",
                  "  ssvp eval --checkpoint runs/tiny/checkpoints/best\n"
                  "  ssvp eval --checkpoint runs/tiny/checkpoints/best --targets mvtec:/data/mvtec_ad --out eval.csv")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (holds head.pt and config.json)")
-    p.add_argument("--config", help="config file (default: the one stored with the checkpoint)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    _checkpoint_args(p)
     p.add_argument("--targets", nargs="*", metavar="FORMAT:ROOT",
                    help="datasets to evaluate on, e.g. mvtec:/data/mvtec_ad visa:/data/VisA (default: data.targets)")
     p.add_argument("--out", metavar="FILE", help="also write the results to FILE (.json, or .csv: one row per class)")
@@ -330,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "stored with the checkpoint.",
                  "  ssvp predict --checkpoint runs/tiny/checkpoints/best --input photos/ --class-name tire\n"
                  "  ssvp predict --checkpoint CKPT --input mvtec/tire/test --class-name tire --threshold 0.62 --out preds/")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (holds head.pt and config.json)")
-    p.add_argument("--config", help="config file (default: the one stored with the checkpoint)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    _checkpoint_args(p)
     p.add_argument("--input", required=True, metavar="PATH", help="an image file or a folder of images (searched recursively)")
     p.add_argument("--class-name", required=True, metavar="WORD", help="object class word used in the prompts (e.g. tire, bottle)")
     p.add_argument("--out", default="predictions", metavar="DIR", help="output folder for scores.csv, overlays and panels "
