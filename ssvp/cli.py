@@ -169,10 +169,12 @@ def _thresholds(args: argparse.Namespace) -> tuple[float | None, float | None, s
     """(image threshold, pixel threshold, where they come from): the flags, else the validation
     F1-max thresholds stored with the checkpoint (``ssvp.thresholds``), else none."""
     stored: dict = {}
+    protocol = ""
     try:
         from .engine import load_checkpoint
 
-        stored = dict(load_checkpoint(args.checkpoint).get("thresholds") or {})
+        state = load_checkpoint(args.checkpoint)
+        stored, protocol = dict(state.get("thresholds") or {}), str(state.get("protocol") or "")
     except Exception as exc:  # noqa: BLE001 - the model load reports a bad checkpoint itself
         logging.getLogger("ssvp.cli").debug("no stored thresholds: %s", exc)
     image, pixel = args.threshold, args.pixel_threshold
@@ -183,7 +185,9 @@ def _thresholds(args: argparse.Namespace) -> tuple[float | None, float | None, s
         source = (f"validation F1-max on the source validation classes "
                   f"({', '.join(stored.get('classes') or []) or '?'}; epoch {stored.get('epoch', '?')})")
     else:
-        source = "none: this checkpoint stores no validation threshold (pass --threshold)"
+        source = ("none: this checkpoint stores no validation threshold"
+                  + (" (train.protocol=paper holds no source classes out)" if protocol == "paper" else "")
+                  + "; labels are left empty. Pass --threshold T, or train with --set train.protocol=select")
     if pixel is None:
         pixel = stored.get("pixel") if stored.get("pixel") is not None else image
     return image, (None if pixel is None else float(pixel)), source

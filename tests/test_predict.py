@@ -138,3 +138,31 @@ def test_every_cli_option_has_help():
         assert "examples:" in (p.epilog or ""), name
         assert name == "make-synthetic" or "--print-config" in p.format_help()
     assert "examples:" in parser.epilog and math.isfinite(len(parser.format_help()))
+
+
+def test_threshold_resolution_flag_stored_or_none(tmp_path):
+    import argparse
+
+    import torch
+
+    from ssvp.cli import _thresholds
+
+    def ckpt(name, state):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save(state, d / "head.pt")
+        return str(d)
+
+    sel = ckpt("select", {"protocol": "select", "thresholds": {"image": 0.61, "pixel": 0.42, "classes": ["wood"],
+                                                               "epoch": 3}})
+    paper = ckpt("paper", {"protocol": "paper", "thresholds": {"epoch": 5}})
+
+    def resolve(path, threshold=None, pixel=None):
+        return _thresholds(argparse.Namespace(checkpoint=path, threshold=threshold, pixel_threshold=pixel))
+
+    image, pixel, source = resolve(sel)
+    assert (image, pixel) == (0.61, 0.42) and "validation F1-max" in source and "wood" in source and "epoch 3" in source
+    assert resolve(sel, threshold=0.7)[:2] == (0.7, 0.42) and resolve(sel, 0.7)[2] == "--threshold"
+    assert resolve(paper, threshold=0.7)[:2] == (0.7, 0.7)  # the pixel threshold falls back to the image one
+    image, pixel, source = resolve(paper)
+    assert image is None and pixel is None and "train.protocol=paper" in source and "--threshold" in source
