@@ -15,8 +15,19 @@
   CLS and register tokens removed; the CLS token of the last tapped block is the global token.
 
 Everything is frozen (``requires_grad=False``, always in eval mode). Inputs are
-``[B, 3, S, S]`` floats in [0, 1]; each backbone resizes (bilinear, antialiased) to its own
-resolution and normalises with its own statistics.
+``[B, 3, S, S]`` floats in [0, 1]. Paper §4.2 feeds each backbone its own resolution of the
+image (CLIP 518 px, DINO 592 px for g = 37): ``forward(images, images_dino)`` takes the DINO
+input separately (the data pipeline resizes both from the original file, see
+``AnomalyDataset.with_dino_size``); without ``images_dino`` the DINO branch resizes
+``images`` (bilinear, antialiased), which upsamples 518 -> 592 and is only a fallback.
+Each branch normalises with its own statistics.
+
+DINO taps: ``model.dino_taps=as_written`` taps ``dino_layers`` (paper: {3, 6, 9, 11}, all in
+the first half of the 24-block ViT-L); ``spread`` taps k * depth / L for k = 1..L
+(``{6, 12, 18, 24}`` on ViT-L, ``{3, 6, 9, 12}`` on 12-block encoders).
+
+Table 5's DINOv3 "ViT-Small, 29M" is ViT-S+/16 (``dinov3_vits16plus``: gated MLP, 28.7M
+parameters); the plain ViT-S/16 (``dinov3_vits16``, 21.6M) is also registered.
 
 Weights: ``clip_pretrained`` is an open_clip tag (``openai``), ``hf-hub:org/repo``, a local
 checkpoint file or an open_clip model folder; ``dino_weights`` a Hugging Face id or a local
@@ -51,6 +62,7 @@ __all__ = [
     "DINO_REGISTRY",
     "build_clip",
     "build_dino_model",
+    "dino_tap_indices",
     "tiny_clip_config",
 ]
 
@@ -193,6 +205,15 @@ def _check_taps(name: str, taps: Sequence[int], depth: int) -> list[int]:
     if sorted(taps) != taps or len(set(taps)) != len(taps):
         raise ValueError(f"model.{name}={taps} must be strictly increasing")
     return taps
+
+
+def dino_tap_indices(model_cfg: Any, depth: int) -> list[int]:
+    """The 1-based DINO blocks to tap: ``dino_layers`` as written, or spread over ``depth``."""
+    layers = [int(t) for t in model_cfg.dino_layers]
+    if getattr(model_cfg, "dino_taps", "as_written") == "spread":
+        n = len(layers)
+        return [max(1, round(k * depth / n)) for k in range(1, n + 1)]
+    return layers
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -491,6 +512,12 @@ DINO_REGISTRY: dict[str, DinoSpec] = {
         dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
              num_register_tokens=4, layerscale_value=1e-5),
     ),
+    # Table 5 "DINOv3 ViT-Small, 29M": ViT-S+/16 (SwiGLU MLP), 28.7M parameters
+    "dinov3_vits16plus": DinoSpec(
+        "dinov3", 16, "facebook/dinov3-vits16plus-pretrain-lvd1689m",
+        dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+             num_register_tokens=4, layerscale_value=1e-5, use_gated_mlp=True),
+    ),
     "dinov3_tiny": DinoSpec(
         "dinov3", 16, "",
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
@@ -686,7 +713,8 @@ class Backbones(nn.Module):
         if self.use_dino:
             model, spec, self.dino_identity = build_dino_model(model_cfg.dino_model, model_cfg.dino_weights, g)
             _freeze(model)
-            self.dino = DinoEncoder(model, spec.family, model_cfg.dino_layers, g, spec.patch, norm=self.dino_norm)
+            taps = dino_tap_indices(model_cfg, int(model.config.num_hidden_layers))
+            self.dino = DinoEncoder(model, spec.family, taps, g, spec.patch, norm=self.dino_norm)
             self.dino_image_size = self.dino.image_size
             self.dino_dim = self.dino.dim
             if dino_image_size is not None and dino_image_size != self.dino_image_size:
@@ -734,6 +762,9 @@ class Backbones(nn.Module):
             "dino_weights": weights_fingerprint(self.dino.model) if self.dino is not None else "",
             "dino_layers": list(self.dino.taps) if self.dino is not None else [],
             "dino_image_size": self.dino_image_size,
+            # DINO input: resized from the original image (paper §4.2); features computed from an
+            # upsampled CLIP-size tensor (the fallback) are keyed by the content of both inputs
+            "dino_input": "original",
             "dino_norm": self.dino_norm,
             "grid": self.grid,
             "bf16": bool(cfg.bf16 and self.device.type == "cuda"),
@@ -741,9 +772,14 @@ class Backbones(nn.Module):
 
     # ----- forward -----
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> BackboneFeatures:
+    def forward(self, images: torch.Tensor, images_dino: torch.Tensor | None = None) -> BackboneFeatures:
+        """``images`` [B, 3, S, S] for CLIP; ``images_dino`` [B, 3, S_d, S_d] for DINO (default: ``images``)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"Backbones expects images [B, 3, S, S] in [0, 1], got {tuple(images.shape)}")
+        if images_dino is not None and (images_dino.dim() != 4 or images_dino.shape[:2] != images.shape[:2]):
+            raise ValueError(
+                f"images_dino {tuple(images_dino.shape)} must be [B, 3, S_d, S_d] with the B of images {tuple(images.shape)}"
+            )
         self.forward_calls += 1
         images = images.to(self.device)
         B, N = images.shape[0], self.grid * self.grid
@@ -751,7 +787,8 @@ class Backbones(nn.Module):
         with self._autocast():
             clip_patch, clip_global = self.clip(x)
         if self.dino is not None:
-            x = _resize_normalise(images, self.dino_image_size, self._dino_mean, self._dino_std)
+            src = images if images_dino is None else images_dino.to(self.device)
+            x = _resize_normalise(src, self.dino_image_size, self._dino_mean, self._dino_std)
             with self._autocast():
                 dino_patch, dino_global = self.dino(x)
             dino_patch, dino_global = dino_patch.float(), dino_global.float()

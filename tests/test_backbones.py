@@ -16,6 +16,7 @@ from ssvp.backbones import (
     GridMismatchError,
     build_clip,
     build_dino_model,
+    dino_tap_indices,
 )
 from ssvp.config import Config
 
@@ -58,7 +59,7 @@ def test_tiny_shapes_and_grid(tiny):
 @pytest.mark.parametrize(
     "dino_model, dino_size, dino_dim",
     [("dinov3_vitl16", 592, 1024), ("dinov2_vitl14", 518, 1024), ("mae_vitl16", 592, 1024),
-     ("dinov3_vitb16", 592, 768), ("dinov3_vits16", 592, 384)],
+     ("dinov3_vitb16", 592, 768), ("dinov3_vits16", 592, 384), ("dinov3_vits16plus", 592, 384)],
 )
 def test_full_size_construction_on_meta(dino_model, dino_size, dino_dim):
     """Paper sizes: g = 37, CLIP ViT-L/14 at 518 px (768-d joint space), DINO at patch * 37 px."""
@@ -271,8 +272,44 @@ def test_taps_out_of_range():
 
 
 def test_registry_names_match_config_doc():
-    for name in ("dinov3_vitl16", "dinov3_vitb16", "dinov3_vits16", "dinov2_vitl14", "mae_vitl16", "dinov3_tiny"):
+    for name in ("dinov3_vitl16", "dinov3_vitb16", "dinov3_vits16", "dinov3_vits16plus", "dinov2_vitl14",
+                 "mae_vitl16", "dinov3_tiny"):
         assert name in DINO_REGISTRY
+
+
+@pytest.mark.parametrize("name, low, high", [("dinov3_vits16plus", 28.0e6, 30.0e6), ("dinov3_vits16", 21.0e6, 22.5e6)])
+def test_table5_small_dinov3_is_vit_s_plus_at_29m(name, low, high):
+    """Table 5 lists the DINOv3 ViT-Small at 29M parameters: that is ViT-S+/16 (gated MLP), not ViT-S/16 (21.6M)."""
+    with torch.device("meta"):
+        model, spec, _ = build_dino_model(name, "", 37)
+    n = sum(p.numel() for p in model.parameters())
+    assert low <= n <= high, n
+    assert DINO_REGISTRY["dinov3_vits16plus"].default_weights == "facebook/dinov3-vits16plus-pretrain-lvd1689m"
+
+
+def test_dino_taps_as_written_or_spread():
+    """model.dino_taps: {3, 6, 9, 11} as written; spread over the depth: {6, 12, 18, 24} on 24 blocks."""
+    paper = Config().model
+    assert dino_tap_indices(paper, 24) == [3, 6, 9, 11]
+    spread = Config().override({"dino_taps": "spread"}).model
+    assert dino_tap_indices(spread, 24) == [6, 12, 18, 24] and dino_tap_indices(spread, 12) == [3, 6, 9, 12]
+    a = Backbones(Config.tiny(dino_layers=[1, 2], clip_layers=[1, 2]).model)
+    b = Backbones(Config.tiny(dino_layers=[1, 2], clip_layers=[1, 2], dino_taps="spread").model)
+    assert a.dino.taps == [1, 2] and b.dino.taps == [2, 4]
+    images = torch.rand(1, 3, 112, 112)
+    assert (a(images).dino_patch - b(images).dino_patch).abs().max() > 1e-4
+
+
+def test_dino_branch_takes_its_own_input(tiny):
+    """§4.2: forward(images, images_dino) runs DINO on images_dino (its own resolution of the original)."""
+    clip_in, dino_in = torch.rand(2, 3, 112, 112), torch.rand(2, 3, 128, 128)
+    both = tiny(clip_in, dino_in)
+    dino_only = tiny(dino_in)  # DINO gets dino_in unchanged (already 128 px)
+    torch.testing.assert_close(both.dino_patch, dino_only.dino_patch)
+    torch.testing.assert_close(both.clip_patch, tiny(clip_in).clip_patch)
+    assert (both.dino_patch - tiny(clip_in).dino_patch).abs().max() > 1e-4  # not the upsampled CLIP input
+    with pytest.raises(ValueError, match="images_dino"):
+        tiny(clip_in, torch.rand(3, 3, 128, 128))
 
 
 def test_clip_checkpoint_positional_embeddings_resampled_to_grid(tmp_path):

@@ -22,7 +22,7 @@ def test_train_eval_predict(tmp_path, synthetic_root):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(
         "preset: tiny\n"
-        "train: {epochs: 2, max_steps_per_epoch: 3}\n"
+        "train: {epochs: 2, max_steps_per_epoch: 3, protocol: select}\n"
         f"data: {{source: 'synthetic:{synthetic_root}/domain_a', targets: ['synthetic:{synthetic_root}/domain_b'], max_per_class: 4}}\n"
     )
     out = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_train_eval_predict(tmp_path, synthetic_root):
 
 
 def test_resume_continues_from_checkpoint(tmp_path, synthetic_root):
-    cfg = synthetic_config(synthetic_root, max_per_class=3, epochs=2, max_steps_per_epoch=2)
+    cfg = synthetic_config(synthetic_root, max_per_class=3, epochs=2, max_steps_per_epoch=2, protocol="select")
     full = fit(cfg, checkpoint_dir=tmp_path / "full")
 
     class Interrupted(Exception):

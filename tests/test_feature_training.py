@@ -54,7 +54,8 @@ def data_root(tmp_path_factory):
 
 
 def _cfg(root, **over) -> Config:
-    base = dict(epochs=2, max_per_class=4, batch_size=4, eval_batch_size=8, device="cpu", seed=3)
+    base = dict(epochs=2, max_per_class=4, batch_size=4, eval_batch_size=8, device="cpu", seed=3,
+                protocol="select")  # these tests read the per-epoch validation metrics
     return synthetic_config(root, **{**base, **over})
 
 

@@ -441,26 +441,51 @@ def test_format_table_markdown_and_csv():
     assert csv.splitlines() == ["class,image_auroc,pixel_aupro", "bottle,0.912,0.500", "empty,,0.700", "mean,0.912,0.600"]
 
 
-# ------------------------------------------------------------- TIR-FG and SCD
-def test_tir_fg_and_scd_hand_computed():
-    e = np.eye(3)
-    t_init = np.stack([e[0], e[1]])  # normal, abnormal
-    v = np.stack([e[1], e[0]])  # image 0 anomalous, looks like "abnormal"; image 1 normal
-    labels = [1, 0]
-    # initial relevance: image 0: +(cos(v,abn)=1 - cos(v,norm)=0) = 1; image 1: -(0 - 1) = 1 -> R = 1
-    # final prompts: abnormal text tilted halfway to e2 -> cos = 1/sqrt2 for image 0
-    a = (e[1] + e[2]) / np.sqrt(2)
-    t_final = np.stack([np.stack([e[0], a]), np.stack([e[0], a])])
-    # R_final: image 0: 1/sqrt2 - 0; image 1: -(0 - 1) = 1 -> (1/sqrt2 + 1) / 2
-    assert M.tir_fg(t_init, t_final, v, labels) == pytest.approx((1 / np.sqrt(2) + 1) / 2 - 1)
-    # SCD: cos(e0,e0)=1 and cos(a, e1)=1/sqrt2 per image -> mean (1 + 1/sqrt2) / 2
-    assert M.scd(t_init, t_final) == pytest.approx((1 + 1 / np.sqrt(2)) / 2)
-    assert M.scd(t_init, np.stack([t_init, t_init])) == pytest.approx(1.0)
-    assert M.tir_fg(t_init, np.stack([t_init, t_init]), v, labels) == pytest.approx(0.0)
+# ------------------------------------------------------------- TIR-FG and SCD (Eq. 23-24)
+def test_tir_fg_eq23_hand_computed():
+    """Two images, 2x2 grid, D = 2, t_abn = (1, 0). Image 0: cells (1,0), (0,1), (1,1)/sqrt2, (-1,0);
+    its mask covers cells 0 and 2 -> cosines 1 and 1/sqrt2. Image 1: cell 3 (0,1) anomalous -> cos 0.
+    Eq. 23 is one mean over all anomalous pixels: (1 + 1/sqrt2 + 0) / 3."""
+    from ssvp.metrics.alignment import cell_fraction, tir_fg
+
+    r = 1 / np.sqrt(2)
+    v = np.array([[[1, 0], [0, 1], [r, r], [-1, 0]], [[1, 0], [1, 0], [1, 0], [0, 1]]], dtype=np.float32)
+    t_abn = np.array([[1, 0], [2, 0]], dtype=np.float32)  # norms do not matter
+    masks = np.zeros((2, 4, 4), dtype=np.float32)
+    masks[0, :2, :2] = 1  # cell 0
+    masks[0, 2:, :2] = 1  # cell 2
+    masks[1, 2:, 2:] = 1  # cell 3
+    fg = cell_fraction(masks, 2)
+    np.testing.assert_allclose(fg.numpy(), [[1, 0, 1, 0], [0, 0, 0, 1]])
+    assert tir_fg(v, t_abn, fg) == pytest.approx((1 + r + 0) / 3, rel=1e-6)
+    # a cell half covered counts with half the pixels; several layers: cosines averaged over layers
+    masks[1, 2:, 2:] = 0
+    masks[1, 2:, 2] = 1  # half of cell 3
+    fg = cell_fraction(masks, 2)
+    assert tir_fg(v, t_abn, fg) == pytest.approx((1 + r + 0.5 * 0) / 2.5, rel=1e-6)
+    two_layers = np.stack([v, -v], axis=1)  # [B, L=2, N, D]: cosines cancel
+    assert tir_fg(two_layers, t_abn, fg) == pytest.approx(0.0, abs=1e-7)
+    assert np.isnan(tir_fg(v, t_abn, np.zeros((2, 4))))  # no anomalous pixel: undefined
+
+
+def test_scd_eq24_per_state_hand_computed():
+    """||unit(t_final) - unit(t_static)||_2 per state: orthogonal -> sqrt 2, equal -> 0, opposite -> 2."""
+    from ssvp.metrics.alignment import scd, scd_per_image
+
+    e = np.eye(2, dtype=np.float32)
+    t_static = np.stack([e[0], e[1]])  # [2, D]: normal, abnormal
+    t_final = np.stack([np.stack([3 * e[0], e[0]]), np.stack([e[1], -e[1]])])  # [B=2, 2, D]
+    d = scd_per_image(t_final, t_static).numpy()
+    np.testing.assert_allclose(d, [[0.0, np.sqrt(2)], [np.sqrt(2), 2.0]], rtol=1e-6)
+    out = scd(t_final, t_static)
+    assert out["scd_normal"] == pytest.approx(np.sqrt(2) / 2, rel=1e-6)
+    assert out["scd_abnormal"] == pytest.approx((np.sqrt(2) + 2) / 2, rel=1e-6)
 
 
 def test_tir_fg_rejects_bad_shapes():
-    with pytest.raises(M.MetricInputError, match="t_final"):
-        M.tir_fg(np.ones((2, 4)), np.ones((2, 3, 4)), np.ones((2, 4)), [0, 1])
-    with pytest.raises(M.MetricInputError, match="v_global"):
-        M.tir_fg(np.ones((2, 4)), np.ones((2, 2, 4)), np.ones((3, 4)), [0, 1])
+    from ssvp.metrics.alignment import scd, tir_fg
+
+    with pytest.raises(M.MetricInputError, match="tir_fg"):
+        tir_fg(np.ones((2, 4, 3)), np.ones((2, 2)), np.ones((2, 4)))
+    with pytest.raises(M.MetricInputError, match="scd"):
+        scd(np.ones((2, 3, 4)), np.ones((2, 4)))

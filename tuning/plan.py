@@ -77,7 +77,9 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
     import ray
 
     space = sweep.validate()
-    base = absolutize_paths(sweep.base.override(space.fixed))
+    # trials select on held-out *source* classes (train.protocol=select: val_objective); the
+    # paper protocol (all source classes, last epoch) is for the refit of the chosen configuration
+    base = absolutize_paths(sweep.base.override({"protocol": "select", **space.fixed}))
     if not ray.is_initialized():
         from .ray_session import init_ray
 

@@ -5,6 +5,10 @@ defect type). :class:`AnomalyDataset` wraps those records: it checks at construc
 that every listed file exists (cheap), decodes images and masks lazily with PIL, and
 returns :class:`Sample` items (image ``[3,S,S]`` in [0,1], mask ``[S,S]`` in {0,1}).
 
+Per-backbone resolution (paper §4.2: CLIP at 518 px, DINO at 592 px): a dataset with
+``dino_image_size`` set (``ds.with_dino_size(S_d)``) also returns ``image_dino`` ``[3,S_d,S_d]``,
+resized from the same decoded original as ``image`` (never from the resized ``image``).
+
 Mask binarisation: lossless masks (PNG, BMP, TIFF) count every non-zero pixel as
 anomalous (MVTec stores 0/255, VisA 0/k); JPEG masks (RSDD) use ``>= 128`` so the
 compression ringing around edges does not leak into the mask.
@@ -31,6 +35,7 @@ __all__ = [
     "AnomalyDataset",
     "collate",
     "load_image",
+    "load_image_sizes",
     "load_mask",
     "IMAGE_EXTS",
 ]
@@ -67,6 +72,7 @@ class Sample:
     cls_name: str
     defect: str
     path: str
+    image_dino: torch.Tensor | None = None  # [3, S_d, S_d] for the DINO branch, from the original
 
     def __getitem__(self, key: str) -> Any:
         if key not in _SAMPLE_KEYS:
@@ -84,7 +90,8 @@ def collate(items: Sequence[Sample | dict]) -> dict[str, Any]:
     """DataLoader ``collate_fn``: stack tensors, keep strings as lists.
 
     Returns ``{"image": [B,3,S,S], "mask": [B,S,S], "label": LongTensor[B],
-    "cls_name": [str], "defect": [str], "path": [str]}``.
+    "cls_name": [str], "defect": [str], "path": [str]}``, plus ``"image_dino"``
+    ``[B,3,S_d,S_d]`` when the items carry one.
     """
     if not items:
         raise ValueError("collate got an empty batch")
@@ -94,7 +101,7 @@ def collate(items: Sequence[Sample | dict]) -> dict[str, Any]:
             f"images in one batch have different sizes {sorted(shapes)}; open the dataset with "
             "image_size=S (or ds.transform(S)) so every image is resized to S x S"
         )
-    return {
+    out = {
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
         "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
@@ -102,6 +109,14 @@ def collate(items: Sequence[Sample | dict]) -> dict[str, Any]:
         "defect": [it["defect"] for it in items],
         "path": [it["path"] for it in items],
     }
+    dino = [_get(it, "image_dino") for it in items]
+    if all(d is not None for d in dino):
+        out["image_dino"] = torch.stack(dino)
+    return out
+
+
+def _get(item: Sample | dict, key: str) -> Any:
+    return item.get(key) if isinstance(item, dict) else getattr(item, key, None)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -126,13 +141,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, image_size: int | None = None) -> torch.Tensor:
-    """Decode an image file to ``[3, S, S]`` float in [0, 1] (bilinear resize when ``image_size``)."""
-    img = _to_rgb(_open(path, "image"))
+def _to_tensor(img: Image.Image, image_size: int | None) -> torch.Tensor:
     if image_size:
         img = img.resize((image_size, image_size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | os.PathLike, image_size: int | None = None) -> torch.Tensor:
+    """Decode an image file to ``[3, S, S]`` float in [0, 1] (bilinear resize when ``image_size``)."""
+    return _to_tensor(_to_rgb(_open(path, "image")), image_size)
+
+
+def load_image_sizes(path: str | os.PathLike, sizes: Sequence[int | None]) -> list[torch.Tensor]:
+    """One decode of an image file, resized from the original to each of ``sizes`` (CLIP, DINO, ...)."""
+    img = _to_rgb(_open(path, "image"))
+    return [_to_tensor(img, s) for s in sizes]
 
 
 def mask_to_bool(img: Image.Image, path: str) -> np.ndarray:
@@ -217,11 +241,13 @@ class AnomalyDataset(Dataset):
         skip_bad_files: bool = False,
         skipped: list[tuple[str, str]] | None = None,
         check_files: bool = True,
+        dino_image_size: int | None = None,
     ):
         self.name = name
         self.root = root
         self.split = split
         self.image_size = int(image_size) if image_size else None
+        self.dino_image_size = int(dino_image_size) if dino_image_size else None
         self.skip_bad_files = bool(skip_bad_files)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         records = list(records)
@@ -277,10 +303,9 @@ class AnomalyDataset(Dataset):
         img = _to_rgb(_open(rec.image_path, "image"))
         size = img.size
         mask = load_mask(rec.mask_path, size, self.image_size, rec.image_path)
-        if self.image_size:
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        image = _to_tensor(img, self.image_size)
+        dino_size = getattr(self, "dino_image_size", None)
+        image_dino = _to_tensor(img, dino_size) if dino_size and dino_size != self.image_size else None
         return Sample(
             image=image,
             mask=mask,
@@ -288,6 +313,7 @@ class AnomalyDataset(Dataset):
             cls_name=rec.cls_name,
             defect=rec.defect,
             path=rec.image_path,
+            image_dino=image_dino,
         )
 
     def __getitem__(self, index: int) -> Sample:
@@ -318,6 +344,11 @@ class AnomalyDataset(Dataset):
     def transform(self, image_size: int | None) -> "AnomalyDataset":
         """The same records resized to ``image_size x image_size`` (None: native size)."""
         return self._replace(image_size=int(image_size) if image_size else None)
+
+    def with_dino_size(self, dino_image_size: int | None) -> "AnomalyDataset":
+        """The same records, each item also carrying ``image_dino`` at ``dino_image_size`` px resized
+        from the original (None, or the same size as ``image_size``: no second image)."""
+        return self._replace(dino_image_size=int(dino_image_size) if dino_image_size else None)
 
     def select_classes(self, classes: Iterable[str]) -> "AnomalyDataset":
         """Only the records of ``classes`` (unknown names are an error listing the known ones)."""

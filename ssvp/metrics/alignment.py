@@ -1,84 +1,106 @@
-"""Alignment metrics of the vision-conditioned prompts: TIR-FG and SCD (Eq. 23-24)."""
+"""Semantic-visual alignment metrics of Table 4: TIR-FG (Eq. 23) and SCD (Eq. 24).
+
+    TIR_FG = 1/|Omega_fg| sum_{u in Omega_fg} CosSim(v_u, t_abn)                  (Eq. 23)
+    SCD    = ||t_final - t_static||_2, for the normal and the abnormal prompt       (Eq. 24)
+
+As computed here (``ssvp eval`` reports ``tir_fg``, ``scd_normal``, ``scd_abnormal`` per
+class and their mean; docs/PAPER_MAP.md):
+
+* v_u are the fused patch features V_syn^local (Eq. 5) of grid cell u and t_abn the
+  abnormal state embedding the maps are computed with (T_final, Eq. 11). With several
+  tapped layers the cosine is averaged over the layers (interpretation: Eq. 23 names one
+  v_u, Eq. 13 has one per layer).
+* Omega_fg is the ground-truth mask, a set of pixels; a pixel takes the feature of the
+  grid cell it lies in, so each cell counts with the number of anomalous pixels it holds
+  (``cell_fraction``: area fraction per cell). The sum runs over every anomalous pixel of
+  the evaluated set (one |Omega_fg| for a class, as the equation has one sum).
+* t_static, the "static prototypes", are the CLIP text embeddings of fixed template
+  prompts (``STATIC_TEMPLATES``: "a photo of a flawless {cls}." / "a photo of a damaged
+  {cls}."; interpretation: the paper names no template). Both embeddings are unit vectors
+  before the distance (so SCD lies in [0, 2]); SCD is averaged over images.
+"""
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
-import numpy as np
+import torch
+import torch.nn.functional as F
 
-from .common import MetricInputError, _labels_scores, _to_numpy
+from .common import MetricInputError
 
+__all__ = ["STATIC_TEMPLATES", "cell_fraction", "tir_fg_sums", "tir_fg", "scd_per_image", "scd"]
 
-# ---------------------------------------------------------- TIR-FG and SCD (Eq. 23-24)
-def _unit(x: np.ndarray, name: str) -> np.ndarray:
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    if (n == 0).any():
-        raise MetricInputError(f"{name}: contains a zero vector (cosine similarity undefined)")
-    return x / n
+STATIC_TEMPLATES = ("a photo of a flawless {}.", "a photo of a damaged {}.")  # t_static (normal, abnormal)
 
 
-def _text_pairs(t: Any, name: str, b: int | None, d: int | None) -> np.ndarray:
-    a = _to_numpy(t, name).astype(np.float64)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3 or a.shape[1] != 2:
-        raise MetricInputError(f"{name}: expected [2, D] or [B, 2, D] (normal, abnormal), got shape {a.shape}")
-    if d is not None and a.shape[2] != d:
-        raise MetricInputError(f"{name}: feature size {a.shape[2]} differs from the visual features' {d}")
-    if b is not None and a.shape[0] not in (1, b):
-        raise MetricInputError(f"{name}: batch {a.shape[0]} differs from {b}")
-    return _unit(a, name)
+def _t(x: Any, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(x, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MetricInputError(f"{name}: not a numeric array ({exc})") from None
 
 
-def tir_fg(t_init: Any, t_final: Any, v_global: Any, labels: Any) -> float:
-    """TIR-FG (Eq. 23): text-image relevance gain of the vision-conditioned prompts.
+def cell_fraction(masks: Any, grid: int) -> torch.Tensor:
+    """Anomalous-area fraction of each of the grid x grid cells: masks [B, H, W] -> [B, grid * grid]."""
+    m = _t(masks, "masks")
+    if m.dim() != 3:
+        raise MetricInputError(f"masks: expected [B, H, W], got shape {tuple(m.shape)}")
+    return F.adaptive_avg_pool2d((m > 0.5).float()[:, None], grid).flatten(1)
 
-    Inputs (what ``SSVPOutput.aux`` holds): ``t_init`` [2, D] or [B, 2, D], the static
-    prompts' text features (normal, abnormal) before VCPG; ``t_final`` [B, 2, D], after
-    VCPG (Eq. 12); ``v_global`` [B, D], the image's global visual feature in the joint
-    space; ``labels`` [B] (1 = anomalous).
 
-    Definition used here: relevance R(T) = mean_i sign_i * (cos(v_i, t_i^abn) -
-    cos(v_i, t_i^norm)) with sign_i = +1 for anomalous and -1 for normal images (how much
-    closer an image is to the text of its true state), and TIR-FG = R(T_final) - R(T_init).
-    Positive = VCPG made text and image more relevant to each other.
+def tir_fg_sums(patches: Any, t_abn: Any, fg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: (sum_u fg_u cos(v_u, t_abn), sum_u fg_u) of Eq. 23.
 
-    Caveat: the paper's Eq. 23 text could not be read from this project's stored copy of
-    arXiv 2601.09147 (only its opening is indexed); this is a reconstruction from the
-    metric's name and the quantities VCPG produces. Check it against the paper before
-    quoting numbers next to the paper's.
+    patches [B, N, D] or [B, L, N, D] (cosines averaged over L), t_abn [B, D], fg [B, N]
+    (weights of the cells: 0/1 or the area fraction of ``cell_fraction``).
     """
-    v = _to_numpy(v_global, "v_global").astype(np.float64)
-    if v.ndim != 2:
-        raise MetricInputError(f"v_global: expected [B, D], got shape {v.shape}")
-    b, d = v.shape
-    y, _ = _labels_scores(labels, np.zeros(len(_to_numpy(labels, "labels").reshape(-1))))
-    if y.size != b:
-        raise MetricInputError(f"labels ({y.size}) and v_global ({b}) differ in batch size")
-    v = _unit(v, "v_global")
-    sign = np.where(y, 1.0, -1.0)
+    v, t, w = _t(patches, "patches"), _t(t_abn, "t_abn"), _t(fg, "fg")
+    if v.dim() == 3:
+        v = v[:, None]
+    if v.dim() != 4 or t.dim() != 2 or w.dim() != 2:
+        raise MetricInputError(
+            f"tir_fg: expected patches [B, (L,) N, D], t_abn [B, D], fg [B, N]; got "
+            f"{tuple(v.shape)}, {tuple(t.shape)}, {tuple(w.shape)}"
+        )
+    if not (v.shape[0] == t.shape[0] == w.shape[0]) or v.shape[2] != w.shape[1] or v.shape[3] != t.shape[1]:
+        raise MetricInputError(
+            f"tir_fg: shapes do not pair up: patches {tuple(v.shape)}, t_abn {tuple(t.shape)}, fg {tuple(w.shape)}"
+        )
+    cos = torch.einsum("blnd,bd->bln", F.normalize(v, dim=-1), F.normalize(t, dim=-1)).mean(dim=1)  # [B, N]
+    return (w * cos).sum(dim=1), w.sum(dim=1)
 
-    def relevance(t):
-        cos = np.einsum("bd,bcd->bc", v, np.broadcast_to(t, (b, 2, d)))
-        return float(np.mean(sign * (cos[:, 1] - cos[:, 0])))
 
-    return relevance(_text_pairs(t_final, "t_final", b, d)) - relevance(_text_pairs(t_init, "t_init", b, d))
+def tir_fg(patches: Any, t_abn: Any, fg: Any) -> float:
+    """TIR-FG (Eq. 23) over every anomalous cell of the batch; NaN when there is none."""
+    num, den = tir_fg_sums(patches, t_abn, fg)
+    total = float(den.sum())
+    return float(num.sum()) / total if total > 0 else math.nan
 
 
-def scd(t_init: Any, t_final: Any) -> float:
-    """SCD (Eq. 24): semantic consistency of the vision-conditioned prompts.
+def scd_per_image(t_final: Any, t_static: Any) -> torch.Tensor:
+    """||unit(t_final) - unit(t_static)||_2 per image and state: [B, 2, D], [B, 2, D] or [2, D] -> [B, 2]."""
+    f, s = _t(t_final, "t_final"), _t(t_static, "t_static")
+    if s.dim() == 2:
+        s = s[None].expand(f.shape[0], -1, -1)
+    if f.dim() != 3 or f.shape[1] != 2 or f.shape != s.shape:
+        raise MetricInputError(
+            f"scd: expected t_final [B, 2, D] and t_static [B, 2, D] or [2, D] (normal, abnormal); got "
+            f"{tuple(f.shape)}, {tuple(s.shape)}"
+        )
+    return (F.normalize(f, dim=-1) - F.normalize(s, dim=-1)).norm(dim=-1)  # Eq. 24
 
-    Inputs: ``t_init`` [2, D] or [B, 2, D] and ``t_final`` [B, 2, D] text features
-    (normal, abnormal). SCD = mean over images and both states of cos(t_final, t_init):
-    1 means VCPG kept the prompts' initial semantics (gate alpha = 0 at initialisation,
-    Eq. 12), lower values mean the image-conditioned prompts drifted from them. Read with
-    TIR-FG: a useful VCPG raises relevance (TIR-FG > 0) while staying consistent.
 
-    Caveat: as for ``tir_fg``, a reconstruction; the paper's Eq. 24 text was not readable
-    from this project's stored copy of the paper.
-    """
-    tf = _to_numpy(t_final, "t_final")
-    b = tf.shape[0] if tf.ndim == 3 else 1
-    d = tf.shape[-1]
-    f = _text_pairs(t_final, "t_final", None, d)
-    i = _text_pairs(t_init, "t_init", b, d)
-    return float(np.mean(np.sum(np.broadcast_to(i, f.shape) * f, axis=-1)))
+def scd(t_final: Any, t_static: Any) -> dict[str, float]:
+    """SCD (Eq. 24) averaged over images: ``{"scd_normal": ..., "scd_abnormal": ...}``."""
+    d = scd_per_image(t_final, t_static)
+    return {"scd_normal": float(d[:, 0].mean()), "scd_abnormal": float(d[:, 1].mean())}
+
+
+def static_text(text_encoder: Any, class_names: Sequence[str]) -> torch.Tensor:
+    """t_static [C, 2, D]: CLIP text embeddings of ``STATIC_TEMPLATES`` for each class name."""
+    names = [str(c).replace("_", " ") for c in class_names]
+    texts = [tpl.format(n) for n in names for tpl in STATIC_TEMPLATES]
+    with torch.no_grad():
+        emb = text_encoder.encode_text(texts).float()
+    return emb.view(len(names), 2, -1)
