@@ -52,7 +52,8 @@ class ModelConfig:
     Backbone names select entries of the registries in ``ssvp.backbones``:
     ``clip_model`` is an open_clip model name (``ViT-L-14``) or ``tiny``;
     ``dino_model`` is one of ``dinov3_vitl16`` (default), ``dinov3_vitb16``,
-    ``dinov3_vits16``, ``dinov2_vitl14``, ``mae_vitl16`` or ``dinov3_tiny``.
+    ``dinov3_vits16``, ``dinov3_vits16plus`` (Table 5's 29M ViT-S), ``dinov2_vitl14``, ``mae_vitl16`` or
+    ``dinov3_tiny``.
     Weights: ``clip_pretrained`` is an open_clip pretrained tag (``openai``), an
     ``hf-hub:`` id or a local checkpoint path; ``dino_weights`` a Hugging Face id
     or a local directory. An empty string means random initialisation.

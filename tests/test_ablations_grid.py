@@ -55,7 +55,7 @@ def test_components_backbones_and_sensitivity_grids():
                    "no_vtam": ("atf", True, False), "concat": ("concat", True, True)}
     bb = load_grid(CONFIGS / "backbones.yaml")
     assert [bb.variant_config(v.name).model.dino_model for v in bb.variants] == [
-        "mae_vitl16", "dinov2_vitl14", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"]
+        "mae_vitl16", "dinov2_vitl14", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16"]
     for name, center in (("gamma", 0.5), ("xi", 0.85)):
         g = load_grid(CONFIGS / f"{name}.yaml")
         other = "xi" if name == "gamma" else "gamma"
