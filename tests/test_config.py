@@ -15,6 +15,19 @@ def test_defaults_are_the_papers():
     assert m.dino_model == "dinov3_vitl16" and m.dino_layers == [3, 6, 9, 11]
     assert m.grid == 37 and m.fusion == "atf" and m.vcpg and m.vtam
     assert (t.epochs, t.batch_size, t.lr_prompt, t.lr_head) == (15, 8, 5e-4, 1e-4)
+    # §4.2 loss weights, 3 + 3 prompts
+    assert (m.beta, m.lambda1, m.lambda2, m.n_prompts) == (0.1, 1.0, 0.5, 3)
+    # main-text readings where the paper contradicts itself (docs/PAPER_MAP.md)
+    assert (m.dino_taps, m.s_local, m.s_global, m.l_seg_on) == ("as_written", "max", "inner", "p_anom")
+    assert (m.ln_eq4_eq11, m.l_class_sigma, m.vae_reduction, m.z_infer) == (True, True, "sum", "sample")
+    assert m.n_latent_tokens == 1 and t.protocol == "paper"
+
+
+@pytest.mark.parametrize("key, bad", [("dino_taps", "middle"), ("s_global", "dot"), ("l_seg_on", "both"),
+                                      ("vae_reduction", "max"), ("z_infer", "mode"), ("protocol", "best")])
+def test_paper_options_reject_unknown_values(key, bad):
+    with pytest.raises(ConfigError, match=key):
+        Config().override({key: bad})
 
 
 def test_keys_unique_across_sections():

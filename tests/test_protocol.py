@@ -36,6 +36,8 @@ def test_paper_protocol_reports_the_last_epoch_and_records_itself(tmp_path, synt
     cfg, result = _fit(tmp_path, synthetic_root)
     assert result.best_epoch == 2 and result.best_metrics == result.history[-1]  # no selection
     assert not any(k.startswith("val_") for h in result.history for k in h)
+    # §4.2 cosine decay over the whole run (2 epochs x 1 step): 5e-4 -> 5e-4 (1 + cos(pi/2)) / 2 -> 0
+    assert result.history[0]["lr_prompt"] == pytest.approx(2.5e-4) and result.history[1]["lr_prompt"] == pytest.approx(0.0, abs=1e-12)
     last, best = tmp_path / "ckpt" / "last", tmp_path / "ckpt" / "best"
     state = torch.load(last / "head.pt", weights_only=False)
     assert state["protocol"] == "paper" and state["epoch"] == 1
