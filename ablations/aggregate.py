@@ -425,6 +425,11 @@ def _best(group: Sequence[Row], key: str) -> set[int]:
     return {i for i, v in vals if v == top}
 
 
+def _r1(x: float) -> float:
+    """Rounded to the shown precision, without a negative zero (-0.04 shows as +0.0, not -0.0)."""
+    return round(x, 1) + 0.0
+
+
 def _fmt_cell(mean: float, std: float, n: int) -> str:
     if n == 0 or not math.isfinite(mean):
         return "—"
@@ -438,8 +443,8 @@ def _fmt_diff(d: PairedDiff) -> str:
     if status == "none":
         return "—"
     if status in ("single", "two", "zero_spread"):
-        return f"{d.mean:+.1f} {CAVEATS[status][0]}"
-    cell = f"{d.mean:+.1f} [{d.lo:+.1f}, {d.hi:+.1f}]"
+        return f"{_r1(d.mean):+.1f} {CAVEATS[status][0]}"
+    cell = f"{_r1(d.mean):+.1f} [{_r1(d.lo):+.1f}, {_r1(d.hi):+.1f}]"
     if status == "wide":
         cell += f" {CAVEATS['wide'][0]}"
     return cell + (" *" if d.significant else "")

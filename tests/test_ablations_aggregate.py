@@ -209,6 +209,9 @@ def test_markdown_three_seeds_star_zero_spread_and_wide():
     md = md_of(_three([0.029, 0.029, 0.029], ref=0.5))
     assert "| A | base | 3 | +2.9 ⁰ |" in md and "⁰ the same difference on every seed" in md
     assert "+2.9 [" not in md and "+2.9 ⁰ *" not in md
+    # float noise around 0 shows as +0.0, never -0.0
+    md = md_of(_three([-1e-12, -1e-12, -1e-12], ref=0.3))
+    assert "| A | base | 3 | +0.0 ⁰ |" in md and "-0.0" not in md
     # n = 3, very wide interval: shown, flagged, caveat printed
     md = md_of(_three([-0.70, 0.05, 0.10]))
     line = next(x for x in md.splitlines() if x.startswith("| A | base | 3 |"))
