@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,20 +48,43 @@ def _metric_table(report: dict) -> str:
 
 
 def _write_report(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """The report as one atomic write: a failure (disk full, unwritable folder) leaves no
+    half-written ``out`` and no temporary file, and is an ``OSError`` naming ``out``."""
+    from .features import _atomic_write
+
     if out.suffix == ".csv":
-        with out.open("w", newline="") as fh:
-            writer = None
-            for target, report in results.items():
-                rows = [*report["per_class"].items(), ("mean", report["mean"])]
-                for cls, metrics in rows:
-                    row = {"target": target, "class": cls, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}
-                    if writer is None:
-                        writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
-                        writer.writeheader()
-                    writer.writerow(row)
+        buf = io.StringIO()
+        writer = None
+        for target, report in results.items():
+            rows = [*report["per_class"].items(), ("mean", report["mean"])]
+            for cls, metrics in rows:
+                row = {"target": target, "class": cls, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}
+                if writer is None:
+                    writer = csv.DictWriter(buf, fieldnames=list(row), extrasaction="ignore", lineterminator="\n")
+                    writer.writeheader()
+                writer.writerow(row)
+        text = buf.getvalue()
     else:
-        out.write_text(json.dumps(results, indent=2, default=float))
+        text = json.dumps(results, indent=2, default=float)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, lambda fh: fh.write(text.encode("utf-8")))
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def _check_out_file(value: str, flag: str = "--out") -> Path:
+    """``value`` as an output file, checked before any work: not a folder, its folder creatable."""
+    out = Path(value)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; name a file (.json, or .csv)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {out}: cannot create its folder {out.parent}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"{flag} {out}: its folder {out.parent} is not writable")
+    return out
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -132,7 +157,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.save(out / "config.yaml")
     result = fit(cfg, checkpoint_dir=out / "checkpoints", resume_from=args.resume,
                  on_epoch=EpochPrinter(cfg.train.epochs))
-    (out / "history.json").write_text(json.dumps(result.history, indent=2))
+    from .features import _atomic_write
+
+    _atomic_write(out / "history.json", lambda fh: fh.write(json.dumps(result.history, indent=2).encode("utf-8")))
     if cfg.train.protocol == "paper":  # §4.1-4.2: all source classes, the last epoch is the model
         print(f"protocol paper: trained on all source classes; the model is the last epoch ({result.best_epoch})")
         print(f"checkpoints: {out / 'checkpoints' / 'last'} (= {out / 'checkpoints' / 'best'})")
@@ -156,6 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.print_config:
         return _print_config(cfg)
+    if args.out:
+        _check_out_file(args.out)
     results = evaluate(cfg, args.checkpoint, datasets=args.targets or None)
     for target, report in results.items():
         print(f"\n## {target}\n{_metric_table(report)}")
@@ -368,9 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # bad input: config, data, checkpoint, flags
         print(f"ssvp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, unwritable output, I/O errors: one line naming the file
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        print(f"ssvp {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = " (checkpoints written so far are complete: --resume OUT/checkpoints/last)" if args.command == "train" else ""
+        print(f"ssvp {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        from .engine import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError):
+            raise
+        print(f"ssvp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[dict]:
 
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"ssvp_head_{os.getpid()}_{gcs_port}"  # short: Ray's socket paths have a length limit
+    # on a busy machine the dashboard's modules take longer than Ray's default 30 s to come up
+    env = {"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300", **env}
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--num-cpus", str(num_cpus),
@@ -177,6 +179,9 @@ def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[dict]:
         yield {"address": address, "gcs": f"127.0.0.1:{gcs_port}", "client": client, "temp_dir": temp_dir}
     finally:
         kill_group(head.pid)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_job(client, job_id: str, seconds: float = 900) -> tuple[object, str]:
