@@ -80,6 +80,7 @@ __all__ = [
     "render_markdown",
     "render_latex",
     "write_report",
+    "rebuild_report",
     "read_records",
     "plot_points",
     "plot_forest",
@@ -899,6 +900,19 @@ def write_report(grid: Grid, records: Iterable[Mapping[str, Any]], out_dir: str 
     return written
 
 
+def rebuild_report(grid: Grid, out_dir: str | Path, seeds: Sequence[int] | None = None, per_class: bool = False,
+                   plots: bool = True, results: str | Path | None = None) -> tuple[str, dict[str, Path]]:
+    """Rebuild a grid's tables and plots in ``out_dir`` from ``records.jsonl`` (in ``results``,
+    default ``out_dir``), without running anything; returns (results.md text, written files).
+    Raises FileNotFoundError when there are no records."""
+    src = Path(results or out_dir) / "records.jsonl"
+    records = read_records(src)
+    if not records:
+        raise FileNotFoundError(f"no records in {src}")
+    written = write_report(grid, records, out_dir, seeds=seeds, per_class=per_class, plots=plots)
+    return written["results.md"].read_text(), written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Rebuild an ablation grid's tables (Markdown, CSV, LaTeX) and plots from its records.jsonl",
@@ -912,14 +926,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="where to write (default: --results)")
     args = p.parse_args(argv)
     grid = load_grid(args.grid)
-    records = read_records(Path(args.results) / "records.jsonl")
-    if not records:
-        print(f"no records in {Path(args.results) / 'records.jsonl'}", file=sys.stderr)
-        return 2
     seeds = grid.seed_values(args.seeds) if args.seeds else None
-    written = write_report(grid, records, args.out or args.results, seeds=seeds, per_class=args.per_class,
-                           plots=not args.no_plots)
-    print((Path(args.out or args.results) / "results.md").read_text())
+    try:
+        text, written = rebuild_report(grid, args.out or args.results, seeds=seeds, per_class=args.per_class,
+                                       plots=not args.no_plots, results=args.results)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(text)
     for name, path in written.items():
         print(f"wrote {path}")
     return 0
