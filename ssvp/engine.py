@@ -202,7 +202,7 @@ def _decode_identity(ds: Dataset) -> str | None:
     from .data import base
 
     try:
-        src = "".join(inspect.getsource(f) for f in (type(ds).load, base._open, base._to_rgb))
+        src = "".join(inspect.getsource(f) for f in (type(ds).load, base._open, base._to_rgb, base._to_tensor))
     except (OSError, TypeError, AttributeError):
         return None
     return hashlib.sha256(f"{src}|PIL {PIL.__version__}|numpy {np.__version__}".encode()).hexdigest()[:16]
@@ -310,11 +310,38 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int,
 
 
 def _progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
+    """``iterable`` with a progress bar when ``enabled``; the bar never touches the iterable.
+
+    (``tqdm.auto(loader)`` is tqdm's asyncio class, which calls ``iter(loader)`` when it
+    is built: a second DataLoader iterator that drew from the loader's generator and
+    changed the shuffle, so ``progress=true`` trained on another order than ``false``.)
+    """
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+    total = kwargs.pop("total", None)
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    return _Bar(iterable, tqdm(total=total, leave=False, dynamic_ncols=True, **kwargs))
+
+
+class _Bar:
+    """Iterates ``iterable`` itself and advances ``bar`` after each item."""
+
+    def __init__(self, iterable: Iterable, bar):
+        self.iterable, self.bar = iterable, bar
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.bar.set_postfix(**kwargs)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -340,39 +367,113 @@ def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, cfg: Config, model, optimizer, scheduler, epoch: int, extra: dict) -> Path:
-    """Write ``head.pt`` + ``config.json`` atomically into ``path`` (heads only, never backbones)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    """Write ``head.pt`` + ``config.json`` atomically into ``path`` (heads only, never backbones).
+
+    ``head.pt`` holds tensors and plain data only (it loads with ``weights_only=True``);
+    the config travels as JSON.
+    """
     state = {
         "head": model.head.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "rng": _rng_state(),
         **extra,
     }
-    torch.save(state, tmp / CHECKPOINT_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp / CHECKPOINT_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    return _write_dir_atomic(Path(path), write)
+
+
+def _write_dir_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh hidden sibling folder with ``write(tmp)``, then swap it in for ``path``.
+
+    An interrupted write (error, Ctrl-C) removes its folder and leaves ``path`` as it was;
+    folders a killed process left behind (``.NAME.*``) go at the next write of ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def _rng_state() -> dict:
+    """The global RNG states as tensors and plain data (numpy's key as an int64 tensor)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos),
+            int(has_gauss), float(cached)), "python": random.getstate()}
+
+
+def _set_rng_state(rng: Mapping[str, Any]) -> None:
+    if "torch" not in rng:
+        return
+    torch.set_rng_state(rng["torch"])
+    name, key, *rest = rng["numpy"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), *rest))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs (checkpoints before the tensor RNG state kept
+    numpy's as an array): array reconstruction only, no callable of the file's choice."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str | Path) -> dict:
+    """The state ``save_checkpoint`` wrote, loaded with ``weights_only=True``: a file that
+    asks for anything beyond tensors and plain data is refused, and nothing in it runs."""
+    import pickle
+
     path = Path(path)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {file} (expected a directory holding {CHECKPOINT_FILE})")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {file}: {exc}") from exc
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "global" in ln), "")
+        if detail:
+            raise CheckpointError(
+                f"refusing to load checkpoint {file}: it asks to run or build Python objects beyond tensors and "
+                f"plain data ({detail.split('. ')[0]}); nothing in it was run. Checkpoints written by ssvp never "
+                "do: check where this file came from"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {file}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file, I/O error)
+        raise CheckpointError(f"cannot read checkpoint {file}: {_first_line(exc)}") from exc
+    if not isinstance(state, dict) or "head" not in state:
+        raise CheckpointError(f"checkpoint {file} holds no SSVP head state (expected a dict with 'head')")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def config_from_checkpoint(path: str | Path) -> Config:
@@ -380,7 +481,11 @@ def config_from_checkpoint(path: str | Path) -> Config:
     file = (path if path.is_dir() else path.parent) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}")
-    return Config.from_dict(json.loads(file.read_text()))
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    return Config.from_dict(data)
 
 
 def load_head(model, path: str | Path) -> dict:
@@ -471,11 +576,7 @@ def fit(
         result.history = list(state.get("history", []))
         result.best_epoch = int(state.get("best_epoch", -1))
         result.best_metrics = dict(state.get("best_metrics", {}))
-        rng = state.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        _set_rng_state(state.get("rng") or {})
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     show = cfg.train.progress and rank == 0
@@ -540,14 +641,8 @@ def fit(
                      "thresholds": dict(val_thresholds, epoch=epoch + 1)}  # for `ssvp predict`
             ckpt_path = save_checkpoint(Path(checkpoint_dir) / "last", cfg, model, optimizer, scheduler, epoch, extra)
             if improved:
-                best = Path(checkpoint_dir) / "best"
-                tmp = Path(checkpoint_dir) / ".best.tmp"
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                shutil.copytree(ckpt_path, tmp)
-                if best.exists():
-                    shutil.rmtree(best)
-                os.replace(tmp, best)
+                src = ckpt_path
+                _write_dir_atomic(Path(checkpoint_dir) / "best", lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
             ckpt_path = str(ckpt_path)
         if show:
             shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
