@@ -126,10 +126,28 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         raise DatasetError(f"{what} {path} does not exist")
     try:
         img = Image.open(path)
+        _check_pixels(img, path, what)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise DatasetError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
     return img
+
+
+# what a bad file raises while PIL opens or decodes it (a decompression bomb beyond twice
+# PIL's MAX_IMAGE_PIXELS is DecompressionBombError, not an OSError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _check_pixels(img: Image.Image, path: str, what: str) -> None:
+    """Refuses a decompression bomb: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL only
+    warns up to twice that and would decode it; raise the limit there for genuine huge images)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:
+        raise DatasetError(
+            f"cannot read {what} {path}: {w} x {h} = {w * h} pixels exceeds the decompression-bomb limit "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit} (raise it if the image is genuine)"
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -205,9 +223,10 @@ def header(path: str, what: str, full: bool = True) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             size = img.size
+            _check_pixels(img, path, what)
             if full:
                 img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise DatasetError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
     return size
 
