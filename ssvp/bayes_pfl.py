@@ -77,8 +77,9 @@ Where this implementation differs (each a choice, not a claim about the paper):
   prediction does not depend on the batch it is in or on the global random state.
 
 ``aux`` of the output (TIR-FG / SCD apply with the Bayes-PFL prompts): ``t_init`` [B, 2, D]
-(prompt bank without flow samples, mean over prompts), ``t_final`` [B, 2, D] (with samples,
-mean over prompts and samples), ``v_global``, ``text`` [B, S, 2, B_p, D], ``image_logits``
+(prompt bank without flow samples, mean over prompts), ``t_final`` = ``text`` [B, 2, D] (unit
+state embeddings: mean over prompts and samples; ``ssvp eval``'s TIR-FG / SCD read ``text`` and
+``patches``), ``v_global``, ``text_samples`` [B, S, 2, B_p, D] (unit), ``image_logits``
 [B, S, 2, B_p], ``prompt_maps`` [B, L, S * B_p, H, W] (abnormal probability, training only),
 ``map_grid`` [B, 2, g, g], ``kl_ctx`` / ``kl_normal`` / ``kl_abnormal`` (scalars).
 """
@@ -93,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hsvs import HSVSFusion
-from .model import SSVPOutput
+from .outputs import SSVPOutput
 from .vcpg import PromptLearner, _is_causal
 from .vtam import prob_logit
 
@@ -306,15 +307,10 @@ class BayesPFLHead(nn.Module):
 
     def __init__(self, model_cfg: Any, clip_dim: int, dino_dim: int, text_encoder: Any) -> None:
         super().__init__()
-        cfg = model_cfg
-        self.model_cfg = cfg
-        self.n_layers = len(cfg.clip_layers)
-        self.clip_dim = int(clip_dim)
-        self.n_samples = int(cfg.pfl_samples)
-        object.__setattr__(self, "_text_encoder", text_encoder)  # frozen, owned by Backbones: not registered
-        width = int(getattr(text_encoder, "width", 0)) or int(
-            text_encoder.token_embedding(text_encoder.tokenize(["x"])).shape[-1]
-        )
+        cfg = self.model_cfg = model_cfg
+        self.n_layers, self.clip_dim, self.n_samples = len(cfg.clip_layers), int(clip_dim), int(cfg.pfl_samples)
+        object.__setattr__(self, "_text_encoder", text_encoder)  # the frozen text tower of Backbones: not a submodule
+        width = int(text_encoder.width)  # token-embedding width: where the prompt samples are added
         self.fusion = HSVSFusion(cfg.fusion, self.n_layers, clip_dim, dino_dim, cfg.attn_heads)
         self.prompts = PromptBank(cfg.n_prompts, cfg.pfl_n_ctx, cfg.pfl_n_state, width)
         self.flow_ctx = PromptFlow(width, cfg.pfl_flows, cond_dim=clip_dim)  # image-specific
@@ -410,8 +406,9 @@ class BayesPFLHead(nn.Module):
             prompt_maps = F.interpolate(per, size=size, mode="bilinear", align_corners=False).view(
                 b, self.n_layers, s * bp, *size
             )
+        t_final = F.normalize(text.mean(dim=(1, 3)), dim=-1)  # [B, 2, D]: mean over samples and prompts
         aux: dict[str, Any] = {
-            "text": text,
+            "text_samples": text,
             "image_logits": image_logits,
             "prompt_maps": prompt_maps,
             "map_grid": torch.cat([1.0 - grid_map, grid_map], dim=1),
@@ -419,7 +416,8 @@ class BayesPFLHead(nn.Module):
             "v_global": v_global,
             "t_init_prompts": sampled["t_init"],
             "t_init": F.normalize(F.normalize(sampled["t_init"], dim=-1).mean(dim=2), dim=-1),
-            "t_final": F.normalize(text.mean(dim=(1, 3)), dim=-1),
+            "t_final": t_final,
+            "text": t_final,  # the state embeddings (TIR-FG / SCD read them as SSVP's)
             "kl_ctx": sampled["kl_ctx"],
             "kl_normal": sampled["kl_normal"],
             "kl_abnormal": sampled["kl_abnormal"],
@@ -480,7 +478,7 @@ def bayes_pfl_loss(out: SSVPOutput, masks: torch.Tensor, labels: torch.Tensor, m
             focal = focal + balanced_focal_loss(maps[:, layer, j], masks, model_cfg.focal_lambda) / maps.shape[2]
             dice = dice + dice_loss(maps[:, layer, j], masks) / maps.shape[2]
     kl = aux["kl_ctx"] + aux["kl_normal"] + aux["kl_abnormal"]
-    orth = orthogonal_loss(aux["text"])
+    orth = orthogonal_loss(aux["text_samples"])
     loss = cls + focal + dice + model_cfg.pfl_kl_weight * kl + model_cfg.pfl_orth_weight * orth
     parts = {
         "cls": cls.detach(),
