@@ -1,0 +1,104 @@
+"""Redaction of secrets before anything reaches the record (MLflow params, tags, artifacts, logs).
+
+Pure functions, no I/O::
+
+    redact_text("postgresql://optuna:s3cret@db:5432/optuna")   -> "postgresql://optuna:***@db:5432/optuna"
+    redact_text("https://h/x?token=abc&page=2")                -> "https://h/x?token=***&page=2"
+    redact({"optuna_storage": "mysql://u:pw@h/db", "api_key": "k", "lr": 0.1})
+        -> {"optuna_storage": "mysql://u:***@h/db", "api_key": "***", "lr": 0.1}
+
+What counts as a secret:
+
+* the password of a URL's user info (``scheme://user:PASSWORD@host``), any scheme;
+* the value of a query-string parameter, ``NAME=value`` / ``--name value`` pair on a command
+  line, or mapping entry whose name is a secret name (``is_secret_name``): it contains
+  password / passwd / secret / token / credential / passphrase, or one of its words is
+  ``key`` / ``pwd`` / ``auth`` / ``authorization`` / ``apikey`` (``api_key``, ``AWS_SECRET_ACCESS_KEY``,
+  ``accessToken``), but not a count such as ``n_latent_tokens``;
+* ``Bearer`` / ``Basic`` credentials in an ``Authorization`` header.
+
+User names, hosts, ports, database names and every other value stay, so a redacted URL
+still tells where a store lives.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["REDACTED", "is_secret_name", "redact_text", "redact"]
+
+REDACTED = "***"
+
+_SECRET_PARTS = ("password", "passwd", "secret", "token", "credential", "passphrase")
+_SECRET_WORDS = {"key", "pwd", "pass", "auth", "authorization", "apikey", "sig", "signature"}
+_NOT_SECRET_WORDS = {"tokens", "tokenizer", "keys"}  # counts and tools, not credentials
+_WHERE_WORDS = {"file", "path", "dir", "env", "var"}
+
+
+def _words(name: str) -> list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)  # accessToken -> access Token
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def is_secret_name(name: Any) -> bool:
+    """Whether a parameter / key / variable called ``name`` holds a secret."""
+    if not isinstance(name, str):
+        return False
+    words = _words(name)
+    if words and words[-1] in _WHERE_WORDS:  # password_file, token_path: where a secret lives, not it
+        return False
+    for w in words:
+        if w in _NOT_SECRET_WORDS:
+            continue
+        if w in _SECRET_WORDS or any(part in w for part in _SECRET_PARTS):
+            return True
+        if w.endswith("key") and w[:-3] in {"api", "access", "private", "secret", "client", "auth", "signing"}:
+            return True
+    return False
+
+
+# scheme://[user][:password]@host: the password runs to the last '@' before the host
+_URL_USERINFO = re.compile(
+    r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)(?P<pw>[^\s/]*)(?=@[^\s@/?#]*(?:[/?#\s'\"]|$))"
+)
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#\s;]+)=(?P<value>[^&#\s;'\"]*)")
+# NAME=value, name: value, "name": "value", --name=value
+_ASSIGN = re.compile(
+    r"(?P<name>(?<![\w])[A-Za-z_][\w.-]*)(?P<q1>['\"]?)(?P<op>\s*[=:]\s*)(?P<quote>['\"]?)(?P<value>[^\s'\",;&}]+)"
+)
+_FLAG = re.compile(r"(?P<flag>(?<!\S)--?[A-Za-z][\w-]*)(?P<sp>\s+)(?P<value>[^\s-]\S*)")
+_KEEP_VALUES = {REDACTED, "Bearer", "Basic", "Token"}
+_AUTH_HEADER = re.compile(r"(?P<head>\b(?:Bearer|Basic|Token)\s+)(?P<value>[A-Za-z0-9._~+/=\-]{8,})")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every secret it spells out replaced by ``***`` (see the module docstring)."""
+    if not isinstance(text, str) or not text:
+        return text
+    out = _AUTH_HEADER.sub(lambda m: m["head"] + REDACTED, text)
+    out = _URL_USERINFO.sub(lambda m: m["head"] + (REDACTED if m["pw"] else ""), out)
+    out = _QUERY_PARAM.sub(
+        lambda m: f"{m['sep']}{m['name']}={REDACTED if is_secret_name(m['name']) and m['value'] else m['value']}", out
+    )
+    out = _ASSIGN.sub(
+        lambda m: (m["name"] + m["q1"] + m["op"] + m["quote"] + REDACTED)
+        if is_secret_name(m["name"]) and m["value"] not in _KEEP_VALUES and not m["value"].startswith("//") else m[0],
+        out,
+    )
+    return _FLAG.sub(lambda m: (m["flag"] + m["sp"] + REDACTED) if is_secret_name(m["flag"]) else m[0], out)
+
+
+def redact(obj: Any, name: Any = None) -> Any:
+    """A copy of ``obj`` (mappings, lists, tuples, strings, scalars, nested) with secrets
+    replaced: the whole value under a secret name, and the secrets inside every string."""
+    if (name is not None and is_secret_name(name) and not isinstance(obj, (dict, list, tuple, bool))
+            and obj not in (None, "")):
+        return REDACTED
+    if isinstance(obj, dict):
+        return {k: redact(v, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [redact(v) for v in obj]
+        return type(obj)(items) if isinstance(obj, list) or type(obj) is tuple else items
+    if isinstance(obj, str):
+        return redact_text(obj)
+    return obj
