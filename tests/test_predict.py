@@ -150,7 +150,7 @@ def test_threshold_resolution_flag_stored_or_none(tmp_path):
     def ckpt(name, state):
         d = tmp_path / name
         d.mkdir()
-        torch.save(state, d / "head.pt")
+        torch.save({"head": {}, **state}, d / "head.pt")
         return str(d)
 
     sel = ckpt("select", {"protocol": "select", "thresholds": {"image": 0.61, "pixel": 0.42, "classes": ["wood"],
