@@ -59,3 +59,27 @@ def test_redact_nested_params_tags_and_settings():
 ])
 def test_secret_names(name, secret):
     assert is_secret_name(name) is secret
+
+
+def test_sweep_tracker_records_no_secret(tmp_path):
+    """The tracker's params, tags, dict and text artifacts go through the redaction (real MLflow store)."""
+    import json
+
+    from tuning.tracking import SweepTracker
+
+    url = "postgresql://optuna:hunter2@db.example/optuna"
+    tr = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "redact-test", "sweep-1",
+                      artifact_location=str(tmp_path / "artifacts"))
+    run_id = tr.start_parent("sweep-1", tags={"optuna_storage": url})
+    tr.log_params(run_id, {"search.optuna_storage": url, "search.num_samples": 4})
+    tr.log_dict(run_id, {"optuna_storage": url, "token": "abc"}, "sweep_settings.json")
+    tr.log_text(run_id, f"connecting to {url}", "log.txt")
+    run = tr.client.get_run(run_id)
+    assert run.data.tags["optuna_storage"] == "postgresql://optuna:***@db.example/optuna"
+    assert run.data.params["search.optuna_storage"] == "postgresql://optuna:***@db.example/optuna"
+    assert run.data.params["search.num_samples"] == "4"
+    local = tr.client.download_artifacts(run_id, "", str(tmp_path / "dl"))
+    settings = json.loads((tmp_path / "dl" / "sweep_settings.json").read_text())
+    assert settings == {"optuna_storage": "postgresql://optuna:***@db.example/optuna", "token": REDACTED}
+    text = (tmp_path / "dl" / "log.txt").read_text()
+    assert "hunter2" not in text and "hunter2" not in json.dumps(settings) and local

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from .redact import redact, redact_text
+
 try:  # the callback base class; tracking helpers also work without a Ray session
     from ray.tune import Callback as _TuneCallback
 except Exception:  # noqa: BLE001
@@ -257,7 +259,8 @@ class SweepTracker:
             self.client.set_tag(self.parent_run_id, "resumed", "true")
             return self.parent_run_id
         all_tags = {"sweep_id": self.sweep_id, "role": "sweep", "git_commit": git_commit(), **(tags or {})}
-        run = self.client.create_run(self.ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+        run = self.client.create_run(self.ensure_experiment(), run_name=run_name,
+                                     tags={k: str(v) for k, v in redact(all_tags).items()})
         self.parent_run_id = run.info.run_id
         return self.parent_run_id
 
@@ -270,7 +273,7 @@ class SweepTracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        items = [Param(str(k), _param_value(v)) for k, v in params.items() if str(k) not in existing]
+        items = [Param(str(k), _param_value(v)) for k, v in redact(dict(params)).items() if str(k) not in existing]
         for start in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[start : start + 90])
 
@@ -287,10 +290,10 @@ class SweepTracker:
             self.client.log_batch(run_id, metrics=items[start : start + 500])
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(run_id, obj, artifact_file)
+        self.client.log_dict(run_id, redact(obj), artifact_file)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self.client.log_text(run_id, redact_text(text), artifact_file)
 
     def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
@@ -324,7 +327,7 @@ class SweepTracker:
     def start_child(self, run_name: str, tags: Mapping[str, Any]) -> str:
         all_tags = {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, "git_commit": git_commit(), **tags}
         run = self.client.create_run(
-            self.ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+            self.ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in redact(all_tags).items()}
         )
         return run.info.run_id
 
