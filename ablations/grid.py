@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from ablations.aggregate import METRICS, write_report
+from ablations.aggregate import METRICS, rebuild_report, write_report
 from ablations.spec import Grid, GridError, load_grid
 from ssvp.config import Config
 from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
@@ -90,7 +90,7 @@ def _target_metrics(trial_metrics: Mapping[str, float], targets: list[str]) -> d
     return out
 
 
-def _placement(train_dir: Path, trial_id: str) -> dict[str, Any]:
+def _placement(train_dir, trial_id: str) -> dict[str, Any]:
     f = train_dir / trial_id / "placement" / "rank0.json"
     try:
         return json.loads(f.read_text())
@@ -105,7 +105,10 @@ def records_from_summary(summary, base_cfg) -> list[dict[str, Any]]:
     target evaluation produced nothing) are ``failed`` with the reason; interrupted
     trials give no record (they show as missing until resumed).
     """
-    train_dir = Path(f"{summary.experiment_path}.train")
+    from tuning.storage import storage_path
+
+    exp = storage_path(summary.experiment_path)
+    train_dir = exp.parent / f"{exp.name}.train"  # a local folder or s3://
     targets = list(base_cfg.data.targets)
     records = []
     for t in summary.trials:
@@ -141,8 +144,11 @@ def _evaluate_checkpoint(cfg_dict: dict, checkpoint: str) -> dict:
     from ssvp import engine
     from ssvp.config import Config
 
+    from tuning.storage import local_copy
+
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    return engine.evaluate(Config.from_dict(cfg_dict).override({"device": device}), checkpoint)
+    with local_copy(checkpoint) as local:  # read back from the storage path (s3:// too)
+        return engine.evaluate(Config.from_dict(cfg_dict).override({"device": device}), str(local))
 
 
 def add_per_class(records: list[dict[str, Any]], base_cfg, variants: Mapping[str, Any], use_gpu: bool, cpus: float) -> None:
@@ -230,7 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact-location", default=None,
                    help="artifact root for a new experiment on a SQLite store (default: mlartifacts/ beside the .db)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
-    p.add_argument("--storage-path", default=None, help="Ray Tune/Train storage (default: SSVP_STORAGE_PATH, else runs/ray)")
+    p.add_argument("--storage-path", default=None,
+                   help="Ray Tune/Train storage, a shared folder or s3://BUCKET/PATH (default: SSVP_STORAGE_PATH, else runs/ray)")
+    p.add_argument("--data-root", default=None, help="folder that data/ in dataset paths stands for "
+                   "(default: SSVP_DATA_ROOT, else ./data)")
+    p.add_argument("--feature-cache", default=None,
+                   help="frozen-feature cache folder (default: SSVP_FEATURE_CACHE, else the grid's feature_cache)")
     p.add_argument("--variants", default=None, help="comma-separated subset of variants (names or letters)")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every variant (repeatable), e.g. --set source=visa:/data/VisA")
@@ -278,8 +289,10 @@ class GridRun:
 
 def plan_grid(args: argparse.Namespace) -> GridRun:
     """Load the grid file and check every chosen variant builds, before anything starts."""
+    from ssvp.paths import apply_flags, resolve_local
     from tuning.runner import absolutize_paths
 
+    apply_flags(args.data_root, args.feature_cache)
     grid = load_grid(_grid_path(args.grid))
     seeds = grid.seed_values(args.seeds)
     chosen = [grid.variant(v.strip()).name for v in args.variants.split(",")] if args.variants else grid.variant_names
@@ -289,7 +302,8 @@ def plan_grid(args: argparse.Namespace) -> GridRun:
     for v in chosen:  # every variant must build before anything starts
         grid.variant_config(v, seeds[0], extra)
     name = args.name or grid.name
-    out = Path(args.out or Path("runs") / "ablations" / name).resolve()
+    out = resolve_local(args.out or Path("runs") / "ablations" / name, what="output folder",
+                        origin="--out" if args.out else "default", flag="--out", env=None)
     return GridRun(grid=grid, seeds=seeds, chosen=chosen, base=absolutize_paths(grid.base_config(extra)),
                    name=name, out=out)
 
@@ -346,10 +360,11 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
     """
     grid, seeds = run.grid, run.seeds
     cpus, gpus, use_gpu = _trial_resources(run, args)
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    artifact_location = args.artifact_location
-    if artifact_location is None and tracking_uri and tracking_uri.startswith("sqlite:///"):
-        artifact_location = str(Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+    from tuning.paths import resolve_locations, source_tags
+
+    where = resolve_locations(tracking_uri=args.tracking_uri, storage_path=args.storage_path,
+                              artifact_location=args.artifact_location)
+    tracking_uri, artifact_location = where.tracking_uri, where.artifact_location
     return SweepConfig(
         name=run.name, base=run.base, space={SEED_KEY: {"type": "grid", "values": seeds}}, variants=run.variants,
         search=SearchSettings(
@@ -362,13 +377,13 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
         ),
         mlflow=MlflowSettings(
             tracking_uri=tracking_uri, artifact_location=artifact_location, experiment=args.experiment,
-            parent_tags={"role_detail": "ablation_grid", "grid": grid.name, "seeds": ",".join(map(str, seeds)),
-                         "reference": grid.reference},
+            parent_tags={**source_tags(grid.path), "role_detail": "ablation_grid", "grid": grid.name,
+                         "seeds": ",".join(map(str, seeds)), "reference": grid.reference},
             parent_params={"grid.name": grid.name, "grid.seeds": len(seeds), "grid.variants": ",".join(run.chosen),
                            "grid.reference": grid.reference},
             parent_artifacts={"ablation": str(grid_copy)},
         ),
-        storage_path=args.storage_path or os.environ.get("SSVP_STORAGE_PATH") or "runs/ray",
+        storage_path=where.storage_path,
         target_eval="all",
         verbose=0 if args.quiet else 1,
     )
@@ -384,6 +399,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     if args.print_config:
         print(grid_sweep(run, args, run.out / "grid.yaml").to_yaml(), end="", flush=True)
         return {"dry_run": True}
+    if not args.resume and (run.out / GRID_STATE).is_file():
+        return reprint_finished(run, args)  # nothing is started: its report again, or the way out
     ensure_synthetic(run.base)
     from tuning.runner import run_trials
 
@@ -412,7 +429,7 @@ def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: floa
         "variants": run.chosen, "reference": grid.reference, "tracking_uri": summary.tracking_uri,
         "experiment": summary.experiment, "parent_run_id": summary.parent_run_id,
         "experiment_path": summary.experiment_path, "interrupted": summary.interrupted,
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(time.time() - started, 1), "set": dict(args.set),
     }
     (out / GRID_STATE).write_text(json.dumps(state, indent=2))
     written = write_report(_subgrid(grid, run.chosen), records, out, seeds=run.seeds, per_class=args.per_class)
@@ -421,6 +438,31 @@ def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: floa
     print(f"[ablations] tables and plots in {out}; MLflow parent run {summary.parent_run_id} "
           f"(experiment {summary.experiment!r}, {summary.mlflow_ui})", flush=True)
     return {"summary": summary, "records": records, "out": out, "written": written, "state": state}
+
+
+def reprint_finished(run: GridRun, args: argparse.Namespace) -> dict[str, Any]:
+    """The command of a grid that finished in ``run.out``, run again: its report, rebuilt from
+    records.jsonl (nothing runs), and how to start a new run. ``GridError`` when ``run.out`` holds
+    an interrupted run (--resume) or another one (other seeds, variants, name or --set)."""
+    state = json.loads((run.out / GRID_STATE).read_text())
+    was = (f"grid {state.get('grid')!r} as {state.get('name')!r}, seeds {state.get('seeds')}, "
+           f"variants {', '.join(state.get('variants') or [])}" + (f", --set {state['set']}" if state.get("set") else ""))
+    new = f"--name {run.name}-2" + (" --out OTHER_FOLDER" if args.out else "")
+    if (state.get("name"), state.get("seeds"), state.get("variants"), state.get("set") or {}) != (
+            run.name, run.seeds, run.chosen, dict(args.set)):
+        raise GridError(f"{run.out} already holds another run ({was}); start a new one with {new}, "
+                        "or continue that one with --resume and its --seeds/--variants")
+    if state.get("interrupted"):
+        raise GridError(f"{run.out} holds an interrupted run ({was}): continue it with the same command and "
+                        f"--resume, or start a new one with {new}")
+    text, written = rebuild_report(_subgrid(run.grid, run.chosen), run.out, seeds=run.seeds, per_class=args.per_class)
+    print(text, flush=True)
+    print(f"[ablations] this grid already finished in {run.out} ({was}; {state.get('seconds', '?')} s; MLflow parent "
+          f"run {state.get('parent_run_id')} in experiment {state.get('experiment')!r} at {state.get('tracking_uri')}): "
+          f"its report is above, rebuilt from records.jsonl; nothing was run.\n"
+          f"[ablations] to run it again from scratch add {new}; for per-class tables add --resume --per-class",
+          flush=True)
+    return {"dry_run": True, "finished_before": state, "written": written}
 
 
 def _subgrid(grid: Grid, chosen: list[str]) -> Grid:
