@@ -69,9 +69,12 @@ def _evaluate_task(cfg_dict: dict, checkpoint: str, use_gpu: bool) -> dict:
 
     from ssvp import engine
 
+    from .storage import local_copy
+
     device = "cuda:0" if use_gpu and torch.cuda.is_available() else "cpu"
     cfg = Config.from_dict(cfg_dict).override({"device": device})
-    return engine.evaluate(cfg, checkpoint)
+    with local_copy(checkpoint) as local:  # a local folder, or downloaded from s3://
+        return engine.evaluate(cfg, str(local))
 
 
 def _target_eval_run(summary: ResultSummary, plan: Plan, tracker: SweepTracker, cfg: Config) -> None:

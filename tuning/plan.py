@@ -38,6 +38,7 @@ class SweepExistsError(RuntimeError):
 class SweepPaths:
     """Where a sweep's files live (absolute; shared storage on a multi-node cluster)."""
 
+    # Path for a local (shared) folder, tuning.storage.RemotePath for s3://... (same calls)
     storage: Path  # Tune/Train storage root
     experiment: Path  # <storage>/<name>: Tune's experiment state (resume from here), optuna.db
     train: Path  # <storage>/<name>.train: the trials' Ray Train runs
@@ -45,8 +46,11 @@ class SweepPaths:
 
     @classmethod
     def of(cls, storage_path: str | os.PathLike, name: str) -> "SweepPaths":
-        storage = Path(storage_path).expanduser()
-        storage = storage if storage.is_absolute() else (Path.cwd() / storage).resolve()
+        from .storage import storage_path as _storage_path
+
+        storage = _storage_path(storage_path)
+        if isinstance(storage, Path) and not storage.is_absolute():
+            storage = (Path.cwd() / storage).resolve()
         exp = storage / name
         return cls(storage=storage, experiment=exp, train=storage / f"{name}.train", state_file=exp / STATE_FILE)
 
@@ -64,7 +68,7 @@ class Plan:
     use_gpu: bool
     max_concurrent: int | None
     restoring: bool  # Tuner.restore of an interrupted sweep
-    optuna_url: str
+    optuna_url: str | None
 
     @property
     def name(self) -> str:
@@ -91,7 +95,9 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
         sweep=sweep, space=space, base=base, variants=dict(sweep.variants), points=first_points(sweep, space),
         paths=paths, use_gpu=use_gpu, max_concurrent=max_concurrent,
         restoring=resume_state(paths, sweep.name, resume),
-        optuna_url=sweep.search.optuna_storage or f"sqlite:///{paths.experiment / 'optuna.db'}",
+        # on an object store the study lives in Tune's experiment state (no SQLite file there)
+        optuna_url=sweep.search.optuna_storage or (
+            f"sqlite:///{paths.experiment / 'optuna.db'}" if isinstance(paths.experiment, Path) else None),
     )
 
 
@@ -228,14 +234,7 @@ def absolutize_paths(cfg: Config, base_dir: str | os.PathLike | None = None) -> 
     Trials run in their own working directories (on other machines of a cluster too),
     so a relative ``synthetic:data/synthetic/domain_a`` would point nowhere there.
     """
-    base = Path(base_dir or os.getcwd()).resolve()
-    updates: dict[str, Any] = {
-        "source": _abs_spec(cfg.data.source, base),
-        "targets": [_abs_spec(t, base) for t in cfg.data.targets],
-    }
-    if cfg.train.feature_cache and not Path(cfg.train.feature_cache).is_absolute():
-        updates["feature_cache"] = str((base / cfg.train.feature_cache).resolve())
-    for key, value in (("clip_pretrained", cfg.model.clip_pretrained), ("dino_weights", cfg.model.dino_weights)):
-        if value and not Path(value).is_absolute() and (base / value).exists():
-            updates[key] = str((base / value).resolve())
-    return cfg.override(updates)
+    from ssvp.paths import ENV_LAUNCH_DIR, resolve_config_paths
+
+    environ = dict(os.environ, **({ENV_LAUNCH_DIR: str(Path(base_dir).resolve())} if base_dir else {}))
+    return resolve_config_paths(cfg, environ=environ)  # the one rule of ssvp/paths.py

@@ -173,6 +173,8 @@ def _reconcile(trial, status: str, tracker: SweepTracker, callback: MLflowTrialC
 
 
 def _trial_summary(plan: Plan, tracker: SweepTracker, trial, status: str, error: str | None) -> TrialSummary:
+    from .storage import storage_path
+
     tid = trial.trial_id
     params = dict(trial.config)
     run = tracker.find_child(tid)
@@ -184,8 +186,8 @@ def _trial_summary(plan: Plan, tracker: SweepTracker, trial, status: str, error:
         if run.data.tags.get("early_stopped") == "true" and status == "FINISHED":
             status = "EARLY_STOPPED"
         ckpt = run.data.tags.get("checkpoint_path")
-        if ckpt and (Path(ckpt) / "best").is_dir():
-            checkpoint = str(Path(ckpt) / "best")
+        if ckpt and (storage_path(ckpt) / "best").is_dir():
+            checkpoint = str(storage_path(ckpt) / "best")
     trial_dir = plan.paths.train / tid
     return TrialSummary(
         trial_id=tid, status=status, params=params, variant=params.get(VARIANT_KEY), metrics=metrics,

@@ -38,12 +38,12 @@ class ResumableOptunaSearch(OptunaSearch):
                 self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
-def make_optuna_search(study_name: str, storage_url: str, seed: int, points: list[dict] | None) -> ResumableOptunaSearch:
+def make_optuna_search(study_name: str, storage_url: str | None, seed: int, points: list[dict] | None) -> ResumableOptunaSearch:
     """TPE (seeded) with ``points`` evaluated first; the study ``study_name`` is kept at ``storage_url``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return ResumableOptunaSearch(
         points_to_evaluate=list(points or []) or None,
         sampler=optuna.samplers.TPESampler(seed=seed),
         study_name=study_name,
-        storage=optuna.storages.RDBStorage(storage_url),
+        storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,  # None: kept in Tune's state
     )

@@ -347,6 +347,7 @@ def build_base_config(base: Mapping[str, Any], source_file: str = "", base_dir: 
     points at ``domain_a`` (source) and ``domain_b`` (target).
     """
     base = dict(base)
+    explicit_dir = base_dir is not None
     base_dir = Path(base_dir or Path.cwd()).resolve()
     overrides = copy.deepcopy(base.get("overrides") or {})
     try:
@@ -356,7 +357,10 @@ def build_base_config(base: Mapping[str, Any], source_file: str = "", base_dir: 
             if not isinstance(synthetic, Mapping):
                 raise SweepConfigError(f"{source_file}: base.synthetic must be a mapping {{root, seed}}")
             root = Path(str(synthetic.get("root", "data/synthetic")))
-            root = root if root.is_absolute() else base_dir / root
+            if not root.is_absolute():  # data/... under the data root (SSVP_DATA_ROOT), ssvp/paths.py
+                from ssvp.paths import resolve_data_path
+
+                root = base_dir / root if explicit_dir else resolve_data_path(root)
             ensure_synthetic(root, int(synthetic.get("seed", 0)), {k: v for k, v in synthetic.items() if k not in ("root", "seed")})
             overrides.setdefault("source", f"synthetic:{root / 'domain_a'}")
             overrides.setdefault("targets", [f"synthetic:{root / 'domain_b'}"])

@@ -95,9 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--address", default=None, help="Ray cluster address (default: auto, i.e. RAY_ADDRESS or a local head)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     p.add_argument("--name", default=None, help="sweep name (default <config name>-<timestamp>)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:////CWD/runs/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the "
+                   "config's mlflow.tracking_uri, else sqlite:////CWD/runs/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
-    p.add_argument("--storage-path", default=None, help="Ray Tune/Train storage folder (shared on a cluster)")
+    p.add_argument("--storage-path", default=None,
+                   help="Ray Tune/Train storage: a shared folder or s3://BUCKET/PATH (default: SSVP_STORAGE_PATH, "
+                        "else the config's storage_path)")
+    p.add_argument("--data-root", default=None, help="folder that data/ in dataset paths stands for "
+                   "(default: SSVP_DATA_ROOT, else ./data)")
+    p.add_argument("--feature-cache", default=None,
+                   help="frozen-feature cache folder (default: SSVP_FEATURE_CACHE, else the config's train.feature_cache)")
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (Optuna) / grid repeats")
     p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (DDP when > 1)")
     p.add_argument("--use-gpu", type=_bool_or_auto, default=None, help="auto | true | false")
@@ -114,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _latest_sweep(storage: Path, prefix: str) -> str | None:
+def _latest_sweep(storage, prefix: str) -> str | None:
+    from tuning.storage import storage_path
+
+    storage = storage_path(storage)
     if not storage.is_dir():
         return None
     cands = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith(prefix) and (d / "tuner.pkl").is_file()]
@@ -137,19 +147,25 @@ def sweep_from_args(args: argparse.Namespace):
 
     Raises ``SweepConfigError`` / ``SpaceError`` / ``ConfigError`` naming the bad field.
     """
+    from ssvp.paths import apply_flags
+    from tuning.paths import resolve_locations, source_tags
     from tuning.settings import SweepConfigError, load_sweep
 
+    apply_flags(args.data_root, args.feature_cache)  # before the base config (synthetic data) is built
     sweep = load_sweep(args.config, overrides=dict(args.set))
+    config_tracking_uri = sweep.mlflow.tracking_uri
     for flag, section, key in _FLAGS:
         value = getattr(args, flag)
         if value is not None:
             setattr(getattr(sweep, section), key, value)
-    storage = Path(args.storage_path or sweep.storage_path).expanduser()
-    storage = storage if storage.is_absolute() else (Path.cwd() / storage).resolve()
-    sweep.storage_path = str(storage)
+    where = resolve_locations(tracking_uri=args.tracking_uri, storage_path=args.storage_path,
+                              config_tracking_uri=config_tracking_uri, config_storage_path=sweep.storage_path,
+                              config_artifact_location=sweep.mlflow.artifact_location)
+    storage = sweep.storage_path = where.storage_path
+    sweep.mlflow.tracking_uri, sweep.mlflow.artifact_location = where.tracking_uri, where.artifact_location
     sweep.target_eval = args.target_eval or sweep.target_eval
     sweep.verbose = 0 if args.quiet else 1
-    sweep.mlflow.parent_tags = {"config_file": sweep.source_file, "launcher": "tuning/sweep.py"}
+    sweep.mlflow.parent_tags = {**source_tags(sweep.source_file), "launcher": "tuning/sweep.py"}
     sweep.mlflow.parent_artifacts = {"sweep_config": sweep.source_file}
     if args.name:
         sweep.name = args.name
@@ -186,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_importable()
 
     from ssvp.config import ConfigError
+    from ssvp.paths import PathError
     from tuning.settings import SweepConfigError
     from tuning.space import SpaceError
 
     try:
         sweep = sweep_from_args(args)
-    except (SweepConfigError, SpaceError, ConfigError) as exc:
+    except (SweepConfigError, SpaceError, ConfigError, PathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -203,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _connect(args):
         return 2
     print(f"[sweep] {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} samples, "
-          f"storage {sweep.storage_path}", flush=True)
+          f"storage {sweep.storage_path}, MLflow {sweep.mlflow.tracking_uri}", flush=True)
     try:
         summary = run_trials(sweep, resume=args.resume)
     except (SpaceError, ConfigError, SweepExistsError, ValueError) as exc:

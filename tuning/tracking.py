@@ -119,17 +119,9 @@ def _ensure_sqlite_dir(uri: str) -> None:
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
     """The repository's HEAD commit (``SSVP_GIT_COMMIT`` wins; ``unknown`` outside a git checkout)."""
-    env = os.environ.get("SSVP_GIT_COMMIT")
-    if env:
-        return env
-    repo = Path(repo or Path(__file__).resolve().parents[1])
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    from ssvp.paths import git_state
+
+    return git_state(repo)[0]
 
 
 def error_summary(trace: str | None) -> str:
@@ -465,11 +457,14 @@ class MLflowTrialCallback(_TuneCallback):
         self._release(trial)
         self.finish_trial(trial, status="FAILED", error=trial_error_text(trial) or "trial failed (no error text)")
 
-    def trial_dir(self, trial_id: str) -> Path | None:
-        """The trial's Ray Train run folder (checkpoints, placement records, target report)."""
+    def trial_dir(self, trial_id: str):
+        """The trial's Ray Train run folder (checkpoints, placement records, target report): a local
+        ``Path`` or a ``tuning.storage.RemotePath`` on an object store."""
+        from tuning.storage import storage_path
+
         if not self.train_storage:
             return None
-        path = Path(self.train_storage) / trial_id
+        path = storage_path(self.train_storage) / trial_id
         return path if path.is_dir() else None
 
     def _release(self, trial) -> None:
@@ -488,20 +483,26 @@ class MLflowTrialCallback(_TuneCallback):
             tr.log_metrics(run_id, summary)
             if self.epochs and summary.get("epochs_done", 0) < self.epochs and status == "FINISHED":
                 tr.client.set_tag(run_id, "early_stopped", "true")
+        from tuning.storage import as_uri, local_copy, storage_path
+
         ckpt = checkpoint_path or self._checkpoint.get(tid) or (trial.last_result or {}).get("checkpoint_path")
-        if ckpt and Path(ckpt).is_dir():
+        ckpt = as_uri(ckpt, self.train_storage) if ckpt else None  # Ray reports s3 paths without the scheme
+        if ckpt and storage_path(ckpt).is_dir():
             tr.client.set_tag(run_id, "checkpoint_path", str(ckpt))
-            best = Path(ckpt) / "best"
+            best = storage_path(ckpt) / "best"
             if best.is_dir() and not tr.client.list_artifacts(run_id, "checkpoints/best"):
-                tr.log_artifacts(run_id, best, "checkpoints/best")
+                with local_copy(best) as local:
+                    tr.log_artifacts(run_id, local, "checkpoints/best")
         trial_dir = self.trial_dir(tid)
         if trial_dir is not None:
             placement = trial_dir / "placement"
             if placement.is_dir() and not tr.client.list_artifacts(run_id, "placement"):
-                tr.log_artifacts(run_id, placement, "placement")
+                with local_copy(placement) as local:
+                    tr.log_artifacts(run_id, local, "placement")
             report = trial_dir / "target_report.json"
             if report.is_file() and not tr.client.list_artifacts(run_id, "target_report.json"):
-                tr.log_artifact(run_id, report)
+                with local_copy(report) as local:
+                    tr.log_artifact(run_id, local)
         if error:
             tr.client.set_tag(run_id, "error", error_summary(error))
             tr.log_text(run_id, str(error), "error.txt")

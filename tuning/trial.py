@@ -189,7 +189,9 @@ def release_trial_placement_group(train_storage: str, trial_id: str) -> bool:
     import ray
     from ray.util.placement_group import PlacementGroup
 
-    record = Path(train_storage) / trial_id / "placement" / "rank0.json"
+    from .storage import storage_path
+
+    record = storage_path(train_storage) / trial_id / "placement" / "rank0.json"
     try:
         pg_hex = json.loads(record.read_text()).get("placement_group_id")
     except (OSError, ValueError):
@@ -255,9 +257,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             resume_from = str(restored / "last")
     placement["resumed_epochs"] = int(engine.load_checkpoint(resume_from)["epoch"]) + 1 if resume_from else 0
     placement_dir = loop_config.get("placement_dir")
-    if placement_dir:
-        Path(placement_dir).mkdir(parents=True, exist_ok=True)
-        (Path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
+    from .storage import storage_path
+
+    if placement_dir:  # on the shared storage: a local folder or s3://
+        storage_path(placement_dir).mkdir(parents=True, exist_ok=True)
+        (storage_path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
 
     work = Path(tempfile.mkdtemp(prefix=f"ssvp-trial-rank{rank}-"))
     if resume_from and (Path(resume_from).parent / "best").is_dir():
@@ -286,7 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     target = flatten_target_report(report)
                     if loop_config.get("trial_dir"):
                         # the full per-class report: logged as target_report.json on the child run
-                        out = Path(loop_config["trial_dir"]) / "target_report.json"
+                        out = storage_path(loop_config["trial_dir"]) / "target_report.json"
                         out.write_text(json.dumps(report, indent=2, default=float))
             final = {**last, **target, TARGET_DONE_KEY: 1.0, "best_epoch": float(result.best_epoch)}
             ray.train.report(final, checkpoint=None)
@@ -303,14 +307,16 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .storage import join as storage_join
+
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, _variant = resolve_trial_config(settings.base, config, settings.variants)
     storage = settings.train_storage or os.path.join(tempfile.gettempdir(), "ssvp-train-runs")
     loop_config = {
         "cfg": cfg.to_dict(),
         "use_gpu": settings.use_gpu,
-        "placement_dir": os.path.join(storage, trial_id, "placement"),
-        "trial_dir": os.path.join(storage, trial_id),
+        "placement_dir": storage_join(storage, trial_id, "placement"),
+        "trial_dir": storage_join(storage, trial_id),
         "target_eval": settings.target_eval,
     }
     trainer = TorchTrainer(
