@@ -95,7 +95,7 @@ def trial_config(args, data: Path, cache: Path, clip_file: str, dino_dir: str, g
         source=f"synthetic:{data}/domain_a", targets=[f"synthetic:{data}/domain_b"],
         clip_pretrained=clip_file, dino_weights=dino_dir, epochs=args.epochs, max_per_class=args.max_per_class,
         batch_size=args.batch_size, eval_batch_size=args.batch_size, device=args.device, progress=False,
-        feature_cache=str(cache), gamma=gamma, seed=0,
+        feature_cache=str(cache), gamma=gamma, seed=0, max_steps_per_epoch=args.max_steps,
     )
     cfg = Config.tiny(**common) if args.tiny else Config.from_dict(common)
     return cfg.to_dict()
@@ -275,6 +275,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="eager/lazy start-up pairs (alternating)")
     ap.add_argument("--ks", default="1,2,4", help="concurrency levels")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray share")
+    ap.add_argument("--stages", default="cold,startup,ray,concurrency",
+                    help="what to run; with fewer stages the figures are added to an existing --json")
+    ap.add_argument("--max-steps", type=int, default=0, help="train steps per epoch (0: all)")
     ap.add_argument("--max-rss-gib", type=float, default=10.0, help="skip a K whose K x trial peak RSS exceeds this")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -288,8 +291,12 @@ def main(argv=None) -> int:
 
     from ssvp.data import make_synthetic
 
-    res: dict = {"args": vars(args), "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                                                  "load_avg_start": os.getloadavg()}}
+    stages = set(args.stages.split(","))
+    res: dict = {}
+    if args.json and Path(args.json).is_file() and stages != {"cold", "startup", "ray", "concurrency"}:
+        res = json.loads(Path(args.json).read_text())  # add the stages run now to an earlier run's figures
+    res.update({"args": vars(args), "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                                "load_avg_start": os.getloadavg()}})
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_trials_"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -311,22 +318,24 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(res, indent=2, default=float))
 
     # 0. warm the cache (eager, one epoch): the cold trial, for reference
-    log("warming the cache (cold trial, eager)")
-    warm_cfg = dict(cfgs[0], train=dict(cfgs[0]["train"], epochs=1))
-    res["cold"] = wait_all([spawn_trial(warm_cfg, "eager", 2, work, "cold")], work, ["cold"])[0]
+    if "cold" in stages:
+        log("warming the cache (cold trial, eager)")
+        warm_cfg = dict(cfgs[0], train=dict(cfgs[0]["train"], epochs=1))
+        res["cold"] = wait_all([spawn_trial(warm_cfg, "eager", 2, work, "cold")], work, ["cold"])[0]
     res["cache_bytes"] = sum(f.stat().st_size for f in cache.glob("*/*/*.npy"))
     res["cache_files"] = len(list(cache.glob("*/*/*.npy")))
 
     # 1. start-up, eager vs lazy, alternating, 2 threads each (alone on the machine's cores)
-    res["startup"] = {"eager": [], "lazy": []}
-    for r in range(args.repeats):
+    if "startup" in stages:
+        res["startup"] = {"eager": [], "lazy": []}
+    for r in range(args.repeats if "startup" in stages else 0):
         for mode in ("eager", "lazy"):
             log(f"start-up {mode} #{r + 1}")
             name = f"startup_{mode}_{r}"
             res["startup"][mode].append(wait_all([spawn_trial(cfgs[0], mode, 2, work, name)], work, [name])[0])
 
     # 2. Ray's share per trial
-    if not args.no_ray:
+    if not args.no_ray and "ray" in stages:
         log("Ray share")
         try:
             res["ray"] = ray_overhead(2, work)
@@ -334,29 +343,33 @@ def main(argv=None) -> int:
             res["ray"] = {"error": f"{type(exc).__name__}: {exc}"}
 
     # 3. K concurrent lazy trials (1 torch thread each) vs the same trials one after the other
-    ks = [int(k) for k in args.ks.split(",") if k]
-    n = max(ks)
-    log(f"sequential reference: {n} trials")
-    seq = []
-    for i in range(n):
-        seq += wait_all([spawn_trial(cfgs[i], "lazy", 1, work, f"seq{i}")], work, [f"seq{i}"])
-    res["sequential"] = seq
-    # K = 1 is the sequential run itself (one trial at a time)
-    res["concurrent"] = {"1": {"wall_s": sum(t["total_s"] for t in seq), "trials": seq, "same_metrics_as_sequential": True}}
-    rss = max(t["peak_rss_gib"] for t in seq)
-    for k in [k for k in ks if k > 1]:
-        if k * rss > args.max_rss_gib:
-            log(f"K = {k} skipped: {k} x {rss:.1f} GiB peak RSS per trial > --max-rss-gib {args.max_rss_gib}")
-            res["concurrent"][str(k)] = {"skipped": f"{k} x {rss:.2f} GiB > {args.max_rss_gib} GiB"}
-            continue
-        log(f"K = {k} concurrent trials")
-        t = time.perf_counter()
-        names = [f"k{k}_{i}" for i in range(k)]
-        procs = [spawn_trial(cfgs[i], "lazy", 1, work, names[i], gpu_fraction=1.0 / k) for i in range(k)]
-        out = wait_all(procs, work, names)
-        wall = time.perf_counter() - t
-        same = all(o["history"] == s["history"] for o, s in zip(out, seq))
-        res["concurrent"][str(k)] = {"wall_s": wall, "trials": out, "same_metrics_as_sequential": same}
+    if "concurrency" in stages:
+        ks = [int(k) for k in args.ks.split(",") if k]
+        # K trials must fit in memory: estimate from the lazy start-up trial's peak RSS
+        est = max(t["peak_rss_gib"] for t in res["startup"]["lazy"]) if res.get("startup") else 3.0
+        skipped = {k: f"{k} x {est:.2f} GiB (lazy trial peak RSS) > --max-rss-gib {args.max_rss_gib}"
+                   for k in ks if k > 1 and k * est > args.max_rss_gib}
+        ks = [k for k in ks if k not in skipped]
+        n = max(ks)
+        log(f"sequential reference: {n} trials")
+        seq = []
+        for i in range(n):
+            seq += wait_all([spawn_trial(cfgs[i], "lazy", 1, work, f"seq{i}")], work, [f"seq{i}"])
+        res["sequential"] = seq
+        # K = 1 is the sequential run itself (one trial at a time)
+        res["concurrent"] = {"1": {"wall_s": sum(t["total_s"] for t in seq), "trials": seq, "same_metrics_as_sequential": True}}
+        for k, why in skipped.items():
+            log(f"K = {k} skipped: {why}")
+            res["concurrent"][str(k)] = {"skipped": why}
+        for k in [k for k in ks if k > 1]:
+            log(f"K = {k} concurrent trials")
+            t = time.perf_counter()
+            names = [f"k{k}_{i}" for i in range(k)]
+            procs = [spawn_trial(cfgs[i], "lazy", 1, work, names[i], gpu_fraction=1.0 / k) for i in range(k)]
+            out = wait_all(procs, work, names)
+            wall = time.perf_counter() - t
+            same = all(o["history"] == s["history"] for o, s in zip(out, seq))
+            res["concurrent"][str(k)] = {"wall_s": wall, "trials": out, "same_metrics_as_sequential": same}
     res["machine"]["load_avg_end"] = os.getloadavg()
     summary = summarise(res, args)
     res["summary"] = summary
@@ -401,7 +414,7 @@ def summarise(res: dict, args) -> dict:
     s["ratio_with_ray"] = (s["eager"]["total_no_ray"] + ray_s) / (s["lazy"]["total_no_ray"] + ray_s)
     conc = {}
     base = None
-    for k, c in res["concurrent"].items():
+    for k, c in res.get("concurrent", {}).items():
         if "skipped" in c:
             conc[k] = {"skipped": c["skipped"]}
             continue

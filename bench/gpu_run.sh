@@ -24,11 +24,13 @@ command -v "$PY" >/dev/null || PY=python3
 } 2>&1 | tee "$OUT/env.txt"
 
 t0=$(date +%s)
-if ! "$PY" -c 'import open_clip' 2>/dev/null; then
+if [ "${SSVP_SKIP_INSTALL:-0}" = "1" ]; then
+  :  # a prepared environment (e.g. the project's venv for a CPU smoke check): install nothing
+elif ! "$PY" -c 'import open_clip' 2>/dev/null; then
   "$PY" -m pip install --no-deps --no-index bench/wheels/*.whl 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 fi
 # editable install without build isolation (no network for setuptools); PYTHONPATH as fallback
-if ! "$PY" -m pip install --no-deps --no-index --no-build-isolation -e . >>"$OUT/env.txt" 2>&1; then
+if [ "${SSVP_SKIP_INSTALL:-0}" != "1" ] && ! "$PY" -m pip install --no-deps --no-index --no-build-isolation -e . >>"$OUT/env.txt" 2>&1; then
   echo "pip install -e . failed (see env.txt); using PYTHONPATH" | tee -a "$OUT/env.txt"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

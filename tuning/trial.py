@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,7 @@ from typing import Any, Mapping
 __all__ = [
     "TrialSettings",
     "select_device",
+    "apply_gpu_share",
     "gpu_index_for_worker",
     "resolve_trial_config",
     "trial_driver",
@@ -39,11 +41,18 @@ __all__ = [
     "target_metric_name",
     "flatten_target_report",
     "release_trial_placement_group",
+    "newest_checkpoint",
+    "read_history",
+    "read_starts",
+    "is_deterministic",
+    "root_cause",
     "VARIANT_KEY",
 ]
 
 VARIANT_KEY = "variant"  # param-space key that selects a named bundle of overrides
 TARGET_DONE_KEY = "target_eval_done"
+HISTORY_FILE = "history.json"  # in every Train checkpoint: each epoch's report so far, best epoch
+STARTS_FILE = "starts.jsonl"  # <trial_dir>/starts.jsonl: one line per worker-group start
 
 
 @dataclass
@@ -62,6 +71,15 @@ class TrialSettings:
     train_storage: str = ""  # absolute folder for the Train runs (shared storage on a cluster)
     target_eval: str = "best"  # best | all | none ("all": every finished trial is evaluated on targets)
     checkpoints_to_keep: int = 1
+
+    def __post_init__(self) -> None:
+        frac = float(self.gpus_per_worker)
+        if self.use_gpu and 0 < frac < 1 and self.workers_per_trial > 1 and self.torch_backend != "gloo":
+            raise ValueError(
+                f"resources.gpus_per_worker={frac} with workers_per_trial={self.workers_per_trial}: Ray may put two "
+                "ranks of one trial on the same GPU, which NCCL refuses; use whole GPUs for multi-worker trials "
+                "(fractions are for several one-worker trials per GPU) or torch_backend: gloo"
+            )
 
     def resources_per_worker(self) -> dict[str, float]:
         res: dict[str, float] = {"CPU": float(self.cpus_per_worker)}
@@ -209,6 +227,27 @@ def release_trial_placement_group(train_storage: str, trial_id: str) -> bool:
     return False
 
 
+def apply_gpu_share(device: str, gpus_per_worker: float) -> float | None:
+    """Memory budget of a worker that holds a fraction of a GPU (``gpus_per_worker`` < 1).
+
+    Ray places ``floor(1 / gpus_per_worker)`` such workers on one GPU; each caps its CUDA
+    caching allocator at that fraction of the device's memory
+    (``torch.cuda.set_per_process_memory_fraction``), so one trial cannot starve the others:
+    it gets an out-of-memory error of its own instead. Returns the fraction recorded in the
+    placement (also on a CPU worker, where nothing is capped), None for whole GPUs.
+    How many fit: K = floor(1 / gpus_per_worker) with K x (peak trial memory + ~0.5 GiB CUDA
+    context) <= device memory; a warm-cache trial's peak is printed by bench/bench_trials.py.
+    """
+    frac = float(gpus_per_worker or 0.0)
+    if not 0.0 < frac < 1.0:
+        return None
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(frac, torch.device(device))
+    return frac
+
+
 def _placement_record(ctx, use_gpu: bool) -> dict[str, Any]:
     """Where this Ray Train worker runs and which device it takes (``placement/rank<r>.json``)."""
     import ray
@@ -233,6 +272,7 @@ def _placement_record(ctx, use_gpu: bool) -> dict[str, Any]:
         "gpu_ordinal": gpu_index_for_worker(local_rank, gpu_ids, visible) if use_gpu else None,
         "distributed": bool(torch.distributed.is_available() and torch.distributed.is_initialized()),
         "placement_group_id": _current_pg_hex(),
+        "started_at": time.time(),
     }
 
 
@@ -247,15 +287,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     placement = _placement_record(ctx, bool(loop_config["use_gpu"]))
+    placement["gpu_memory_fraction"] = apply_gpu_share(placement["device"], loop_config.get("gpus_per_worker", 0.0))
     cfg = Config.from_dict(loop_config["cfg"]).override({"device": placement["device"]})
-    resume_from = None
-    checkpoint = ray.train.get_checkpoint()  # set when Train restarted the workers or the trial resumed
-    if checkpoint is not None:
-        restored = Path(tempfile.mkdtemp(prefix="ssvp-restore-"))
-        checkpoint.to_directory(str(restored))
-        if (restored / "last").is_dir():
-            resume_from = str(restored / "last")
-    placement["resumed_epochs"] = int(engine.load_checkpoint(resume_from)["epoch"]) + 1 if resume_from else 0
+    resume_from, history = _restore(ray.train.get_checkpoint(), loop_config.get("trial_dir"))
+    placement["resumed_epochs"] = len(history)
+    if rank == 0 and loop_config.get("trial_dir"):
+        record_start(Path(loop_config["trial_dir"]), placement)
     placement_dir = loop_config.get("placement_dir")
     from .storage import storage_path
 
@@ -274,9 +311,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report["epoch"] = float(epoch)
         last.clear()
         last.update(report)
+        history[:] = [h for h in history if int(h.get("epoch", 0)) < epoch] + [dict(report)]
         ckpt = None
         if rank == 0 and ckpt_path:
-            ckpt = ray.train.Checkpoint.from_directory(str(work))  # holds last/ and best/
+            best_epoch = int(engine.load_checkpoint(work / "best").get("best_epoch", epoch)) if (work / "best").is_dir() else epoch
+            (work / HISTORY_FILE).write_text(json.dumps({"epochs": history, "best_epoch": best_epoch}))
+            ckpt = ray.train.Checkpoint.from_directory(str(work))  # holds last/, best/ and history.json
         ray.train.report(report, checkpoint=ckpt)
 
     try:
@@ -300,6 +340,132 @@ def train_loop_per_worker(loop_config: dict) -> None:
             shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- restore and restarts
+def _checkpoint_epochs(folder: Path) -> int:
+    """Epochs a Train checkpoint folder holds (0: incomplete or unreadable, e.g. a save cut short)."""
+    from ssvp import engine
+
+    try:
+        epochs = json.loads((folder / HISTORY_FILE).read_text())["epochs"]
+        state = engine.load_checkpoint(folder / "last")
+        if not (folder / "best" / "head.pt").is_file():
+            return 0
+    except Exception:  # noqa: BLE001 - a partial or foreign folder is no checkpoint
+        return 0
+    n = int(state["epoch"]) + 1
+    return n if len(epochs) >= n and int(epochs[n - 1].get("epoch", 0)) == n else 0
+
+
+def newest_checkpoint(trial_dir: str | os.PathLike | None, also: str | os.PathLike | None = None) -> Path | None:
+    """The complete Train checkpoint with the most epochs among ``trial_dir/checkpoint_*`` (and ``also``).
+
+    Ray Train hands a restarted worker group the newest checkpoint it *registered*; one
+    a worker wrote just before it was killed (or a driver kill cut the registration
+    short) is on disk too, and training resumes from whichever holds more epochs.
+    """
+    cands = [Path(also)] if also else []
+    if trial_dir and Path(trial_dir).is_dir():
+        cands += [p for p in Path(trial_dir).glob("checkpoint_*") if p.is_dir()]
+    scored = [(_checkpoint_epochs(c), c) for c in cands]
+    scored = [(n, c) for n, c in scored if n > 0]
+    return max(scored, key=lambda nc: nc[0])[1] if scored else None
+
+
+def read_history(checkpoint: str | os.PathLike | None) -> tuple[list[dict[str, float]], int | None]:
+    """``(per-epoch reports, best epoch)`` a checkpoint folder recorded (``[]``, None without one)."""
+    try:
+        data = json.loads((Path(checkpoint) / HISTORY_FILE).read_text())
+        return [dict(e) for e in data["epochs"]], (int(data["best_epoch"]) if data.get("best_epoch") else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], None
+
+
+def _restore(checkpoint, trial_dir: str | None) -> tuple[str | None, list[dict[str, float]]]:
+    """``(resume_from = <ckpt>/last, history so far)`` from the newest complete checkpoint."""
+    registered = None
+    if checkpoint is not None:
+        registered = Path(tempfile.mkdtemp(prefix="ssvp-restore-"))
+        checkpoint.to_directory(str(registered))
+    src = newest_checkpoint(trial_dir, registered)
+    if src is None:
+        return None, []
+    if src != registered:
+        if registered is not None:
+            shutil.rmtree(registered, ignore_errors=True)
+        local = Path(tempfile.mkdtemp(prefix="ssvp-restore-"))
+        shutil.copytree(src, local, dirs_exist_ok=True)
+        src = local
+    return str(src / "last"), read_history(src)[0]
+
+
+def record_start(trial_dir: Path, placement: Mapping[str, Any]) -> None:
+    """Append this worker group's start to ``<trial_dir>/starts.jsonl`` (restarts = lines - 1)."""
+    import time
+
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    line = {"time": time.time(), "pid": placement.get("pid"), "hostname": placement.get("hostname"),
+            "resumed_epochs": placement.get("resumed_epochs", 0)}
+    with open(trial_dir / STARTS_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_starts(trial_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(ln) for ln in Path(trial_dir, STARTS_FILE).read_text().splitlines() if ln.strip()]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+# --------------------------------------------------------------------------- failures
+# errors that fail the same way on every attempt: retrying them only burns the cluster
+DETERMINISTIC_ERRORS = ("NonFiniteLossError", "ConfigError", "DatasetError", "CheckpointError", "PathError",
+                        "BackboneWeightsError", "GridMismatchError", "FeatureCacheError", "SpaceError")
+
+
+def _causes(exc: BaseException | None):
+    """``exc`` and what it wraps: Train's worker failures / controller failure, Ray task causes."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, Mapping):
+            todo.extend(failures[k] for k in sorted(failures))
+        todo.extend([getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__])
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Whether a failure (possibly wrapped by Ray Train / Ray) is one of :data:`DETERMINISTIC_ERRORS`."""
+    return any(c.__name__ in DETERMINISTIC_ERRORS for e in _causes(exc) for c in type(e).__mro__)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception the trial's code raised, dug out of Ray Train's wrappers (``exc`` if none)."""
+    wrappers = {"TrainingFailedError", "WorkerGroupError", "ControllerError", "RayTaskError", "RayActorError",
+                "ActorDiedError", "TuneError", "PreemptionError"}
+    inner = [e for e in _causes(exc) if not any(c.__name__ in wrappers for c in type(e).__mro__)]
+    return inner[0] if inner else exc
+
+
+def _failure_policy(failure_config):
+    """Ray Train's default policy, except that deterministic errors are raised at once (no retry)."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+
+    class _NoRetryOnDeterministic(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if is_deterministic(training_failed_error):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    assert issubclass(_NoRetryOnDeterministic, FailurePolicy)
+    return _NoRetryOnDeterministic(failure_config)
+
+
 def trial_driver(config: dict, settings: TrialSettings) -> None:
     """Tune function trainable: one ``TorchTrainer`` run for this trial's config."""
     import ray.train
@@ -315,11 +481,17 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     loop_config = {
         "cfg": cfg.to_dict(),
         "use_gpu": settings.use_gpu,
+        "gpus_per_worker": float(settings.gpus_per_worker) if settings.use_gpu else 0.0,
         "placement_dir": storage_join(storage, trial_id, "placement"),
         "trial_dir": storage_join(storage, trial_id),
         "target_eval": settings.target_eval,
     }
-    trainer = TorchTrainer(
+    class _Trainer(TorchTrainer):  # Ray Train V2 has no public hook for the failure policy
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = _failure_policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -336,4 +508,10 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Tune records the trial's own error, not Train's wrapper
+        cause = root_cause(exc)
+        if cause is exc:
+            raise
+        raise cause from None
