@@ -382,6 +382,7 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
             parent_params={"grid.name": grid.name, "grid.seeds": len(seeds), "grid.variants": ",".join(run.chosen),
                            "grid.reference": grid.reference},
             parent_artifacts={"ablation": str(grid_copy)},
+            run_labels={v.name: f"{v.letter}/{v.name}" if v.letter else v.name for v in grid.variants},
         ),
         storage_path=where.storage_path,
         target_eval="all",
@@ -455,7 +456,11 @@ def reprint_finished(run: GridRun, args: argparse.Namespace) -> dict[str, Any]:
     if state.get("interrupted"):
         raise GridError(f"{run.out} holds an interrupted run ({was}): continue it with the same command and "
                         f"--resume, or start a new one with {new}")
-    text, written = rebuild_report(_subgrid(run.grid, run.chosen), run.out, seeds=run.seeds, per_class=args.per_class)
+    try:
+        text, written = rebuild_report(_subgrid(run.grid, run.chosen), run.out, seeds=run.seeds,
+                                       per_class=args.per_class)
+    except FileNotFoundError as exc:
+        raise GridError(f"{run.out} holds a finished run ({was}) but {exc}; start a new one with {new}") from None
     print(text, flush=True)
     print(f"[ablations] this grid already finished in {run.out} ({was}; {state.get('seconds', '?')} s; MLflow parent "
           f"run {state.get('parent_run_id')} in experiment {state.get('experiment')!r} at {state.get('tracking_uri')}): "

@@ -53,3 +53,12 @@ def test_another_run_in_the_same_folder_is_refused_with_the_way_out(tmp_path, ca
     rc = main(["--grid", str(QUICK), "--variants", "full,no_vtam", "--seeds", "2", "--out", str(out2), "--local"])
     err = capsys.readouterr().err
     assert rc == 2 and "--resume" in err and "interrupted" in err
+
+
+def test_finished_state_without_records_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "quick"
+    _finished(out)
+    (out / "records.jsonl").unlink()
+    rc = main(["--grid", str(QUICK), "--variants", "full,no_vtam", "--seeds", "2", "--out", str(out), "--local"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no records in" in err and "--name" in err
