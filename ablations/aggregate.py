@@ -555,12 +555,15 @@ _TEX_CHARS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     "γ": r"$\gamma$", "ξ": r"$\xi$", "β": r"$\beta$", "λ": r"$\lambda$", "τ": r"$\tau$",
-    "±": r"$\pm$", "—": "--", "–": "--", "→": r"$\rightarrow$", "✓": r"\checkmark", "✗": r"$\times$",
+    "<": r"$<$", ">": r"$>$", "±": r"$\pm$", "—": "--", "–": "--", "→": r"$\rightarrow$", "✓": r"\checkmark", "✗": r"$\times$",
 }
 
 
 def tex_escape(text: str) -> str:
-    return "".join(_TEX_CHARS.get(c, c) for c in str(text))
+    """Plain text for LaTeX: specials escaped, ``->`` / ``<`` / ``>`` and Greek letters as math
+    (in the default OT1 encoding a bare ``<`` or ``>`` prints as ``¡`` / ``¿``)."""
+    parts = str(text).split("->")
+    return r"$\rightarrow$".join("".join(_TEX_CHARS.get(c, c) for c in part) for part in parts)
 
 
 def _tex_cell(mean: float, std: float, n: int, bold: bool) -> str:

@@ -231,13 +231,13 @@ def test_dataset_display_names():
 
 
 def test_latex_booktabs_best_bold_and_escaping():
-    grid = parse_grid({**GRID, "description": "50% of 'A_B' & more", "variants": [
+    grid = parse_grid({**GRID, "description": "50% of 'A_B' & more, a -> b", "variants": [
         {"name": "base", "letter": "A", "description": "CLIP only, γ = 0.5", "overrides": {"fusion": "none"}},
         {"name": "full", "letter": "E", "description": "+ VTAM = full SSVP", "overrides": {}}]})
     tex = render_latex(grid, summarize(grid, _records(), [0, 1, 2]), [0, 1, 2])
     for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}", "\\caption{", "\\label{tab:"):
         assert cmd in tex
-    assert "50\\% of 'A\\_B' \\& more" in tex and "CLIP only, $\\gamma$ = 0.5" in tex
+    assert "50\\% of 'A\\_B' \\& more, a $\\rightarrow$ b" in tex and "CLIP only, $\\gamma$ = 0.5" in tex
     body = tex.split("\\midrule")[1]
     a_line = next(x for x in body.splitlines() if x.startswith("A & "))
     e_line = next(x for x in body.splitlines() if x.startswith("E & "))
