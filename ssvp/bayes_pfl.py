@@ -347,9 +347,10 @@ class BayesPFLHead(nn.Module):
         if not self.training:
             gen = torch.Generator(device=v_global.device)
             gen.manual_seed(INFERENCE_SEED)
-        z_ctx, kl_ctx = self.flow_ctx(v_global, s, gen)  # [S, B or 1, W]
-        z_n, kl_n = self.flow_normal(None, s, gen)  # [S, 1, W]
-        z_a, kl_a = self.flow_abnormal(None, s, gen)
+        with torch.autocast(v_global.device.type, enabled=False):  # densities and log-dets in float32
+            z_ctx, kl_ctx = self.flow_ctx(v_global.float(), s, gen)  # [S, B or 1, W]
+            z_n, kl_n = self.flow_normal(None, s, gen)  # [S, 1, W]
+            z_a, kl_a = self.flow_abnormal(None, s, gen)
         z_ctx = z_ctx.expand(s, v_global.shape[0], -1)
         z_state = torch.cat([z_n, z_a], dim=1)  # [S, 2, W]
         text = self.prompts.encode(self.text_encoder, unique, index, z_ctx, z_state)  # [S, B, 2, Bp, D]
