@@ -365,12 +365,8 @@ class BayesPFLHead(nn.Module):
         }
 
     def forward(self, feats: Any, class_names: list[str] | tuple[str, ...], out_size: int | tuple[int, int]) -> SSVPOutput:
-        b = feats.clip_patch.shape[0]
-        class_names = [str(c) for c in class_names]
-        if len(class_names) != b:
-            raise ValueError(f"got {len(class_names)} class names for a batch of {b} images")
-        size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-        device = self.prompts.ctx.device
+        class_names, size = head_inputs(feats, class_names, out_size)
+        b, device = len(class_names), self.prompts.ctx.device
         use_dino = self.fusion.mode != "none"
         patches, v_global = self.fusion(
             feats.clip_patch.to(device).float(),

@@ -36,6 +36,15 @@ from .vtam import VTAM
 __all__ = ["SSVPOutput", "SSVPHead", "SSVP"]
 
 
+def head_inputs(feats: Any, class_names: Any, out_size: int | tuple[int, int]) -> tuple[list[str], tuple[int, int]]:
+    """A head's checked inputs: one class name (str) per image, and the output size as (H, W)."""
+    b = feats.clip_patch.shape[0]
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != b:
+        raise ValueError(f"got {len(class_names)} class names for a batch of {b} images")
+    return class_names, ((out_size, out_size) if isinstance(out_size, int) else tuple(out_size))
+
+
 class SSVPHead(nn.Module):
     """All trainable parts of SSVP on top of frozen features (Algorithm 1 after Eq. 1)."""
 
@@ -86,11 +95,7 @@ class SSVPHead(nn.Module):
         return t_cls[index]
 
     def forward(self, feats: Any, class_names: list[str] | tuple[str, ...], out_size: int | tuple[int, int]) -> SSVPOutput:
-        b = feats.clip_patch.shape[0]
-        class_names = [str(c) for c in class_names]
-        if len(class_names) != b:
-            raise ValueError(f"got {len(class_names)} class names for a batch of {b} images")
-        size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+        class_names, size = head_inputs(feats, class_names, out_size)
         device = next(self.prompts.parameters()).device
         clip_patch = feats.clip_patch.to(device).float()
         clip_global = feats.clip_global.to(device).float()
