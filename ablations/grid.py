@@ -403,8 +403,10 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     if not args.resume and (run.out / GRID_STATE).is_file():
         return reprint_finished(run, args)  # nothing is started: its report again, or the way out
     ensure_synthetic(run.base)
+    from tuning.preflight import check_writable
     from tuning.runner import run_trials
 
+    check_writable(run.out, "--out folder")  # a bad --out fails now, in one line, not after the grid ran
     _connect(args)
     run.out.mkdir(parents=True, exist_ok=True)
     grid_copy = run.out / "grid.yaml"
@@ -503,6 +505,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # pre-flight (data, storage, tracking, --out), space and sweep settings
+        from tuning.redact import redact_text
+
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, unwritable folder: the MLflow runs are closed by run_trials
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
     if result.get("dry_run"):
         return 0
     summary = result["summary"]

@@ -84,12 +84,16 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
     # trials select on held-out *source* classes (train.protocol=select: val_objective); the
     # paper protocol (all source classes, last epoch) is for the refit of the chosen configuration
     base = absolutize_paths(sweep.base.override({"protocol": "select", **space.fixed}))
+    from .preflight import check_before_ray, check_resources
+
+    check_before_ray(sweep.replace(base=base))  # data, storage, tracking store: seconds, before Ray
     if not ray.is_initialized():
         from .ray_session import init_ray
 
         init_ray(os.environ.get("RAY_ADDRESS") or None)
     use_gpu, max_concurrent = resolve_resources(sweep.resources, sweep.search.max_concurrent_trials,
                                                 ray.cluster_resources())
+    check_resources(sweep.resources, use_gpu, ray.cluster_resources())
     paths = SweepPaths.of(sweep.storage_path, sweep.name)
     return Plan(
         sweep=sweep, space=space, base=base, variants=dict(sweep.variants), points=first_points(sweep, space),

@@ -49,6 +49,8 @@ def init_ray(
     ray_constants.ENABLE_RAY_CLUSTER = False
     port = dashboard_port or free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by raylet and workers
+    # a busy machine starts the dashboard's modules slowly: wait for them rather than fail the sweep
+    os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "300")
     kwargs: dict[str, Any] = dict(
         address="local",
         num_cpus=num_cpus,

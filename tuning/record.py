@@ -22,6 +22,7 @@ from .trial import VARIANT_KEY
 
 __all__ = ["open_parent", "trial_callback", "collect_trials", "close_interrupted", "settings_record", "log_artifacts"]
 
+_TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".txt", ".toml", ".cfg", ".ini", ".env", ".md", ".csv")
 _PLACEHOLDER_ERRORS = ("", "unknown error", "trial failed (no error text)")
 
 
@@ -30,17 +31,20 @@ def open_parent(plan: Plan) -> SweepTracker:
     """Create (or, on a resume, reopen) the sweep's MLflow parent run and write the state file."""
     tracker = _tracker(plan)
     tracker.start_parent(run_name=plan.name, tags=_parent_tags(plan), resume=plan.restoring)
-    if not plan.restoring:
-        try:
+    tracker.start_system_metrics()
+    try:
+        if plan.restoring:
+            tracker.client.set_tag(tracker.parent_run_id, "interrupted", "false")  # until it is again
+        else:
             _log_parent_setup(tracker, plan)
-        except BaseException:
-            tracker.end_parent("FAILED")
-            raise
-    plan.paths.experiment.mkdir(parents=True, exist_ok=True)
-    plan.paths.state_file.write_text(json.dumps({
-        "name": plan.name, "tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment,
-        "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id,
-    }, indent=2))
+        plan.paths.experiment.mkdir(parents=True, exist_ok=True)
+        plan.paths.state_file.write_text(json.dumps({  # JSON only: a resume never unpickles project state
+            "name": plan.name, "tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment,
+            "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id,
+        }, indent=2))
+    except BaseException:
+        tracker.end_parent("FAILED")  # never left RUNNING (e.g. an unwritable storage path)
+        raise
     return tracker
 
 
@@ -110,6 +114,9 @@ def log_artifacts(tracker: SweepTracker, artifacts: Any, missing: str, dir_as_fo
         if local.is_dir():
             default = local.name if dir_as_folder else None
             tracker.log_artifacts(tracker.parent_run_id, local, artifact_path or default)
+        elif local.is_file() and local.suffix.lower() in _TEXT_SUFFIXES:  # redacted (secrets in a config)
+            name = f"{artifact_path}/{local.name}" if artifact_path else local.name
+            tracker.log_text(tracker.parent_run_id, local.read_text(errors="replace"), name)
         elif local.is_file():
             tracker.log_artifact(tracker.parent_run_id, local, artifact_path or None)
         else:

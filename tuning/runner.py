@@ -66,20 +66,41 @@ def run_trials(sweep: SweepConfig, *, resume: bool = False, on_results: OnResult
     started = time.time()
     try:
         results = run_tuner(plan, callback)  # run
-    except BaseException:
-        tracker.close_open_children("KILLED")
-        tracker.end_parent("FAILED")
+        summary = collect_trials(plan, tracker, callback, results)  # record: trials
+        if summary.interrupted:
+            close_interrupted(summary, tracker, sweep.verbose)
+            return summary
+        finish(summary, plan, tracker, started, on_results)  # finish
+    except BaseException as exc:  # however it ends, nothing stays RUNNING
+        close_on_error(tracker, exc)
         raise
-    summary = collect_trials(plan, tracker, callback, results)  # record: trials
-    if summary.interrupted:
-        close_interrupted(summary, tracker, sweep.verbose)
-        return summary
-    finish(summary, plan, tracker, started, on_results)  # finish
     return summary
 
 
 def run_tuner(plan: Plan, callback):
     """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``."""
+def close_on_error(tracker, exc: BaseException) -> None:
+    """Open child runs KILLED, the parent KILLED (Ctrl+C: resumable) or FAILED with the reason.
+
+    Best effort: when the tracking store itself is the problem the original error is raised.
+    """
+    from .redact import redact_text
+    from .tracking import error_summary
+
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = "true" if interrupted else redact_text(error_summary(f"{type(exc).__name__}: {exc}"))[:5000]
+    steps = (
+        lambda: tracker.close_open_children("KILLED"),
+        lambda: tracker.client.set_tag(tracker.parent_run_id, "interrupted" if interrupted else "error", reason),
+        lambda: tracker.end_parent("KILLED" if interrupted else "FAILED"),
+    )
+    for step in steps:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - keep closing what can be closed
+            pass
+
+
     from ray import tune
 
     from .plan import make_scheduler, make_search, make_trial_settings, tune_space

@@ -33,8 +33,12 @@ starting anything::
 
     python tuning/sweep.py --config tuning/configs/quick.yaml --set epochs=2 --print-config
 
-Exit status: 0 when the sweep ran to its end (failed trials are listed, not fatal),
-2 for a bad config or search space, 130 when interrupted (resume with ``--resume``).
+Exit status: 0 when the sweep ran to its end and at least one trial finished (failed trials
+are listed with their causes), 1 when no trial finished or the record could not be written
+(disk full, store unreachable mid-run: one line, runs closed), 2 for a bad config, search
+space or pre-flight check (data, storage, tracking store, resources; found in seconds,
+before Ray starts any trial), 130 when interrupted (the printed resume command repeats the
+original arguments; ``--resume`` also remembers them by itself, from ``launch.json``).
 """
 from __future__ import annotations
 
@@ -195,8 +199,91 @@ def _connect(args: argparse.Namespace) -> bool:
     return True
 
 
+LAUNCH_FILE = "launch.json"  # <storage>/<name>/launch.json: the command line a sweep was started with
+_NOT_REMEMBERED = ("--resume", "--print-config")
+
+
+def _launch_file(storage, name: str):
+    from tuning.storage import storage_path
+
+    return storage_path(storage) / name / LAUNCH_FILE
+
+
+def _remembered_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]):
+    """On ``--resume``: the arguments the sweep was started with, then this command line's on top.
+
+    The first run stores its command line (``launch.json``, JSON) beside Tune's state, so a
+    resume keeps ``--num-samples``, ``--set`` and every other override without repeating them.
+    Returns ``(args, original argv or None)``.
+    """
+    import json
+
+    from tuning.settings import SweepConfigError
+
+    try:
+        sweep = sweep_from_args(args)
+    except SweepConfigError:
+        if args.name:
+            return args, None
+        raise
+    try:
+        stored = json.loads(_launch_file(sweep.storage_path, sweep.name).read_text())["argv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return args, None
+    merged = parser.parse_args([a for a in stored if a not in _NOT_REMEMBERED])
+    merged = parser.parse_args(argv, namespace=merged)  # flags given now win; --set adds to the stored ones
+    merged.name = sweep.name
+    return merged, list(stored)
+
+
+def _remember_launch(sweep, argv: list[str]) -> None:
+    """Write ``launch.json`` for a new sweep (never over an existing sweep's)."""
+    import json
+
+    from tuning.storage import storage_path
+
+    exp = storage_path(sweep.storage_path) / sweep.name
+    if (exp / "tuner.pkl").exists() or (exp / LAUNCH_FILE).exists():
+        return
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / LAUNCH_FILE).write_text(json.dumps({"argv": [a for a in argv if a not in _NOT_REMEMBERED],
+                                               "cwd": os.getcwd(), "time": time.time()}, indent=2))
+
+
+def resume_command(argv: list[str], name: str) -> str:
+    """The command that continues this sweep: its original arguments, ``--resume --name NAME``."""
+    import shlex
+
+    from tuning.redact import redact_text
+
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in _NOT_REMEMBERED:
+            continue
+        if a == "--name":
+            skip = True
+            continue
+        if a.startswith("--name="):
+            continue
+        out.append(a)
+    return redact_text(" ".join(["python tuning/sweep.py", *map(shlex.quote, out), "--resume", "--name",
+                                 shlex.quote(name)]))
+
+
+def _error(exc: BaseException, code: int) -> int:
+    from tuning.redact import redact_text
+
+    print(f"error: {redact_text(str(exc) or type(exc).__name__)}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: loopback only
     _ensure_importable()
@@ -206,32 +293,54 @@ def main(argv: list[str] | None = None) -> int:
     from tuning.settings import SweepConfigError
     from tuning.space import SpaceError
 
+    started_with = argv
     try:
+        if args.resume:
+            args, stored = _remembered_args(parser, args, argv)
+            started_with = stored or argv
         sweep = sweep_from_args(args)
     except (SweepConfigError, SpaceError, ConfigError, PathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
     if args.print_config:
-        print(sweep.to_yaml(), end="", flush=True)
+        from tuning.redact import redact_text
+
+        print(redact_text(sweep.to_yaml()), end="", flush=True)
         return 0
 
+    from tuning.preflight import check_before_ray
     from tuning.runner import SweepExistsError, run_trials
 
+    try:
+        check_before_ray(sweep)  # data, storage, tracking store: seconds, before Ray starts
+    except ValueError as exc:
+        return _error(exc, 2)
     if not _connect(args):
         return 2
     print(f"[sweep] {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} samples, "
           f"storage {sweep.storage_path}, MLflow {sweep.mlflow.tracking_uri}", flush=True)
     try:
+        if not args.resume:
+            _remember_launch(sweep, argv)
         summary = run_trials(sweep, resume=args.resume)
-    except (SpaceError, ConfigError, SweepExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with: {resume_command(started_with, sweep.name)}", file=sys.stderr, flush=True)
+        return 130
+    except (SpaceError, ConfigError, SweepExistsError, ValueError) as exc:  # PreflightError is a ValueError
+        return _error(exc, 2)
+    except OSError as exc:  # disk full, unwritable folder: the runs are closed, say it in one line
+        return _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc, 1)
+    except Exception as exc:  # noqa: BLE001 - MLflow / Ray failures: one line, the runs are closed
+        if type(exc).__module__.split(".")[0] not in ("mlflow", "ray", "optuna", "sqlalchemy"):
+            raise
+        return _error(f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
     print()
     print(summary.format(), flush=True)
     if summary.interrupted:
-        print(f"\nresume with: python tuning/sweep.py --config {args.config} "
-              f"{'--local ' if args.local else ''}--resume --name {summary.name}", flush=True)
+        print(f"\nresume with: {resume_command(started_with, summary.name)}", flush=True)
         return 130
+    if summary.trials and not any(t.status in ("FINISHED", "EARLY_STOPPED") for t in summary.trials):
+        print("\nno trial finished (causes above)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

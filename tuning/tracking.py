@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 PARENT_TAG = "mlflow.parentRunId"
+# the MLflow UI opens an experiment with this tag in its model-training view (not the GenAI one)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # keys Tune adds to every result; everything else numeric in a result is a metric of the run
 TUNE_AUTO_KEYS = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
@@ -64,6 +66,64 @@ _WRAPPER_ERRORS = {
     "TrainingFailedError", "WorkerGroupError", "RayTaskError", "TuneError", "ActorDiedError",
     "RayActorError", "ControllerError", "RayTaskError(TrainingFailedError)",
 }
+
+
+# --------------------------------------------------------------------------- metric names
+def mlflow_metric_name(key: str) -> str:
+    """The MLflow name of a metric ``fit`` reports: one namespaced name per quantity.
+
+    ``train_loss`` -> ``train/loss``, ``val_objective`` -> ``val/objective``, ``lr_prompt`` ->
+    ``lr/prompt`` (so the metric never shares a name with the ``lr_prompt`` parameter);
+    anything else (``target_*``, ``epoch``) is kept.
+    """
+    for prefix in ("train_", "val_", "lr_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix):]}"
+    return key
+
+
+def trial_number(trial, offset: int = 0) -> int | None:
+    """The running number Tune gave a trial: the counter its ``experiment_tag`` starts with
+    (``"4_gamma=..."``), less ``offset`` (1 for a search algorithm, whose counter starts at 1, so
+    that the number is Optuna's trial number)."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) - offset if head.isdigit() else None
+
+
+_SYMBOLS = {"gamma": "γ", "xi": "ξ", "beta": "β", "lambda1": "λ1", "lambda2": "λ2", "tau": "τ",
+            "focal_lambda": "λf", "lr_prompt": "lr_p", "lr_head": "lr_h"}
+
+
+def param_text(params: Mapping[str, Any], limit: int | None = None) -> str:
+    """``γ=0.94 ξ=0.73 ...``: sampled keys with the paper's symbols, floats to 3 significant digits."""
+    items = [(k, v) for k, v in params.items() if k != "variant"][:limit]
+    return " ".join(f"{_SYMBOLS.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{_SYMBOLS.get(k, k)}={v}"
+                    for k, v in items)
+
+
+def trial_run_name(number: int | None, trial_id: str, params: Mapping[str, Any], variant: str | None = None,
+                   label: str | None = None, max_params: int = 3) -> str:
+    """A readable run name: ``t03 γ=0.94 ξ=0.73`` (search), ``E/full seed=1`` (a grid cell, with
+    ``label`` = the variant's letter/name)."""
+    head = label or variant or (f"t{number:02d}" if number is not None else str(trial_id))
+    return f"{head} {param_text(params, None if (label or variant) else max_params)}".strip()
+
+
+def filter_equals(key: str, value: str) -> str:
+    """An MLflow filter clause matching ``key`` = ``value`` for any value, quotes included.
+
+    MLflow's filter strings have no escape character: a value holding ``'`` is written in
+    double quotes and one holding ``"`` in single quotes; one holding both becomes a
+    ``LIKE`` pattern with ``_`` for each quote (a wider match), so callers compare
+    the runs found with the value exactly.
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"{key} = '{value}'"
+    if '"' not in value:
+        return f'{key} = "{value}"'
+    pattern = value.replace("'", "_").replace('"', "_")  # % and _ match themselves too
+    return f"{key} LIKE '{pattern}'"
 
 
 # --------------------------------------------------------------------------- locations
@@ -169,6 +229,28 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _dataset_entity(spec: str):
+    """MLflow ``Dataset`` entity of a data spec ``fmt:root``: digest over the file names and sizes."""
+    import hashlib
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    fmt, _, root = spec.partition(":")
+    h = hashlib.sha256(spec.encode())
+    path = Path(root)
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(root or spec)
+    name = f"{path.name or fmt} ({fmt})"
+    return MetaDataset(source, name=name, digest=h.hexdigest()[:16])._to_mlflow_entity()
+
+
 # --------------------------------------------------------------------------- tracker
 class SweepTracker:
     """MLflow bookkeeping of one sweep (parent run + child runs); picklable, client made lazily."""
@@ -193,6 +275,8 @@ class SweepTracker:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_source"] = None
+        state["_monitor"] = None
         return state
 
     @property
@@ -203,6 +287,16 @@ class SweepTracker:
             _ensure_sqlite_dir(self.tracking_uri)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
+
+    def source_tags(self) -> dict[str, str]:
+        """``git_commit``, ``git_dirty``, ``mlflow.source.git.commit`` (the UI's Version column) and
+        ``mlflow.source.name`` / ``.type``; the commit as :mod:`tuning.paths` reads it
+        (``SSVP_GIT_COMMIT`` / ``SSVP_GIT_DIRTY`` from the submitting side win)."""
+        if getattr(self, "_source", None) is None:
+            from .paths import source_tags
+
+            self._source = {**source_tags(), "mlflow.source.name": "tuning/sweep.py", "mlflow.source.type": "LOCAL"}
+        return dict(self._source)
 
     # ----- experiment and parent
     def ensure_experiment(self) -> str:
@@ -217,7 +311,8 @@ class SweepTracker:
                 root.mkdir(parents=True, exist_ok=True)
                 location = (root / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.experiment)).as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:  # noqa: BLE001 - created concurrently by another driver
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
@@ -227,14 +322,17 @@ class SweepTracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the tag was set
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return self.experiment_id
 
     def find_parent(self):
         runs = self.client.search_runs(
             [self.ensure_experiment()],
-            filter_string=f"tags.sweep_id = '{self.sweep_id}' and tags.role = 'sweep'",
-            max_results=5,
+            filter_string=f"{filter_equals('tags.sweep_id', self.sweep_id)} and tags.role = 'sweep'",
+            max_results=50,
         )
+        runs = [r for r in runs if r.data.tags.get("sweep_id") == self.sweep_id]  # exact (see filter_equals)
         return runs[0] if runs else None
 
     def start_parent(self, run_name: str, tags: Mapping[str, str] | None = None, resume: bool = False) -> str:
@@ -250,15 +348,33 @@ class SweepTracker:
             self.client.update_run(self.parent_run_id, status="RUNNING")
             self.client.set_tag(self.parent_run_id, "resumed", "true")
             return self.parent_run_id
-        all_tags = {"sweep_id": self.sweep_id, "role": "sweep", "git_commit": git_commit(), **(tags or {})}
+        all_tags = {"sweep_id": self.sweep_id, "role": "sweep", **self.source_tags(), **(tags or {})}
         run = self.client.create_run(self.ensure_experiment(), run_name=run_name,
                                      tags={k: str(v) for k, v in redact(all_tags).items()})
         self.parent_run_id = run.info.run_id
         return self.parent_run_id
 
     def end_parent(self, status: str = "FINISHED") -> None:
+        self.stop_system_metrics()
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, status=status)
+
+    def start_system_metrics(self, interval_s: float = 5.0) -> None:
+        """CPU, memory, disk, network (and GPU with ``nvidia-ml-py``) of the driver's machine, every
+        ``interval_s``, as ``system/…`` metrics of the parent run (MLflow's System metrics tab)."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.parent_run_id, sampling_interval=interval_s,
+                                                 resume_logging=True, tracking_uri=self.tracking_uri)
+            self._monitor.start()
+        except Exception:  # noqa: BLE001 - psutil missing: no system metrics, the sweep goes on
+            self._monitor = None
+
+    def stop_system_metrics(self) -> None:
+        monitor, self._monitor = getattr(self, "_monitor", None), None
+        if monitor is not None:
+            monitor.finish()
 
     # ----- logging helpers
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -317,11 +433,23 @@ class SweepTracker:
         return runs[0] if runs else None
 
     def start_child(self, run_name: str, tags: Mapping[str, Any]) -> str:
-        all_tags = {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, "git_commit": git_commit(), **tags}
+        all_tags = {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, **self.source_tags(), **tags}
         run = self.client.create_run(
             self.ensure_experiment(), run_name=run_name, tags={k: str(v) for k, v in redact(all_tags).items()}
         )
         return run.info.run_id
+
+    def log_data(self, run_id: str, specs: list[str], context: str) -> None:
+        """The datasets a run used as MLflow run inputs (``mlflow.data``; the UI's Datasets column):
+        name = the dataset folder, source = its location, digest = a fingerprint of its files."""
+        try:
+            from mlflow.entities import DatasetInput, InputTag
+
+            inputs = [DatasetInput(_dataset_entity(spec), [InputTag("mlflow.data.context", context)])
+                      for spec in specs]
+            self.client.log_inputs(run_id, datasets=inputs)
+        except Exception:  # noqa: BLE001 - provenance only: never fail a sweep over it
+            pass
 
     def last_logged_step(self, run_id: str, key: str = "epoch") -> int:
         history = self.client.get_metric_history(run_id, key)
@@ -356,8 +484,12 @@ class MLflowTrialCallback(_TuneCallback):
         metric: str = "val_objective",
         mode: str = "max",
         train_storage: str | None = None,
+        run_labels: Mapping[str, str] | None = None,
+        number_offset: int = 0,
     ):
+        self.number_offset = number_offset  # 1 with Optuna: t00 = Optuna's trial 0
         self.train_storage = train_storage
+        self.run_labels = dict(run_labels or {})  # variant -> run-name label (grid cells: "E/full")
         self.tracker = tracker
         self.base = dict(base)
         self.variants = dict(variants or {})
@@ -408,11 +540,16 @@ class MLflowTrialCallback(_TuneCallback):
             cfg, variant, params, seed = None, trial.config.get("variant"), dict(trial.config), "?"
             params["config_error"] = str(exc)
         tags = {"trial_id": tid, "role": "trial", "variant": variant or "", "seed": seed, "trial_name": str(trial)}
-        run_id = tr.start_child(run_name=f"{tr.sweep_id}/{tid}", tags=tags)
+        tags["protocol"] = params.get("protocol", "")  # select: held-out source classes pick the epoch
+        number = trial_number(trial, self.number_offset)
+        tags["trial_number"] = "" if number is None else number
+        name = trial_run_name(number, tid, dict(trial.config), variant, self.run_labels.get(variant or ""))
+        run_id = tr.start_child(run_name=name, tags=tags)
         tr.log_params(run_id, {**params, **({"variant": variant} if variant else {})})
         tr.log_dict(run_id, dict(trial.config), "config/trial_params.json")
         if cfg is not None:
             tr.log_dict(run_id, cfg.to_dict(), "config/config.json")
+            tr.log_data(run_id, [cfg.data.source], "training")  # trains on part, selects on held-out classes
         self._runs[tid] = run_id
         self._last_epoch[tid] = 0
         return run_id
@@ -440,8 +577,59 @@ class MLflowTrialCallback(_TuneCallback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self._last_epoch.get(tid, 0):
             return  # already logged (resumed or restarted trial)
-        self.tracker.log_metrics(run_id, {**metrics, "epoch": epoch}, step=epoch)
+        self.backfill(trial, result.get("checkpoint_path"), before=epoch)
+        named = {mlflow_metric_name(k): v for k, v in metrics.items()}
+        self.tracker.log_metrics(run_id, {**named, "epoch": epoch}, step=epoch)
         self._last_epoch[tid] = epoch
+
+    def backfill(self, trial, checkpoint: str | None, before: int | None = None) -> int:
+        """Log the epochs a checkpoint's ``history.json`` holds that the run lacks (each once).
+
+        Ray Train can register a checkpoint whose report never reached this driver (driver
+        killed or interrupted in between); the resumed trial continues after it, and without
+        this its run would miss those epochs. Returns how many epochs were added.
+        """
+        from tuning.trial import read_history
+
+        tid = trial.trial_id
+        run_id = self.run_id(trial)
+        history, _ = read_history(checkpoint) if checkpoint else ([], None)
+        added = 0
+        for row in sorted(history, key=lambda r: r.get("epoch", 0)):
+            epoch = int(row.get("epoch", 0))
+            if epoch <= self._last_epoch.get(tid, 0) or (before is not None and epoch >= before):
+                continue
+            named = {mlflow_metric_name(k): v for k, v in row.items() if k not in TUNE_AUTO_KEYS}
+            self.tracker.log_metrics(run_id, {**named, "epoch": epoch}, step=epoch)
+            self._last_epoch[tid] = epoch
+            added += 1
+        if added:
+            done = int(self.tracker.client.get_run(run_id).data.tags.get("backfilled_epochs", "0"))
+            self.tracker.client.set_tag(run_id, "backfilled_epochs", str(done + added))
+        return added
+
+    def _newest_checkpoint(self, trial, ckpt: str | None) -> str | None:
+        """The trial's checkpoint holding the most epochs (local storage), else ``ckpt``; back-fills from it."""
+        from tuning.trial import newest_checkpoint
+
+        trial_dir = self.trial_dir(trial.trial_id)
+        if not isinstance(trial_dir, Path):  # object store: Ray's reported checkpoint
+            return ckpt
+        newest = newest_checkpoint(trial_dir, ckpt if ckpt and Path(ckpt).is_dir() else None)
+        if newest is not None:
+            ckpt = str(newest)
+            self.backfill(trial, ckpt)
+        return ckpt
+
+    def _record_restarts(self, run_id: str, trial_id: str) -> None:
+        """Worker-group starts (a Train restart after a worker died, or a resumed trial) on the run."""
+        from tuning.trial import read_starts
+
+        trial_dir = self.trial_dir(trial_id)
+        starts = read_starts(trial_dir) if isinstance(trial_dir, Path) else []
+        if starts:
+            self.tracker.client.set_tag(run_id, "restarts", str(len(starts) - 1))
+            self.tracker.log_metrics(run_id, {"restarts": len(starts) - 1})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
@@ -475,17 +663,23 @@ class MLflowTrialCallback(_TuneCallback):
 
     # ----- completion (also used by the runner to reconcile after a resume)
     def finish_trial(self, trial, status: str, error: str | None = None, checkpoint_path: str | None = None) -> str:
+        from tuning.trial import read_history
+
         tr = self.tracker
         tid = trial.trial_id
         run_id = self.run_id(trial)
-        summary = self.final_metrics(run_id)
+        ckpt = checkpoint_path or self._checkpoint.get(tid) or (trial.last_result or {}).get("checkpoint_path")
+        ckpt = self._newest_checkpoint(trial, ckpt)  # a report may have been lost: every epoch trained
+        self._record_restarts(run_id, tid)
+        summary = self.final_metrics(run_id, read_history(ckpt)[1] if ckpt else None)
         if summary:
             tr.log_metrics(run_id, summary)
+            best_epoch = int(summary["best_epoch"]) if "best_epoch" in summary else None
+            tr.log_dict(run_id, self.epoch_summary(run_id, best_epoch), "summary.json")
             if self.epochs and summary.get("epochs_done", 0) < self.epochs and status == "FINISHED":
                 tr.client.set_tag(run_id, "early_stopped", "true")
         from tuning.storage import as_uri, local_copy, storage_path
 
-        ckpt = checkpoint_path or self._checkpoint.get(tid) or (trial.last_result or {}).get("checkpoint_path")
         ckpt = as_uri(ckpt, self.train_storage) if ckpt else None  # Ray reports s3 paths without the scheme
         if ckpt and storage_path(ckpt).is_dir():
             tr.client.set_tag(run_id, "checkpoint_path", str(ckpt))
@@ -509,25 +703,38 @@ class MLflowTrialCallback(_TuneCallback):
         tr.client.set_terminated(run_id, status=status)
         return run_id
 
-    def final_metrics(self, run_id: str) -> dict[str, float]:
-        """``best_<metric>``, ``best_epoch``, ``final_<metric>``s and ``epochs_done`` from the logged history."""
-        client = self.tracker.client
-        history = client.get_metric_history(run_id, self.metric)
+    def final_metrics(self, run_id: str, best_epoch: int | None = None) -> dict[str, float]:
+        """The run's summary metrics: ``best_<metric>``, ``best_epoch`` and ``epochs_done``.
+
+        ``best_epoch``: the epoch of the checkpoint logged as ``checkpoints/best`` when known;
+        the best values are then that epoch's, so they always describe the heads stored.
+
+        Per-epoch values stay one chart per quantity (``train/…``, ``val/…``); the values at the
+        best and at the last epoch go to ``summary.json`` (:meth:`epoch_summary`), not to extra metrics.
+        """
+        history = self.tracker.client.get_metric_history(run_id, mlflow_metric_name(self.metric))
         if not history:
             return {}
-        by_step = {m.step: m.value for m in history}
+        by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.step)}
         finite = {s: v for s, v in by_step.items() if _finite(v)}
         out: dict[str, float] = {"epochs_done": float(max(by_step))}
+        if best_epoch in finite:
+            finite = {best_epoch: finite[best_epoch]}
         if finite:
             pick = max if self.mode == "max" else min
             best_step = pick(finite, key=lambda s: finite[s])
             out[f"best_{self.metric}"] = finite[best_step]
             out["best_epoch"] = float(best_step)
-        run = client.get_run(run_id)
-        last_step = max(by_step)
-        for key in run.data.metrics:
-            if key.startswith("val_") or key.startswith("train_"):
-                values = {m.step: m.value for m in client.get_metric_history(run_id, key)}
-                if last_step in values:
-                    out[f"final_{key}"] = values[last_step]
         return out
+
+    def epoch_summary(self, run_id: str, best_epoch: int | None) -> dict[str, Any]:
+        """``{"best_epoch", "at_best_epoch": {name: value}, "last_epoch", "at_last_epoch": {...}}``
+        of every per-epoch metric (``summary.json`` on the run)."""
+        client = self.tracker.client
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("train/", "val/", "lr/"))]
+        hist = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
+        last = max((max(h) for h in hist.values() if h), default=None)
+        return {
+            "best_epoch": best_epoch, "at_best_epoch": {k: h[best_epoch] for k, h in hist.items() if best_epoch in h},
+            "last_epoch": last, "at_last_epoch": {k: h[last] for k, h in hist.items() if last in h},
+        }

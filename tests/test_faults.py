@@ -1,0 +1,245 @@
+"""Sweeps under faults (issue 11): interrupts, kills, deterministic failures, pre-flight, hostile names.
+
+Fast tests check the pieces with real MLflow (SQLite) and real Ray Train exception objects.
+The slow ones run ``tuning/sweep.py`` as a real child process through
+``bench/fault_injection.py`` and inject faults with real signals (SIGKILL of the driver,
+SIGINT, SIGKILL of a Ray Train worker), then audit the MLflow record.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def _client(tmp_path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+
+
+# --------------------------------------------------------------------------- fast
+@pytest.mark.parametrize("name", ["it's", 'say "hi"', "both ' and \" 50%"])
+def test_quotes_in_a_sweep_name_find_the_right_parent(tmp_path, name):
+    from tuning.tracking import SweepTracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    other = SweepTracker(uri, "q", sweep_id="both x and y 50%")  # what a LIKE pattern would also match
+    other.start_parent("other")
+    tracker = SweepTracker(uri, "q", sweep_id=name)
+    assert tracker.find_parent() is None
+    run_id = tracker.start_parent(name)
+    assert SweepTracker(uri, "q", sweep_id=name).find_parent().info.run_id == run_id
+    with pytest.raises(RuntimeError, match="already has a sweep"):
+        SweepTracker(uri, "q", sweep_id=name).start_parent(name)
+
+
+def test_parent_artifact_config_file_is_redacted(tmp_path):
+    from tuning.record import log_artifacts
+    from tuning.tracking import SweepTracker
+
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("search:\n  optuna_storage: postgresql://u:pw1234@db/optuna\n  seed: 0\n")
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/m.db", "r", sweep_id="s")
+    tracker.start_parent("s")
+    log_artifacts(tracker, {"sweep_config": cfg}, "missing {path}")
+    local = tracker.client.download_artifacts(tracker.parent_run_id, "sweep_config/sweep.yaml", str(tmp_path / "dl"))
+    text = Path(local).read_text()
+    assert "pw1234" not in text and "postgresql://u:***@db/optuna" in text and "seed: 0" in text
+
+
+def test_resume_command_repeats_the_original_overrides_redacted():
+    from tuning.sweep import resume_command
+
+    cmd = resume_command(["--config", "q.yaml", "--local", "--num-samples", "5", "--set", "epochs=2",
+                          "--tracking-uri", "postgresql://u:secret@h/db", "--name", "old"], "q-1")
+    assert cmd == ("python tuning/sweep.py --config q.yaml --local --num-samples 5 --set epochs=2 "
+                   "--tracking-uri postgresql://u:***@h/db --resume --name q-1")
+
+
+def test_remembered_args_keep_overrides_and_let_new_flags_win(tmp_path, synthetic_root):
+    from tuning.sweep import _remember_launch, _remembered_args, build_parser, sweep_from_args
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n")
+    first = ["--config", str(cfg), "--storage-path", str(tmp_path / "ray"), "--num-samples", "5",
+             "--set", "epochs=2", "--name", "s-1", "--quiet"]
+    parser = build_parser()
+    _remember_launch(sweep_from_args(parser.parse_args(first)), first)
+    again = ["--config", str(cfg), "--storage-path", str(tmp_path / "ray"), "--resume", "--name", "s-1",
+             "--max-concurrent", "1"]
+    args, stored = _remembered_args(parser, parser.parse_args(again), again)
+    sweep = sweep_from_args(args)
+    assert stored == first
+    assert sweep.search.num_samples == 5 and sweep.base.train.epochs == 2 and sweep.verbose == 0
+    assert sweep.search.max_concurrent_trials == 1 and args.resume and sweep.name == "s-1"
+    assert json.loads((tmp_path / "ray" / "s-1" / "launch.json").read_text())["argv"] == first
+
+
+def test_deterministic_errors_are_not_retried_and_the_root_cause_is_dug_out():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from ssvp.data import DatasetError
+    from ssvp.engine import NonFiniteLossError
+    from tuning.trial import _failure_policy, root_cause
+
+    policy = _failure_policy(FailureConfig(max_failures=3))
+    nan = WorkerGroupError("Training failed", {1: RuntimeError("collateral"), 0: NonFiniteLossError("loss is nan")})
+    assert policy.make_decision(nan) == FailureDecision.RAISE  # no retry, although 3 are allowed
+    assert policy.make_decision(WorkerGroupError("x", {0: DatasetError("bad image a.png")})) == FailureDecision.RAISE
+    assert policy.make_decision(WorkerGroupError("x", {0: OSError("node lost")})) == FailureDecision.RETRY
+    assert isinstance(root_cause(nan), NonFiniteLossError)
+    inner = ValueError("cannot reach the store")
+    assert root_cause(ControllerError(inner)) is inner
+
+
+def test_training_resumes_from_the_newest_complete_checkpoint_on_disk(tmp_path, synthetic_root):
+    from conftest import synthetic_config
+    from ssvp import engine
+    from tuning.trial import HISTORY_FILE, newest_checkpoint, read_history
+
+    cfg = synthetic_config(synthetic_root, epochs=2, max_steps_per_epoch=1, max_per_class=2, progress=False)
+    trial = tmp_path / "t"
+    epochs = []
+
+    def save(epoch, metrics, ckpt):  # what the worker does: one Train checkpoint folder per epoch
+        epochs.append(dict(metrics, epoch=float(epoch)))
+        dst = trial / f"checkpoint_{epoch}"
+        import shutil
+
+        shutil.copytree(Path(ckpt).parent, dst)
+        (dst / HISTORY_FILE).write_text(json.dumps({"epochs": epochs, "best_epoch": epoch}))
+
+    engine.fit(cfg, checkpoint_dir=str(tmp_path / "work"), on_epoch=save)
+    partial = trial / "checkpoint_9"  # a save cut short by a kill: no history, truncated heads
+    (partial / "last").mkdir(parents=True)
+    (partial / "last" / "head.pt").write_bytes(b"trunc")
+    assert newest_checkpoint(trial) == trial / "checkpoint_2"
+    assert newest_checkpoint(trial, also=trial / "checkpoint_1") == trial / "checkpoint_2"
+    history, best = read_history(trial / "checkpoint_2")
+    assert [h["epoch"] for h in history] == [1.0, 2.0] and best == 2
+
+
+def test_preflight_fails_in_seconds_with_one_line(tmp_path, synthetic_root, capsys):
+    from tuning.ray_session import free_port
+    from tuning.sweep import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n")
+    (tmp_path / "file").write_text("x")
+    common = ["--config", str(cfg), "--local", "--name", "p", "--storage-path", str(tmp_path / "ray")]
+    cases = {
+        "tracking server": ["--tracking-uri", f"http://127.0.0.1:{free_port()}"],
+        "storage_path": ["--storage-path", str(tmp_path / "file" / "ray")],
+        "does not exist": ["--set", f"source=synthetic:{tmp_path / 'nowhere'}"],
+        "unknown dataset format": ["--set", "source=nosuchformat:/data"],
+    }
+    for expected, extra in cases.items():
+        t0 = time.time()
+        code = main(common + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (expected, err)
+        assert time.time() - t0 < 30
+    import ray
+
+    assert not ray.is_initialized()  # nothing of it needed Ray
+
+
+def test_print_config_redacts_secrets(tmp_path, synthetic_root, capsys):
+    from tuning.sweep import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n"
+                   "search: {optuna_storage: 'postgresql://u:pw9876@db/o'}\n")
+    assert main(["--config", str(cfg), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "pw9876" not in out and "postgresql://u:***@db/o" in out
+
+
+# --------------------------------------------------------------------------- slow: real processes, real signals
+@pytest.fixture()
+def work(tmp_path_factory):
+    from fault_injection import Work
+
+    return Work(tmp_path_factory.mktemp("fi"))
+
+
+def _assert_clean(res: dict, trials: int) -> None:
+    assert res["trials"] == trials and res["trials_lost"] == 0, res
+    assert res["epochs_lost"] == 0 and res["epochs_duplicated"] == 0, res
+    assert res["running"] == 0 and res["best_mismatch"] == 0 and res["best_is_true_best"], res
+    assert res["parent"] == "FINISHED", res
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_keeps_every_epoch_once_and_the_overrides(work):
+    from fault_injection import driver_sigkill
+
+    res = driver_sigkill(work)
+    assert res["faults"] == 1 and res["exit_fault"] == -9, res
+    assert res["exit_resume"] == 0, res  # --num-samples 2 remembered: both trials, not "[INTERRUPTED]"
+    _assert_clean(res, trials=2)
+
+
+@pytest.mark.slow
+def test_sigint_then_resume(work):
+    from fault_injection import sigint
+
+    res = sigint(work)
+    assert res["faults"] == 1 and res["exit_fault"] == 130, res
+    assert res["running_after_fault"] == 0, res  # Ctrl+C leaves nothing RUNNING
+    assert res["exit_resume"] == 0, res
+    _assert_clean(res, trials=2)
+
+
+@pytest.mark.slow
+def test_worker_kill_restarts_from_the_newest_checkpoint_and_is_recorded(work):
+    from fault_injection import worker_kill
+
+    res = worker_kill(work)
+    assert res["faults"] == 1 and res["exit_fault"] == 0, res
+    assert res["restarts"] == 1, res  # tag + metric on the trial's run
+    _assert_clean(res, trials=1)
+
+
+@pytest.mark.slow
+def test_nan_trial_fails_once_with_its_cause_and_the_sweep_exits_nonzero(work):
+    from fault_injection import nan
+
+    res = nan(work)
+    assert res["exit_fault"] == 1, res  # no trial finished
+    assert res["attempts"] == 1, res  # NonFiniteLossError is deterministic: no Train retry
+    assert res["cause_reported"] and res["running"] == 0, res
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_whatever_the_progress_and_verbose_flags(work):
+    """Two trials of one sweep differ only in ``progress`` (tqdm bars on/off), run with ``--verbose``
+    (Tune's table, Ray's logs): their per-epoch metrics are identical."""
+    from fault_injection import client, trial_runs
+
+    yaml = (work.root / "sweep.yaml").read_text()
+    yaml = yaml.replace("search: {algorithm: optuna, num_samples: 1,", "search: {algorithm: grid, num_samples: 1,")
+    yaml = yaml.replace("space:\n  gamma: {type: uniform, low: 0.0, high: 1.0}\n",
+                        "space: {}\nvariants: {plain: {progress: false}, bars: {progress: true}}\n")
+    (work.root / "sweep.yaml").write_text(yaml)
+    args = [a for a in work.args("flags") if a != "--quiet"] + ["--verbose"]
+    code, _, err = work.run(args)
+    assert code == 0, err[-2000:]
+    runs = {r.data.tags["variant"]: r for r in trial_runs(work.uri, "flags")}
+    assert set(runs) == {"plain", "bars"}
+    c = client(work.uri)
+    keys = sorted(k for k in runs["plain"].data.metrics if k.startswith(("val/", "train/")))
+    assert keys
+    for key in keys:
+        a = [(m.step, m.value) for m in sorted(c.get_metric_history(runs["plain"].info.run_id, key), key=lambda m: m.step)]
+        b = [(m.step, m.value) for m in sorted(c.get_metric_history(runs["bars"].info.run_id, key), key=lambda m: m.step)]
+        assert a == b, key
