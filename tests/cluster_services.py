@@ -157,6 +157,11 @@ def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[dict]:
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--num-cpus", str(num_cpus),
+         # every port free and its own: Ray's fixed defaults (agent 52365, client 10001, ...) clash with
+         # other Ray instances on the machine, and a job agent that cannot bind takes no job
+         *[a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                          "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
+                          "--object-manager-port") for a in (flag, str(free_port()))],
          "--include-dashboard", "true", "--temp-dir", str(temp_dir), "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
