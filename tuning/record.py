@@ -148,6 +148,7 @@ def collect_trials(plan: Plan, tracker: SweepTracker, callback: MLflowTrialCallb
         status = _reconcile(trial, saved_status.get(trial.trial_id, trial.status), tracker, callback, errors)
         summaries.append(_trial_summary(plan, tracker, trial, status, errors.get(trial.trial_id)))
     interrupted = any(t.status == "KILLED" for t in summaries)
+    _close_unknown(tracker, {t.trial_id for t in trials})
     if not interrupted and plan.sweep.search.time_budget_s is None:
         interrupted = len(trials) < expected_trials(plan)
     s = plan.sweep.search
@@ -160,6 +161,15 @@ def collect_trials(plan: Plan, tracker: SweepTracker, callback: MLflowTrialCallb
 
 
 def _reconcile(trial, status: str, tracker: SweepTracker, callback: MLflowTrialCallback, errors: dict) -> str:
+def _close_unknown(tracker: SweepTracker, known: set[str]) -> None:
+    """Trial runs Tune no longer knows (its state was saved before the trial began and then the
+    driver was killed; a resume samples it anew) end KILLED, tagged ``lost``: never left RUNNING."""
+    for run in tracker.children(role="trial"):
+        if run.info.status == "RUNNING" and run.data.tags.get("trial_id") not in known:
+            tracker.client.set_tag(run.info.run_id, "lost", "not in Tune's saved experiment state (driver killed)")
+            tracker.client.set_terminated(run.info.run_id, status="KILLED")
+
+
     """Close the trial's child run as Tune ended it; FINISHED | FAILED | KILLED (not ended)."""
     tid = trial.trial_id
     if status == "TERMINATED":

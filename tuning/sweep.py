@@ -316,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error(exc, 2)
     if not _connect(args):
         return 2
-    print(f"[sweep] {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} samples, "
-          f"storage {sweep.storage_path}, MLflow {sweep.mlflow.tracking_uri}", flush=True)
+    from tuning.redact import redact_text
+
+    print(redact_text(f"[sweep] {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} samples, "
+                      f"storage {sweep.storage_path}, MLflow {sweep.mlflow.tracking_uri}"), flush=True)
     try:
         if not args.resume:
             _remember_launch(sweep, argv)
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _error(f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
     print()
-    print(summary.format(), flush=True)
+    print(redact_text(summary.format()), flush=True)  # a tracking URI may carry a password
     if summary.interrupted:
         print(f"\nresume with: {resume_command(started_with, summary.name)}", flush=True)
         return 130
