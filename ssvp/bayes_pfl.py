@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hsvs import HSVSFusion
-from .outputs import SSVPOutput
+from .outputs import SSVPOutput, head_inputs
 from .vcpg import PromptLearner, _is_causal
 from .vtam import prob_logit
 

@@ -29,20 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hsvs import HSVSFusion
-from .outputs import SSVPOutput
+from .outputs import SSVPOutput, head_inputs
 from .vcpg import VCPG, PromptLearner
 from .vtam import VTAM
 
 __all__ = ["SSVPOutput", "SSVPHead", "SSVP"]
-
-
-def head_inputs(feats: Any, class_names: Any, out_size: int | tuple[int, int]) -> tuple[list[str], tuple[int, int]]:
-    """A head's checked inputs: one class name (str) per image, and the output size as (H, W)."""
-    b = feats.clip_patch.shape[0]
-    class_names = [str(c) for c in class_names]
-    if len(class_names) != b:
-        raise ValueError(f"got {len(class_names)} class names for a batch of {b} images")
-    return class_names, ((out_size, out_size) if isinstance(out_size, int) else tuple(out_size))
 
 
 class SSVPHead(nn.Module):

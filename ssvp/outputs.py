@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SSVPOutput"]
+__all__ = ["SSVPOutput", "head_inputs"]
 
 
 @dataclass
@@ -28,3 +28,12 @@ class SSVPOutput:
     score: torch.Tensor
     score_logit: torch.Tensor
     aux: dict[str, Any] = field(default_factory=dict)
+
+
+def head_inputs(feats: Any, class_names: Any, out_size: int | tuple[int, int]) -> tuple[list[str], tuple[int, int]]:
+    """A head's checked inputs: one class name (str) per image, and the output size as (H, W)."""
+    b = feats.clip_patch.shape[0]
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != b:
+        raise ValueError(f"got {len(class_names)} class names for a batch of {b} images")
+    return class_names, ((out_size, out_size) if isinstance(out_size, int) else tuple(out_size))
