@@ -53,6 +53,7 @@ VARIANT_KEY = "variant"  # param-space key that selects a named bundle of overri
 TARGET_DONE_KEY = "target_eval_done"
 HISTORY_FILE = "history.json"  # in every Train checkpoint: each epoch's report so far, best epoch
 STARTS_FILE = "starts.jsonl"  # <trial_dir>/starts.jsonl: one line per worker-group start
+FATAL_FILE = "fatal.json"  # <trial_dir>/fatal.json: the deterministic error that ended the trial
 
 
 @dataclass
@@ -476,8 +477,9 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     from .storage import join as storage_join
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg, _variant = resolve_trial_config(settings.base, config, settings.variants)
     storage = settings.train_storage or os.path.join(tempfile.gettempdir(), "ssvp-train-runs")
+    _refuse_known_fatal(Path(storage) / trial_id)  # Tune's retry of a deterministic failure: no rerun
+    cfg, _variant = resolve_trial_config(settings.base, config, settings.variants)
     loop_config = {
         "cfg": cfg.to_dict(),
         "use_gpu": settings.use_gpu,
@@ -512,6 +514,26 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Tune records the trial's own error, not Train's wrapper
         cause = root_cause(exc)
+        if is_deterministic(cause):
+            _remember_fatal(Path(storage) / trial_id, cause)
         if cause is exc:
             raise
         raise cause from None
+
+
+def _remember_fatal(trial_dir: Path, exc: BaseException) -> None:
+    try:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        (trial_dir / FATAL_FILE).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)[:4000]}))
+    except OSError:
+        pass
+
+
+def _refuse_known_fatal(trial_dir: Path) -> None:
+    """A trial that already failed deterministically fails again at once (``trial_max_failures``
+    retries it otherwise, rebuilding the worker group to hit the same error)."""
+    try:
+        fatal = json.loads((trial_dir / FATAL_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    raise RuntimeError(f"{fatal.get('type')}: {fatal.get('message')} (deterministic: not retried)")
