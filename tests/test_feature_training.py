@@ -211,5 +211,8 @@ def test_rewritten_image_is_recomputed_not_served_stale(data_root, tmp_path):
     from ssvp.backbones import Backbones as BB
     from ssvp.features import FeatureCache
 
-    cache = FeatureCache(tmp_path / "cache", BB(cfg.model), cfg.model)
-    assert cache.path_for(cache.key_for(load_image(victim, 112))) == added
+    bb = BB(cfg.model)
+    cache = FeatureCache(tmp_path / "cache", bb, cfg.model)
+    # keyed by both inputs: the CLIP-size image and the DINO-size one resized from the file (§4.2)
+    dino = load_image(victim, bb.dino_image_size) if bb.dino_image_size not in (0, 112) else None
+    assert cache.path_for(cache.key_for(load_image(victim, 112), dino)) == added
