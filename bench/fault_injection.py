@@ -211,6 +211,36 @@ def _interrupt_then_resume(work: Work, name: str, sig: int, samples: int = 2) ->
     return res
 
 
+def _logged_epochs(uri: str, sweep: str) -> int:
+    c = client(uri)
+    return sum(len(c.get_metric_history(r.info.run_id, val_key())) for r in trial_runs(uri, sweep))
+
+
+def interrupt_chain(work: Work, name: str, signals: list[int], samples: int = 2) -> dict[str, Any]:
+    """One sweep hit by each of ``signals`` in turn (each after one more epoch was logged), resumed
+    after each with ``--resume`` alone, then run to its end and audited."""
+    t0 = time.time()
+    exits, hits, seen = [], 0, 0
+    for i, sig in enumerate(signals):
+        proc = work.start(work.args(name, "--num-samples", str(samples)) if i == 0 else work.args(name, "--resume"))
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and _logged_epochs(work.uri, name) <= seen:
+            time.sleep(0.5)
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+            hits += 1
+        try:
+            proc.communicate(timeout=600)
+        finally:
+            reap(proc)
+        exits.append(proc.returncode)
+        seen = _logged_epochs(work.uri, name)
+    code, _, _ = work.run(work.args(name, "--resume"))
+    res = audit(work.uri, name, samples)
+    res.update(faults=hits, exit_fault=exits, exit_resume=code, seconds=round(time.time() - t0, 1))
+    return res
+
+
 def driver_sigkill(work: Work) -> dict[str, Any]:
     return _interrupt_then_resume(work, "kill", signal.SIGKILL)
 

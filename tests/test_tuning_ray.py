@@ -262,7 +262,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
             client = client_for(uri)
             exp = client.get_experiment_by_name("test-kill")
             runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
-            return any(client.get_metric_history(r.info.run_id, "val_objective") for r in runs)
+            return any(client.get_metric_history(r.info.run_id, "val/objective") for r in runs)
         except Exception:  # noqa: BLE001 - store not created yet
             return False
 
@@ -295,10 +295,12 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
     assert record["pid"] != killed["pid"]  # a new worker process ...
     assert record["resumed_epochs"] >= 1  # ... that started from the checkpoint, not from epoch 0
     client = client_for(uri)
-    steps = [m.step for m in client.get_metric_history(trial.run_id, "val_objective")]
+    steps = [m.step for m in client.get_metric_history(trial.run_id, "val/objective")]
     assert steps == [1, 2, 3, 4, 5]  # every epoch logged once across the restart
     # the best heads survive the restart (carried over even when no later epoch improves on them)
     assert {"checkpoints/best/head.pt", "checkpoints/best/config.json"} <= {
         a.path for a in client.list_artifacts(trial.run_id, "checkpoints/best")
     }
     assert Path(trial.checkpoint, "head.pt").is_file()
+    run = client.get_run(trial.run_id)
+    assert run.data.tags["restarts"] == "1" and run.data.metrics["restarts"] == 1  # the restart is on record
