@@ -1,9 +1,13 @@
-"""``tuning/sweep.py`` as users run it: ``ray job submit`` to a real head, and ``--local`` + ``--resume``.
+"""``tuning/sweep.py`` and ``ablations/grid.py`` as cluster users run them, and ``--local`` + ``--resume``.
 
-Everything binds to 127.0.0.1. The head is started by the test with
-``ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1`` in its own
-process group and temp dir, and stopped in a ``finally`` by killing exactly that group
-(``ray stop`` would also stop unrelated Ray instances on a shared machine).
+The cluster route, as cluster/README.md ("Trying the cluster path on one machine") runs it: a Ray
+head (``ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1``, own temp dir), an
+``mlflow server`` (SQLite backend, artifacts served into S3, basic-auth login) and an S3-compatible
+server (moto), all on loopback. Jobs go in with ``ray job submit --working-dir .`` and a runtime env
+from ``python -m ssvp.paths runtime-env`` holding only MLFLOW_TRACKING_URI, SSVP_STORAGE_PATH,
+SSVP_DATA_ROOT and SSVP_FEATURE_CACHE (plus the commit it captures); the node environment holds the
+MLflow login and the S3 endpoint, as the `ray up` config exports them. Every process is stopped by
+killing exactly its own process group (``ray stop`` would also stop unrelated Ray instances).
 """
 from __future__ import annotations
 
@@ -18,16 +22,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster_services import (
+    clean_env,
+    files_under,
+    kill_group,
+    mlflow_server,
+    ray_head,
+    s3_keys,
+    s3_server,
+    wait_job,
+)
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    from tuning.runner import free_port as fp
-
-    return fp()
+BUCKET = "ssvp-test"
+PASSWORD = "admin-password-for-tests"  # >= 12 characters, as MLflow's basic-auth app requires
 
 
 def write_sweep(path: Path, synthetic_root: Path, num_samples: int) -> Path:
@@ -58,33 +69,6 @@ def write_sweep(path: Path, synthetic_root: Path, num_samples: int) -> Path:
     return path
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        HF_HUB_OFFLINE="1",
-        MPLBACKEND="Agg",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    env.update(extra)
-    return env
-
-
-def kill_group(pgid: int) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        for _ in range(20):
-            time.sleep(0.5)
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-
-
 def mlflow_runs(db: Path):
     from mlflow import MlflowClient
 
@@ -95,63 +79,159 @@ def mlflow_runs(db: Path):
     return client, client.search_runs([exp.experiment_id])
 
 
-def test_ray_job_submit_runs_the_sweep_on_a_head(synthetic_root, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    gcs_port, dash_port = free_port(), free_port()
-    temp_dir = Path("/tmp") / f"ssvp_head_{os.getpid()}_{gcs_port}"  # short: Ray's socket paths have a length limit
-    env = clean_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash_port}")
-    sweep_yaml = write_sweep(tmp_path / "job.yaml", synthetic_root, num_samples=2)
-    db = tmp_path / "mlflow.db"
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-         "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--num-cpus", "2",
-         "--include-dashboard", "true", "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        out, _ = head.communicate(timeout=180)
-        assert head.returncode == 0, out
-        address = f"http://127.0.0.1:{dash_port}"
-        client = None
-        for _ in range(120):
-            try:
-                client = JobSubmissionClient(address)
-                client.list_jobs()
-                break
-            except Exception:  # noqa: BLE001 - dashboard still starting
-                time.sleep(1)
-        assert client is not None
-        submit = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "ssvp-sweep-test",
-             "--no-wait", "--working-dir", str(REPO), "--",
-             "python", "tuning/sweep.py", "--config", str(sweep_yaml), "--name", "jobsweep",
-             "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(tmp_path / "ray"),
-             "--cpus-per-worker", "0.5", "--quiet"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
-        )
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        status = None
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            status = client.get_job_status("ssvp-sweep-test")
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                break
-            time.sleep(2)
-        logs = client.get_job_logs("ssvp-sweep-test")
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
-        assert "best trial" in logs and f"mlflow ui --backend-store-uri sqlite:///{db}" in logs
-
-        mclient, runs = mlflow_runs(db)
-        roles = sorted(r.data.tags.get("role") for r in runs)
-        assert roles == ["sweep", "target_eval", "trial", "trial"]
-        assert all(r.info.status == "FINISHED" for r in runs)
-        parent = next(r for r in runs if r.data.tags["role"] == "sweep")
-        assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs if r is not parent)
-    finally:
-        kill_group(head.pid)
+# ----------------------------------------------------------------------------- the cluster route
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """S3 (moto), MLflow (SQLite, artifacts served into s3://BUCKET/mlflow, login) and a Ray head on loopback."""
+    work = tmp_path_factory.mktemp("cluster")
+    with s3_server(work, BUCKET) as s3:
+        node_env = clean_env(**s3, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
+        with mlflow_server(work, f"s3://{BUCKET}/mlflow", node_env, password=PASSWORD) as uri:
+            with ray_head(node_env) as head:
+                yield {"work": work, "s3": s3, "tracking_uri": uri, "env": node_env, **head}
 
 
+def locations(cluster: dict) -> dict[str, str]:
+    """What cluster/README.md passes: the tracking server, S3 storage, the data root and the feature cache."""
+    work = cluster["work"]
+    return {"MLFLOW_TRACKING_URI": cluster["tracking_uri"], "SSVP_STORAGE_PATH": f"s3://{BUCKET}/ray-results",
+            "SSVP_DATA_ROOT": str(work / "data"), "SSVP_FEATURE_CACHE": str(work / "features")}
+
+
+def submit(cluster: dict, job_id: str, *command: str) -> str:
+    """``ray job submit --working-dir . --runtime-env-json "$(python -m ssvp.paths runtime-env ...)" -- ...``
+    from the repository root, as cluster/README.md does; returns the job's logs (asserts it succeeded)."""
+    env = cluster["env"]
+    runtime = subprocess.run([sys.executable, "-m", "ssvp.paths", "runtime-env",
+                              *[f"{k}={v}" for k, v in locations(cluster).items()]],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    for _ in range(60):  # a freshly started head's job agent may not be up yet on a busy machine
+        sub = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster["address"], "--submission-id", job_id,
+             "--no-wait", "--working-dir", ".", "--runtime-env-json", runtime.strip(), "--", *command],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        if sub.returncode == 0 or "No available agent" not in sub.stderr:
+            break
+        time.sleep(5)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    status, logs = wait_job(cluster["client"], job_id, seconds=1500)
+    assert str(status) == "SUCCEEDED", logs[-6000:]
+    return logs
+
+
+def authed_client(cluster: dict):
+    from mlflow import MlflowClient
+
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
+    return MlflowClient(tracking_uri=cluster["tracking_uri"])
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def nothing_kept_in_ray_temp(temp_dir: Path) -> None:
+    """No record, checkpoint, data or feature file under Ray's temporary folder (the job's copy included)."""
+    kept = [p for p in temp_dir.rglob("*") if p.is_file() and (
+        p.suffix in (".db", ".npy", ".pt", ".safetensors", ".png", ".jpg") or "checkpoint_" in str(p)
+        or p.name in ("meta.json", "tuner.pkl", "ssvp_sweep.json", "records.jsonl"))]
+    pkg_dirs = [p for p in temp_dir.rglob("_ray_pkg_*") if p.is_dir()]
+    assert pkg_dirs, "the job ran in a working-directory copy"
+    created = [p for d in pkg_dirs for p in (d / "runs", d / "data", d / "features_cache") if p.exists()]
+    assert not kept and not created, (kept[:10], created)
+
+
+def cache_files(cluster: dict) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in files_under(cluster["work"] / "features") if p.suffix == ".npy"}
+
+
+def test_submitted_sweep_records_on_the_server_and_s3_and_a_second_job_reuses_the_features(cluster):
+    commit = head_commit()
+    small = ["--num-samples", "2", "--set", "epochs=2", "--set", "max_steps_per_epoch=2", "--set", "max_per_class=3",
+             "--max-concurrent", "1", "--cpus-per-worker", "0.5", "--quiet"]
+    logs = submit(cluster, "sweep-1", "python", "tuning/sweep.py", "--config", "tuning/configs/quick.yaml",
+                  "--name", "s1", *small)
+    assert "best trial" in logs
+
+    client = authed_client(cluster)
+    exp = client.get_experiment_by_name("ssvp-quick")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.sweep_id = 's1'")
+    roles = sorted(r.data.tags.get("role") for r in runs)
+    assert roles == ["sweep", "target_eval", "trial", "trial"], roles
+    states = [(r.data.tags.get("role"), r.info.status, r.data.tags.get("error")) for r in runs]
+    assert all(r.info.status == "FINISHED" for r in runs), (states, logs[-5000:])
+    parent = next(r for r in runs if r.data.tags["role"] == "sweep")
+    for r in runs:  # the real commit, captured on the submitting side
+        assert r.data.tags["git_commit"] == commit and r.data.tags.get("mlflow.source.git.commit") == commit
+    assert parent.data.tags["config_file"] == "tuning/configs/quick.yaml"  # not the job's temporary copy
+    assert all(client.get_metric_history(r.info.run_id, "val/objective")
+               for r in runs if r.data.tags["role"] == "trial")
+    data_root = cluster["work"] / "data"
+    trial = next(r for r in runs if r.data.tags["role"] == "trial")
+    assert trial.data.params["source"] == f"synthetic:{data_root}/synthetic/domain_a"
+    assert (data_root / "synthetic" / "domain_a" / "meta.json").is_file()
+
+    # artifacts went through the server into S3; checkpoints and Tune's state into the S3 storage path
+    endpoint = cluster["s3"]["AWS_ENDPOINT_URL"]
+    art = s3_keys(endpoint, BUCKET, f"mlflow/{exp.experiment_id}/{parent.info.run_id}/")
+    assert any(k.endswith(".yaml") for k in art), art[:20]
+    stored = s3_keys(endpoint, BUCKET, "ray-results/")
+    assert any(k.startswith("ray-results/s1/") for k in stored), stored[:20]
+    assert any(k.startswith("ray-results/s1.train/") and "/checkpoint_" in k for k in stored), stored[:20]
+    nothing_kept_in_ray_temp(cluster["temp_dir"])
+    first = cache_files(cluster)
+    assert first, "the feature cache (SSVP_FEATURE_CACHE) was filled"
+
+    # a second job with the same data and backbones: every feature read from the cache, none computed
+    submit(cluster, "sweep-2", "python", "tuning/sweep.py", "--config", "tuning/configs/quick.yaml",
+           "--name", "s2", *small)
+    assert cache_files(cluster) == first  # no new feature file, none rewritten: no backbone forward
+    runs2 = client.search_runs([exp.experiment_id], filter_string="tags.sweep_id = 's2'")
+    assert sorted(r.data.tags.get("role") for r in runs2) == ["sweep", "target_eval", "trial", "trial"]
+    for r in runs2:
+        if "feature_cache_misses" in r.data.metrics:
+            assert r.data.metrics["feature_cache_misses"] == 0
+    nothing_kept_in_ray_temp(cluster["temp_dir"])
+
+
+def test_submitted_grid_records_on_the_server_and_a_resume_reads_the_checkpoints_back_from_s3(cluster):
+    out = cluster["work"] / "ablations" / "quick"
+    cmd = ["python", "ablations/grid.py", "--grid", "ablations/configs/quick.yaml", "--seeds", "1",
+           "--variants", "full,concat", "--out", str(out), "--max-concurrent", "1", "--quiet"]
+    submit(cluster, "grid-1", *cmd)
+    state = json.loads((out / "grid.json").read_text())
+    client = authed_client(cluster)
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.data.tags["git_commit"] == head_commit()
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = [c for c in children if c.data.tags.get("role") == "trial"]
+    assert sorted(c.data.tags["variant"] for c in trials) == ["concat", "full"]
+    assert all(c.info.status == "FINISHED" for c in trials)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
+    assert {"ablation/results.md", "ablation/records.jsonl"} <= arts
+    endpoint = cluster["s3"]["AWS_ENDPOINT_URL"]
+    assert any(k.endswith("ablation/results.md") for k in s3_keys(endpoint, BUCKET, "mlflow/"))
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "ok" and str(r["checkpoint"]).startswith("s3://") for r in records), records
+    before = cache_files(cluster)
+
+    # --resume --per-class: no trial runs again; each trial's best heads are read back from S3 and
+    # evaluated per class, with every feature from the cache
+    submit(cluster, "grid-2", *cmd, "--resume", "--per-class")
+    state2 = json.loads((out / "grid.json").read_text())
+    assert state2["parent_run_id"] == state["parent_run_id"]
+    children2 = client.search_runs([parent.info.experiment_id],
+                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len([c for c in children2 if c.data.tags.get("role") == "trial"]) == 2
+    records2 = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert all(not r.get("per_class_error") and "per_class" in next(iter(r["metrics"].values())) for r in records2)
+    assert cache_files(cluster) == before
+    nothing_kept_in_ray_temp(cluster["temp_dir"])
+
+
+# ----------------------------------------------------------------------------- local mode
 def _sweep_cmd(config: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "tuning" / "sweep.py"), "--config", str(config), "--local", "--num-cpus", "2",
             "--name", "res", "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
@@ -197,7 +277,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(synthetic_r
     parent = next(r for r in runs if r.data.tags.get("role") == "sweep")
     assert parent.info.status == "KILLED"
     finished_before = {
-        r.data.tags["trial_id"]: (r.info.run_id, r.info.end_time, len(client.get_metric_history(r.info.run_id, "val_objective")))
+        r.data.tags["trial_id"]: (r.info.run_id, r.info.end_time, len(client.get_metric_history(r.info.run_id, "val/objective")))
         for r in runs if r.data.tags.get("role") == "trial" and r.info.status == "FINISHED"
     }
     assert len(finished_before) >= 1
@@ -213,7 +293,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(synthetic_r
     parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
     assert len(parents) == 1 and parents[0].info.run_id == parent.info.run_id
     for r in trials:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_objective")]
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/objective")]
         assert steps == [1, 2], (r.data.tags["trial_id"], steps)  # every epoch once, none twice
         if r.data.tags["trial_id"] in finished_before:
             run_id, end_time, n = finished_before[r.data.tags["trial_id"]]

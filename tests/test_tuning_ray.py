@@ -74,7 +74,9 @@ def trial_runs(client, summary):
     return [r for r in runs if r.data.tags.get("role") == "trial"], [r for r in runs if r.data.tags.get("role") != "trial"]
 
 
-def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_path):
+def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_path, capsys):
+    import re
+
     import optuna
 
     from tuning.runner import run_trials
@@ -94,12 +96,20 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
         resources=ResourceSettings(use_gpu=False, cpus_per_worker=0.5),
         mlflow=MlflowSettings(tracking_uri=uri, experiment="test-sweep"),
         storage_path=str(tmp_path / "ray"),
-        verbose=0,
+        verbose=1,  # the console lines, not Tune's table
     )
     summary = run_trials(sweep)
+    out = capsys.readouterr().out
     assert not summary.interrupted and not summary.errors
     assert len(summary.trials) == 3
     client = client_for(uri)
+
+    # console: one line per finished trial, no Tune table; its "best" is the summary's best (best epoch)
+    lines = [ln for ln in out.splitlines() if re.match(r"^\[\d/3\] t\d\d ", ln)]
+    assert len(lines) == 3 and "╭" not in out and "Trial status" not in out
+    assert {re.match(r"^\[\d/3\] (t\d\d)", ln).group(1) for ln in lines} == {t.label for t in summary.trials}
+    assert f"best {summary.best.label} {summary.best.objective:.4f} @ {int(summary.best.metrics['best_epoch'])}" in lines[-1]
+    assert client.get_experiment(summary.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # artifacts go beside the SQLite file, never into the working directory
     assert client.get_experiment(summary.experiment_id).artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
@@ -123,14 +133,24 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
         assert float(run.data.params["gamma"]) == pytest.approx(trial.params["gamma"])
         assert run.data.params["epochs"] == "2" and run.data.params["clip_model"] == "tiny"
         assert run.data.params["source"] == f"synthetic:{synthetic_root}/domain_a"
-        # per-epoch metrics, step = epoch, each epoch once
-        hist = client.get_metric_history(run.info.run_id, "val_objective")
+        # readable name; selection protocol; per-epoch metrics namespaced, step = epoch, each epoch once
+        assert run.info.run_name == f"{trial.label} γ={trial.params['gamma']:.3g} lr_h={trial.params['lr_head']:.3g}"
+        assert run.data.tags["protocol"] == "select" and run.data.params["protocol"] == "select"
+        hist = client.get_metric_history(run.info.run_id, "val/objective")
         steps = [m.step for m in hist]
         assert steps == sorted(set(steps)) and steps[0] == 1 and max(steps) <= 2
         best = max(m.value for m in hist)
         assert run.data.metrics["best_val_objective"] == pytest.approx(best)
+        assert run.data.metrics["best_epoch"] == [m.step for m in hist if m.value == best][0]
         best_values.append(best)
-        assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == set(steps)
+        assert {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")} == set(steps)
+        keys = set(run.data.metrics)
+        assert {"lr/prompt", "val/image_auroc", "train/loss"} <= keys and "lr_prompt" not in keys
+        assert not [k for k in keys if k.startswith(("final_", "val_", "train_"))]  # one name per quantity
+        got = Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path / run.info.run_id)))
+        assert json.loads(got.read_text())["at_best_epoch"]["val/objective"] == pytest.approx(best)
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["domain_a (synthetic)"]
+        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
         # checkpoint (heads only) and the resolved config as artifacts
         ckpt = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
         assert {"checkpoints/best/head.pt", "checkpoints/best/config.json"} <= ckpt
@@ -141,7 +161,18 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     study = optuna.load_study(study_name="opt3", storage=f"sqlite:///{tmp_path}/ray/opt3/optuna.db")
     assert len(study.trials) == 3
     assert study.trials[0].params == {"gamma": 0.5, "lr_head": pytest.approx(1e-4)}
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # Optuna stores what MLflow reports: the best epoch; ASHA stops are PRUNED with their epochs
+    mlflow_best = {t.number: t.objective for t in summary.trials}
+    for ot in study.trials:
+        trial = next(t for t in summary.trials if t.number == ot.number)
+        hist = {m.step: m.value for m in client.get_metric_history(trial.run_id, "val/objective")}
+        assert ot.intermediate_values == pytest.approx(hist)
+        if trial.status == "EARLY_STOPPED":
+            assert ot.state == optuna.trial.TrialState.PRUNED and max(hist) < 2
+        else:
+            assert ot.state == optuna.trial.TrialState.COMPLETE and ot.value == pytest.approx(mlflow_best[ot.number])
+    complete = [t for t in summary.trials if t.status == "FINISHED"]
+    assert study.best_value == pytest.approx(max(t.objective for t in complete))
     assert any(t.params == {"gamma": 0.5, "lr_head": pytest.approx(1e-4)} for t in summary.trials)
 
     # the best trial is the one with the best source-validation objective
@@ -151,10 +182,40 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     assert parent.data.metrics["best_val_objective"] == pytest.approx(max(best_values))
     assert Path(summary.best.checkpoint, "head.pt").is_file()
 
-    # target evaluation of the best heads: a separate child run
+    # refit: the best configuration on all source classes, paper protocol, all epochs, last epoch
+    (refit_run,) = [r for r in others if r.data.tags.get("role") == "refit"]
+    assert refit_run.info.status == "FINISHED" and refit_run.info.run_name == f"refit best={summary.best.label}"
+    assert refit_run.data.tags["protocol"] == "paper" and refit_run.data.params["protocol"] == "paper"
+    assert refit_run.data.tags["trial_id"] == summary.best.trial_id
+    assert float(refit_run.data.params["gamma"]) == pytest.approx(summary.best.params["gamma"])
+    assert [m.step for m in client.get_metric_history(refit_run.info.run_id, "train/loss")] == [1, 2]
+    assert not [k for k in refit_run.data.metrics if k.startswith("val/")]  # nothing held out
+    refit_files = {a.path for a in client.list_artifacts(refit_run.info.run_id, "model")}
+    assert "model/MLmodel" in refit_files  # registrable: runs:/<id>/model
+    import mlflow.pyfunc
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    scorer = mlflow.pyfunc.load_model(f"runs:/{refit_run.info.run_id}/model")
+    image = sorted((synthetic_root / "domain_b").rglob("test/*/*.png"))[0]
+    scored = scorer.predict(pd.DataFrame({"path": [str(image)], "class_name": [image.parts[-4]]}))
+    assert 0.0 <= float(scored["score"][0]) <= 1.0
+    assert "checkpoints/final/head.pt" in {a.path for a in client.list_artifacts(refit_run.info.run_id, "checkpoints/final")}
+    assert summary.refit_run_id == refit_run.info.run_id and Path(summary.refit_checkpoint, "head.pt").is_file()
+    # the refit heads are the last epoch's, and they are not the selected trial's heads
+    import torch
+
+    refit_state = torch.load(Path(summary.refit_checkpoint, "head.pt"), weights_only=True)
+    assert int(refit_state["epoch"]) == 1  # 0-based: epoch 2 of 2
+
+    # target evaluation of the refit model: a separate child run
     (target_run,) = [r for r in others if r.data.tags.get("role") == "target_eval"]
-    assert target_run.info.status == "FINISHED"
+    assert target_run.info.status == "FINISHED" and target_run.info.run_name == f"target-eval best={summary.best.label}"
     assert target_run.data.tags["trial_id"] == summary.best.trial_id
+    assert target_run.data.tags["protocol"] == "paper" and target_run.data.tags["model"] == "refit"
+    assert target_run.data.tags["model_run_id"] == refit_run.info.run_id
+    assert target_run.data.params["checkpoint"] == summary.refit_checkpoint
+    assert [d.dataset.name for d in target_run.inputs.dataset_inputs] == ["domain_b (synthetic)"]
     assert 0.0 <= target_run.data.metrics["target_domain_b_image_auroc"] <= 1.0
     assert summary.target_metrics["target_domain_b_image_auroc"] == target_run.data.metrics["target_domain_b_image_auroc"]
     # nothing left running
@@ -195,6 +256,8 @@ def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, syn
     assert "cannot read image" in runs["corrupt"].data.tags["error"]
     assert "error.txt" in {a.path for a in client.list_artifacts(runs["corrupt"].info.run_id)}
     assert runs["ok"].info.status == "FINISHED" and runs["ok"].data.metrics["best_val_objective"] > 0
+    assert runs["ok"].info.run_name == "ok" and runs["corrupt"].info.run_name == "corrupt"  # variant names
+    assert not [r for r in client.search_runs([summary.experiment_id]) if r.data.tags.get("role") == "refit"]
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["n_failed"] == 1 and parent.data.metrics["n_finished"] == 1
@@ -297,10 +360,10 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_r
     client = client_for(uri)
     steps = [m.step for m in client.get_metric_history(trial.run_id, "val/objective")]
     assert steps == [1, 2, 3, 4, 5]  # every epoch logged once across the restart
+    run = client.get_run(trial.run_id)
+    assert run.data.tags["restarts"] == "1" and run.data.metrics["restarts"] == 1  # the restart is on record
     # the best heads survive the restart (carried over even when no later epoch improves on them)
     assert {"checkpoints/best/head.pt", "checkpoints/best/config.json"} <= {
         a.path for a in client.list_artifacts(trial.run_id, "checkpoints/best")
     }
     assert Path(trial.checkpoint, "head.pt").is_file()
-    run = client.get_run(trial.run_id)
-    assert run.data.tags["restarts"] == "1" and run.data.metrics["restarts"] == 1  # the restart is on record

@@ -2,13 +2,20 @@
 
 :func:`finish` runs, in order:
 
-1. :func:`pick_best`: the best trial by the source-validation objective, and its resolved config;
-2. :func:`evaluate_targets`: the best heads on the *target* datasets (``target_eval="best"``,
-   a Ray task recorded as a ``role=target_eval`` child run), or the best trial's own
-   ``target_*`` metrics (``target_eval="all"``);
-3. :func:`report_parent`: the results table, plots, importance and best config on the parent run;
-4. :func:`call_hook`: the launcher's ``on_results(summary)`` (its artifacts on the parent);
-5. the parent run is closed FINISHED.
+1. :func:`pick_best`: the best trial by the source-validation objective (trials run
+   ``train.protocol=select``: held-out source classes pick the epoch), and its resolved config;
+2. :func:`refit`: that configuration trained again on *all* source classes with the paper
+   protocol (``train.protocol=paper``: all epochs, the last epoch is the model), a Ray task
+   recorded as a ``role=refit`` child run (``refit: false`` or ``target_eval="all"``: skipped);
+3. :func:`evaluate_targets`: the refit model (or, without a refit, the best trial's heads) on
+   the *target* datasets (``target_eval="best"``, a Ray task recorded as a ``role=target_eval``
+   child run), or the best trial's own ``target_*`` metrics (``target_eval="all"``);
+4. :func:`report_parent`: the results table, plots, importance and best config on the parent run;
+5. :func:`call_hook`: the launcher's ``on_results(summary)`` (its artifacts on the parent);
+6. the parent run is closed FINISHED.
+
+Every run carries a ``protocol`` tag (``select`` for the trials, ``paper`` for the refit and
+the target evaluation of the refit model), so the record says which protocol produced what.
 
 Selection uses only the source-domain validation split; target metrics never feed back.
 """
@@ -26,17 +33,19 @@ from ssvp.config import Config
 from .plan import Plan
 from .record import log_artifacts
 from .results import ResultSummary
+from .storage import join, local_copy
 from .tracking import SweepTracker, error_summary
 from .trial import flatten_target_report, resolve_trial_config
 
-__all__ = ["finish", "pick_best", "evaluate_targets", "report_parent", "call_hook"]
+__all__ = ["finish", "pick_best", "refit", "evaluate_targets", "report_parent", "call_hook"]
 
 
 def finish(summary: ResultSummary, plan: Plan, tracker: SweepTracker, started: float,
            on_results: Callable | None = None) -> None:
     best_cfg = pick_best(summary, plan)
     if best_cfg is not None:
-        evaluate_targets(summary, plan, tracker, best_cfg)
+        model_cfg = refit(summary, plan, tracker, best_cfg)
+        evaluate_targets(summary, plan, tracker, model_cfg or best_cfg)
     report_parent(summary, tracker, plan, started)
     call_hook(summary, tracker, on_results)
     tracker.end_parent("FINISHED")
@@ -54,10 +63,114 @@ def pick_best(summary: ResultSummary, plan: Plan) -> Config | None:
     return best_cfg
 
 
+# --------------------------------------------------------------------------- refit
+def refit(summary: ResultSummary, plan: Plan, tracker: SweepTracker, best_cfg: Config) -> Config | None:
+    """Train the best configuration on all source classes with the paper protocol (a Ray task).
+
+    Recorded as a ``role=refit`` child run named ``refit best=<trial>``: the paper-protocol
+    config as params, per-epoch ``train/…`` metrics (step = epoch), the heads as
+    ``checkpoints/final`` and as an MLflow model. Sets ``summary.refit_run_id`` /
+    ``refit_checkpoint`` and returns the refit config (None: no refit, or it failed; the target
+    evaluation then takes the best trial's own heads).
+    """
+    import ray
+
+    if not plan.sweep.refit or plan.sweep.target_eval == "all":
+        return None
+    cfg = best_cfg.override({"protocol": "paper"})
+    best = summary.best
+    out = plan.paths.train / f"refit-{best.trial_id}"
+    found = [r for r in tracker.children(role="refit") if r.data.tags.get("trial_id") == best.trial_id]
+    if found and found[0].info.status == "FINISHED" and (out / "last").is_dir():  # a resumed sweep refit it already
+        summary.refit_run_id, summary.refit_checkpoint = found[0].info.run_id, str(out / "last")
+        return cfg
+    run_id = found[0].info.run_id if found else tracker.start_child(
+        run_name=f"refit best={summary.best.label}", tags=_refit_tags(best, cfg))
+    tracker.client.update_run(run_id, status="RUNNING")
+    try:
+        tracker.log_params(run_id, {**cfg.flat(), "refit_of": best.trial_id})
+        tracker.log_data(run_id, [cfg.data.source], "training")
+        history = ray.get(_remote(plan, _refit_task).remote(cfg.to_dict(), str(out), plan.use_gpu))
+        _log_history(tracker, run_id, history)
+        with local_copy(out / "last") as heads:  # a local folder, or downloaded from s3://
+            tracker.log_artifacts(run_id, heads, "checkpoints/final")
+            log_heads_model(tracker, run_id, heads)
+        tracker.client.set_terminated(run_id, "FINISHED")
+    except Exception as exc:  # noqa: BLE001 - the search itself succeeded; record and go on
+        _fail_run(summary, tracker, run_id, "refit", exc)
+        return None
+    summary.refit_run_id, summary.refit_checkpoint = run_id, str(out / "last")
+    tracker.client.set_tag(tracker.parent_run_id, "refit_run_id", run_id)
+    return cfg
+
+
+def _refit_tags(best, cfg: Config) -> dict:
+    return {"role": "refit", "trial_id": best.trial_id, "variant": best.variant or "", "seed": cfg.train.seed,
+            "protocol": "paper", "selected_with": "select"}
+
+
+def _refit_task(cfg_dict: dict, out: str, use_gpu: bool) -> list[dict]:
+    """``fit`` (paper protocol) into a local folder, its ``last/`` copied to ``out`` (a shared folder
+    or an object-store URI); the per-epoch history."""
+    import pyarrow.fs as pafs
+    import torch
+
+    from ssvp import engine
+
+    from .storage import filesystem
+
+    device = "cuda:0" if use_gpu and torch.cuda.is_available() else "cpu"
+    cfg = Config.from_dict(cfg_dict).override({"device": device})
+    with tempfile.TemporaryDirectory(prefix="ssvp-refit-") as work:
+        result = engine.fit(cfg, checkpoint_dir=work)
+        fs, path = filesystem(join(out, "last"))
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(Path(work) / "last"), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return [{k: float(v) for k, v in h.items() if isinstance(v, (int, float))} for h in result.history]
+
+
+def _remote(plan: Plan, fn: Callable):
+    """``fn`` as a Ray task holding one trial worker's resources."""
+    import ray
+
+    res = plan.sweep.resources
+    return ray.remote(fn).options(
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if plan.use_gpu else 0,
+        resources=dict(res.extra or {}) or None,
+    )
+
+
+def _log_history(tracker: SweepTracker, run_id: str, history: list[dict]) -> None:
+    from .tracking import mlflow_metric_name
+
+    for h in history:
+        epoch = int(h.get("epoch", 0))
+        tracker.log_metrics(run_id, {mlflow_metric_name(k): v for k, v in h.items() if k != "epoch"}, step=epoch)
+    if history:
+        tracker.log_metrics(run_id, {"epochs_done": float(len(history))})
+
+
+def _fail_run(summary: ResultSummary, tracker: SweepTracker, run_id: str, key: str, exc: Exception) -> None:
+    tracker.client.set_tag(run_id, "error", error_summary(str(exc)))
+    tracker.log_text(run_id, repr(exc), "error.txt")
+    tracker.client.set_terminated(run_id, "FAILED")
+    summary.errors[key] = error_summary(str(exc))
+
+
+def log_heads_model(tracker: SweepTracker, run_id: str, heads: Path) -> None:
+    """The heads as an MLflow model under ``model/`` (registrable: ``runs:/<run>/model``)."""
+    from .mlflow_model import save_heads_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_heads_model(heads, Path(tmp) / "model")
+        tracker.log_artifacts(run_id, path, "model")
+
+
+# --------------------------------------------------------------------------- targets
 def evaluate_targets(summary: ResultSummary, plan: Plan, tracker: SweepTracker, best_cfg: Config) -> None:
-    """The best configuration on the target datasets, as ``target_eval`` says."""
+    """The refit model (or the best trial's heads) on the target datasets, as ``target_eval`` says."""
     mode = plan.sweep.target_eval
-    if mode == "best" and summary.best.checkpoint:
+    if mode == "best" and (summary.refit_checkpoint or summary.best.checkpoint):
         _target_eval_run(summary, plan, tracker, best_cfg)
     elif mode == "all":
         summary.target_metrics = {k: v for k, v in summary.best.metrics.items() if k.startswith("target_")}
@@ -82,35 +195,32 @@ def _target_eval_run(summary: ResultSummary, plan: Plan, tracker: SweepTracker, 
     import ray
 
     best = summary.best
+    heads = summary.refit_checkpoint or best.checkpoint
+    protocol = "paper" if summary.refit_checkpoint else "select"
     existing = [r for r in tracker.children(role="target_eval") if r.data.tags.get("trial_id") == best.trial_id]
     if existing and existing[0].info.status == "FINISHED":  # a resumed sweep evaluated it already
         summary.target_run_id = existing[0].info.run_id
         summary.target_metrics = {k: v for k, v in existing[0].data.metrics.items() if k.startswith("target_")}
         return
     run_id = existing[0].info.run_id if existing else tracker.start_child(
-        run_name=f"{summary.name}/target_eval",
-        tags={"role": "target_eval", "trial_id": best.trial_id, "variant": best.variant or "", "seed": cfg.train.seed},
+        run_name=f"target-eval best={summary.best.label}",
+        tags={"role": "target_eval", "trial_id": best.trial_id, "variant": best.variant or "", "seed": cfg.train.seed,
+              "protocol": protocol, "model": "refit" if summary.refit_checkpoint else "best_trial",
+              "model_run_id": summary.refit_run_id or best.run_id or ""},
     )
     if existing:
         tracker.client.update_run(run_id, status="RUNNING")
-    res = plan.sweep.resources
     try:
-        tracker.log_params(run_id, {**cfg.flat(), "checkpoint": best.checkpoint})
-        remote = ray.remote(_evaluate_task).options(
-            num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if plan.use_gpu else 0,
-            resources=dict(res.extra or {}) or None,
-        )
-        report = ray.get(remote.remote(cfg.to_dict(), best.checkpoint, plan.use_gpu))
+        tracker.log_params(run_id, {**cfg.flat(), "checkpoint": heads})
+        tracker.log_data(run_id, list(cfg.data.targets), "evaluation")
+        report = ray.get(_remote(plan, _evaluate_task).remote(cfg.to_dict(), heads, plan.use_gpu))
         summary.target_report = report
         summary.target_metrics = flatten_target_report(report)
         tracker.log_metrics(run_id, summary.target_metrics)
         tracker.log_dict(run_id, report, "target_report.json")
         tracker.client.set_terminated(run_id, "FINISHED")
     except Exception as exc:  # noqa: BLE001 - the sweep itself succeeded; record and go on
-        tracker.client.set_tag(run_id, "error", error_summary(str(exc)))
-        tracker.log_text(run_id, repr(exc), "error.txt")
-        tracker.client.set_terminated(run_id, "FAILED")
-        summary.errors["target_eval"] = error_summary(str(exc))
+        _fail_run(summary, tracker, run_id, "target_eval", exc)
     summary.target_run_id = run_id
     tracker.client.set_tag(tracker.parent_run_id, "target_eval_run_id", run_id)
 
@@ -140,8 +250,9 @@ def _write_report_files(summary: ResultSummary, plan: Plan, tmp: Path) -> list[P
     from .report import param_importance, plot_importance, plot_objective, write_table
 
     objectives = [t.objective for t in summary.trials]
-    write_table(summary.rows(), tmp / "results.csv", tmp / "results.md")
-    plot_objective(objectives, [t.trial_id for t in summary.trials], summary.metric, summary.mode,
+    write_table(summary.rows(), tmp / "results.csv")
+    write_table(summary.rows(full=False), None, tmp / "results.md")
+    plot_objective(objectives, [t.label for t in summary.trials], summary.metric, summary.mode,
                    tmp / "objective_vs_trial.png")
     imp, method = param_importance([t.params for t in summary.trials], objectives, plan.space.params, summary.mode)
     plot_importance(imp, method, tmp / "param_importance.png")

@@ -169,7 +169,8 @@ def make_search(plan: Plan):
         from .search import make_optuna_search
 
         plan.paths.experiment.mkdir(parents=True, exist_ok=True)
-        return make_optuna_search(plan.name, plan.optuna_url, search.seed, plan.points)
+        return make_optuna_search(plan.name, plan.optuna_url, search.seed, plan.points,
+                                  epochs=plan.base.train.epochs)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=plan.max_concurrent or 0)

@@ -24,6 +24,7 @@ def init_ray(
     resources: Mapping[str, float] | None = None,
     object_store_memory: int = 400 * 1024 * 1024,
     dashboard_port: int | None = None,
+    log_to_driver: bool = True,
 ) -> None:
     """Connect to a cluster (``address="auto"`` / ``ray://...``) or start Ray in-process.
 
@@ -32,14 +33,15 @@ def init_ray(
     placement-group cleaner asks the state API whether a trial's controller is still
     alive, and it exports ``RAY_API_SERVER_ADDRESS`` to every Ray process so that
     lookup finds *this* instance even when other Ray instances run on the machine.
-    ``num_gpus=None`` lets Ray count the GPUs.
+    ``num_gpus=None`` lets Ray count the GPUs. ``log_to_driver=False`` keeps the workers' logs
+    (and Ray's start-up lines) off this console; they stay in the session's log folder.
     """
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=_level(log_to_driver))
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # The flag is read when ray is imported; a process that imported ray before setting it
@@ -47,10 +49,10 @@ def init_ray(
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    port = dashboard_port or free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by raylet and workers
     # a busy machine starts the dashboard's modules slowly: wait for them rather than fail the sweep
     os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "300")
+    port = dashboard_port or free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by raylet and workers
     kwargs: dict[str, Any] = dict(
         address="local",
         num_cpus=num_cpus,
@@ -58,10 +60,17 @@ def init_ray(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
+        logging_level=_level(log_to_driver),
     )
     if num_gpus is not None:
         kwargs["num_gpus"] = num_gpus
     if resources:
         kwargs["resources"] = dict(resources)
     ray.init(**kwargs)
+
+
+def _level(verbose: bool) -> int:
+    import logging
+
+    return logging.INFO if verbose else logging.WARNING

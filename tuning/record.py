@@ -128,7 +128,8 @@ def trial_callback(plan: Plan, tracker: SweepTracker) -> MLflowTrialCallback:
     s = plan.sweep.search
     return MLflowTrialCallback(
         tracker, plan.base.to_dict(), plan.variants, epochs=plan.base.train.epochs, metric=s.metric, mode=s.mode,
-        train_storage=str(plan.paths.train),
+        train_storage=str(plan.paths.train), run_labels=plan.sweep.mlflow.run_labels,
+        number_offset=1 if s.algorithm == "optuna" else 0,
     )
 
 
@@ -147,8 +148,8 @@ def collect_trials(plan: Plan, tracker: SweepTracker, callback: MLflowTrialCallb
     for trial in trials:
         status = _reconcile(trial, saved_status.get(trial.trial_id, trial.status), tracker, callback, errors)
         summaries.append(_trial_summary(plan, tracker, trial, status, errors.get(trial.trial_id)))
-    interrupted = any(t.status == "KILLED" for t in summaries)
     _close_unknown(tracker, {t.trial_id for t in trials})
+    interrupted = any(t.status == "KILLED" for t in summaries)
     if not interrupted and plan.sweep.search.time_budget_s is None:
         interrupted = len(trials) < expected_trials(plan)
     s = plan.sweep.search
@@ -160,7 +161,6 @@ def collect_trials(plan: Plan, tracker: SweepTracker, callback: MLflowTrialCallb
     )
 
 
-def _reconcile(trial, status: str, tracker: SweepTracker, callback: MLflowTrialCallback, errors: dict) -> str:
 def _close_unknown(tracker: SweepTracker, known: set[str]) -> None:
     """Trial runs Tune no longer knows (its state was saved before the trial began and then the
     driver was killed; a resume samples it anew) end KILLED, tagged ``lost``: never left RUNNING."""
@@ -170,6 +170,7 @@ def _close_unknown(tracker: SweepTracker, known: set[str]) -> None:
             tracker.client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def _reconcile(trial, status: str, tracker: SweepTracker, callback: MLflowTrialCallback, errors: dict) -> str:
     """Close the trial's child run as Tune ended it; FINISHED | FAILED | KILLED (not ended)."""
     tid = trial.trial_id
     if status == "TERMINATED":
@@ -213,6 +214,7 @@ def _trial_summary(plan: Plan, tracker: SweepTracker, trial, status: str, error:
         placement=_read_json(trial_dir / "placement" / "rank0.json"),
         target_report=_read_json(trial_dir / "target_report.json") or {},
         trial_dir=str(trial_dir) if trial_dir.is_dir() else None,
+        number=int(run.data.tags["trial_number"]) if run and run.data.tags.get("trial_number", "").isdigit() else None,
     )
 
 

@@ -21,20 +21,21 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], csv_path: str | Path, md_path: str | Path | None = None) -> list[str]:
-    """Write rows (dicts) as CSV and optionally a Markdown table; returns the column order."""
+def write_table(rows: Sequence[Mapping[str, Any]], csv_path: str | Path | None, md_path: str | Path | None = None) -> list[str]:
+    """Write rows (dicts) as CSV and/or a Markdown table; returns the column order."""
     columns: list[str] = []
     for row in rows:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in columns})
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in columns})
     if md_path is not None:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for row in rows:

@@ -1,6 +1,7 @@
 """What a sweep returns: :class:`ResultSummary` (the sweep) and :class:`TrialSummary` (one trial)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +24,12 @@ class TrialSummary:
     placement: dict[str, Any] | None = None  # rank-0 worker: node_id, hostname, gpu_ids, device, ...
     target_report: dict[str, Any] = field(default_factory=dict)  # per-class target tables (target_eval="all")
     trial_dir: str | None = None  # the trial's Ray Train run folder
+    number: int | None = None  # Tune's running number (Optuna's trial number with Optuna)
+
+    @property
+    def label(self) -> str:
+        """``t03`` (as run names and the console show the trial), else its trial id."""
+        return f"t{self.number:02d}" if self.number is not None else self.trial_id
 
 
 @dataclass
@@ -41,6 +48,8 @@ class ResultSummary:
     target_metrics: dict[str, float] = field(default_factory=dict)
     target_report: dict[str, Any] = field(default_factory=dict)
     target_run_id: str | None = None
+    refit_run_id: str | None = None  # the best config retrained with the paper protocol (role=refit)
+    refit_checkpoint: str | None = None  # its heads (what the target evaluation evaluated)
     errors: dict[str, str] = field(default_factory=dict)  # trial_id -> reason
     interrupted: bool = False
     optuna_storage: str | None = None
@@ -50,18 +59,32 @@ class ResultSummary:
     def mlflow_ui(self) -> str:
         return mlflow_ui_command(self.tracking_uri)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One flat dict per trial (what ``results.csv`` holds)."""
+    def ranked(self) -> list[TrialSummary]:
+        """The trials best objective first (trials without one last, in start order)."""
+        have = [t for t in self.trials if t.objective is not None and math.isfinite(t.objective)]
+        have.sort(key=lambda t: t.objective, reverse=self.mode == "max")
+        return have + [t for t in self.trials if t not in have]
+
+    def rows(self, full: bool = True) -> list[dict[str, Any]]:
+        """One flat dict per trial, best first, the objective and its epoch in the first columns.
+
+        ``full`` (``results.csv``): every summary metric, the last epoch's ``final_val_*``,
+        run id and error; otherwise (``results.md``) what tells the trials apart: trial, objective,
+        best epoch, status, variant, the sampled keys, target metrics, error.
+        """
         out = []
-        for t in self.trials:
-            row = {"trial_id": t.trial_id, "status": t.status}
+        for t in self.ranked():
+            row = {"trial": t.label, f"best_{self.metric}": t.objective, "best_epoch": t.metrics.get("best_epoch"),
+                   "status": t.status}
             if t.variant is not None:
                 row["variant"] = t.variant
             row.update({k: v for k, v in t.params.items() if k != VARIANT_KEY})
-            row[f"best_{self.metric}"] = t.objective
-            row.update({k: v for k, v in sorted(t.metrics.items()) if k != f"best_{self.metric}"})
-            row["run_id"] = t.run_id
-            row["error"] = t.error or ""
+            shown = sorted(k for k in t.metrics if k not in (f"best_{self.metric}", "best_epoch"))
+            row.update({k: t.metrics[k] for k in shown if full or k.startswith("target_")})
+            if full:
+                row.update({"trial_id": t.trial_id, "run_id": t.run_id})
+            if full or any(x.error for x in self.trials):
+                row["error"] = t.error or ""
             out.append(row)
         return out
 
@@ -74,16 +97,24 @@ class ResultSummary:
                  f"{sum(t.status == 'EARLY_STOPPED' for t in self.trials)} stopped early, "
                  f"{len(self.errors)} failed)" + ("  [INTERRUPTED]" if self.interrupted else "")]
         if self.best is not None:
-            lines.append(f"best trial {self.best.trial_id}: {self.metric} = {self.best.objective:.4f}  params {self.best.params}")
-            if self.best.checkpoint:
-                lines.append(f"best heads: {self.best.checkpoint}")
+            b = self.best
+            epoch = b.metrics.get("best_epoch")
+            at = f" @ epoch {int(epoch)}" if epoch is not None else ""
+            lines.append(f"best trial {b.label} ({b.trial_id}): {self.metric} = {b.objective:.4f}{at}  params {b.params}")
+            if b.checkpoint:
+                lines.append(f"best heads (held-out source classes picked the epoch): {b.checkpoint}")
+        if self.refit_checkpoint:
+            lines.append(f"refit on all source classes, paper protocol (run {self.refit_run_id}): {self.refit_checkpoint}")
         if self.target_metrics:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.target_metrics.items()))
-            lines.append(f"target evaluation (run {self.target_run_id}): {shown}")
+            model = "refit model" if self.refit_checkpoint else "best heads"
+            lines.append(f"target evaluation of the {model} (run {self.target_run_id}): {shown}")
         for tid, err in self.errors.items():
             lines.append(f"failed {tid}: {err}")
         lines.append(f"MLflow parent run {self.parent_run_id} in experiment {self.experiment!r}")
         lines.append(f"view: {self.mlflow_ui}")
+        if self.optuna_storage and self.optuna_storage.startswith("sqlite:"):
+            lines.append(f"study: optuna-dashboard {self.optuna_storage}   (pip install optuna-dashboard)")
         return "\n".join(lines)
 
 

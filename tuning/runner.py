@@ -24,6 +24,8 @@ Train checkpoint, and MLflow runs are reopened rather than duplicated.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from typing import Callable, Mapping
 
@@ -77,8 +79,6 @@ def run_trials(sweep: SweepConfig, *, resume: bool = False, on_results: OnResult
     return summary
 
 
-def run_tuner(plan: Plan, callback):
-    """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``."""
 def close_on_error(tracker, exc: BaseException) -> None:
     """Open child runs KILLED, the parent KILLED (Ctrl+C: resumable) or FAILED with the reason.
 
@@ -101,6 +101,8 @@ def close_on_error(tracker, exc: BaseException) -> None:
             pass
 
 
+def run_tuner(plan: Plan, callback):
+    """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``."""
     from ray import tune
 
     from .plan import make_scheduler, make_search, make_trial_settings, tune_space
@@ -112,15 +114,19 @@ def close_on_error(tracker, exc: BaseException) -> None:
     if plan.restoring:
         tuner = tune.Tuner.restore(str(plan.paths.experiment), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
-        return tuner.fit()
+        with _tune_output(plan.sweep.verbose):
+            return tuner.fit()
     s = plan.sweep.search
+    search = make_search(plan)
+    if hasattr(search, "observe"):  # Optuna records every result MLflow records (ASHA's last one too)
+        callback.searcher = search
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(plan),
         tune_config=tune.TuneConfig(
             metric=s.metric,
             mode=s.mode,
-            search_alg=make_search(plan),
+            search_alg=search,
             scheduler=make_scheduler(plan),
             num_samples=s.num_samples,
             max_concurrent_trials=plan.max_concurrent if s.algorithm == "optuna" else None,
@@ -130,9 +136,40 @@ def close_on_error(tracker, exc: BaseException) -> None:
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=str(plan.paths.storage),
-            callbacks=[callback],
+            callbacks=[callback, *console_callbacks(plan)],
             failure_config=tune.FailureConfig(max_failures=plan.sweep.resources.trial_max_failures),
-            verbose=plan.sweep.verbose,
+            verbose=max(0, plan.sweep.verbose - 1),  # Tune's own table only with --verbose
         ),
     )
-    return tuner.fit()
+    with _tune_output(plan.sweep.verbose):
+        return tuner.fit()
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: int):
+    """Below ``verbose=2`` Tune prints nothing of its own: its newer console output prints the
+    experiment's header box even at verbosity 0, the older one (``RAY_AIR_NEW_OUTPUT=0``) does not."""
+    if verbose >= 2:
+        yield
+        return
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
+def console_callbacks(plan: Plan) -> list:
+    """``verbose >= 1``: one line per finished trial (:class:`tuning.console.SweepConsole`)."""
+    if plan.sweep.verbose < 1:
+        return []
+    from .console import SweepConsole
+    from .plan import expected_trials
+
+    s = plan.sweep.search
+    return [SweepConsole(s.metric, s.mode, expected_trials(plan), plan.base.train.epochs,
+                         number_offset=1 if s.algorithm == "optuna" else 0)]

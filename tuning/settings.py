@@ -12,7 +12,8 @@
       mlflow: MlflowSettings          # RECORDED WHERE: tracking URI, artifacts, experiment, parent extras
       storage_path: str               #   ... Ray Tune/Train storage
       target_eval: best | all | none  # after the search: evaluate on the target datasets
-      verbose: int                    # console: Tune's progress table (0 silent, 1 table, 2 per result)
+      refit: bool                     # after the search: retrain the best config with the paper protocol
+      verbose: int                    # console: 0 silent, 1 a line per trial, 2 + Tune's table and Ray's logs
 
 The YAML::
 
@@ -52,6 +53,7 @@ The YAML::
       experiment: ssvp-sweeps
     storage_path: runs/ray
     target_eval: best                # best | all | none
+    refit: true                      # best config retrained on all source classes (paper protocol), evaluated on targets
 
 :func:`load_sweep` reads a file, builds the base ``Config`` and validates everything once
 (unknown keys anywhere are refused with a message naming the file and field);
@@ -135,6 +137,7 @@ class MlflowSettings:
     parent_tags: dict = field(default_factory=dict)  # extra tags of the parent run
     parent_params: dict = field(default_factory=dict)  # extra params of the parent run
     parent_artifacts: Any = field(default_factory=dict)  # {artifact_dir: path} or [path]
+    run_labels: dict = field(default_factory=dict)  # variant -> run-name label, e.g. {"full": "E/full"}
 
 
 # keys a sweep YAML may hold in each section (the parent_* fields are not file settings)
@@ -144,7 +147,7 @@ _FILE_KEYS = {
     MlflowSettings: {"tracking_uri", "artifact_location", "experiment"},
 }
 _TOP_KEYS = {"name", "description", "base", "space", "variants", "search", "resources", "mlflow",
-             "storage_path", "target_eval"}
+             "storage_path", "target_eval", "refit"}
 
 
 @dataclass
@@ -161,7 +164,11 @@ class SweepConfig:
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     storage_path: str = "runs/ray"
     target_eval: str = "best"  # best | all | none
-    verbose: int = 1  # Tune's console verbosity (0 silent, 1 progress table, 2 per result)
+    # trials select on held-out source classes (train.protocol=select); with refit the best
+    # configuration is then trained on every source class with the paper protocol (all epochs,
+    # last epoch) and THAT model is evaluated on the targets (target_eval="best"; not with "all")
+    refit: bool = True
+    verbose: int = 1  # console: 0 silent, 1 a line per finished trial, 2 + Tune's table and Ray's logs, 3 + per result
     description: str = ""
     source_file: str = ""  # the YAML it was read from ("" when built in code)
 
@@ -200,6 +207,7 @@ class SweepConfig:
             (s.mode in MODES, "search", f"mode must be 'max' or 'min', got {s.mode!r}"),
             (s.scheduler in SCHEDULERS, "search", f"scheduler must be 'asha' or none, got {s.scheduler!r}"),
             (self.target_eval in TARGET_EVALS, "target_eval", f"must be best, all or none, got {self.target_eval!r}"),
+            (isinstance(self.refit, bool), "refit", f"must be true or false, got {self.refit!r}"),
             (isinstance(s.num_samples, int) and s.num_samples >= 1, "search", "num_samples must be >= 1"),
             (isinstance(r.workers_per_trial, int) and r.workers_per_trial >= 1, "resources",
              "workers_per_trial must be >= 1"),
@@ -332,6 +340,7 @@ def load_sweep(
         mlflow=_section(MlflowSettings, raw.get("mlflow"), f"{p}: mlflow"),
         storage_path=str(raw.get("storage_path") or "runs/ray"),
         target_eval=str(raw.get("target_eval") or "best"),
+        refit=raw.get("refit", True),
         description=str(raw.get("description") or ""),
         source_file=where,
     )

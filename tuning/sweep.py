@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-eval", choices=("best", "all", "none"), default=None)
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key (repeatable), e.g. --set epochs=3")
-    p.add_argument("--quiet", action="store_true", help="no live progress table")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="print only the final summary")
+    out.add_argument("--verbose", action="store_true",
+                     help="also Tune's progress table and Ray's own logs (default: one line per finished trial)")
     p.add_argument("--print-config", action="store_true",
                    help="print the sweep as it would run (file + --set + flags, base config resolved) and exit")
     return p
@@ -168,7 +171,7 @@ def sweep_from_args(args: argparse.Namespace):
     storage = sweep.storage_path = where.storage_path
     sweep.mlflow.tracking_uri, sweep.mlflow.artifact_location = where.tracking_uri, where.artifact_location
     sweep.target_eval = args.target_eval or sweep.target_eval
-    sweep.verbose = 0 if args.quiet else 1
+    sweep.verbose = 0 if args.quiet else 2 if getattr(args, "verbose", False) else 1
     sweep.mlflow.parent_tags = {**source_tags(sweep.source_file), "launcher": "tuning/sweep.py"}
     sweep.mlflow.parent_artifacts = {"sweep_config": sweep.source_file}
     if args.name:
@@ -187,11 +190,12 @@ def sweep_from_args(args: argparse.Namespace):
 def _connect(args: argparse.Namespace) -> bool:
     from tuning.runner import init_ray
 
+    quiet_ray = not args.verbose  # Ray's worker logs and start-up lines only with --verbose
     if args.local:
-        init_ray(None, num_cpus=args.num_cpus)
+        init_ray(None, num_cpus=args.num_cpus, log_to_driver=not quiet_ray)
         return True
     try:
-        init_ray(args.address or "auto")
+        init_ray(args.address or "auto", log_to_driver=not quiet_ray)
     except ConnectionError as exc:
         print(f"error: no Ray cluster at {args.address or 'auto'} ({exc}); start one with "
               "`ray start --head` or run with --local", file=sys.stderr)

@@ -488,6 +488,7 @@ class MLflowTrialCallback(_TuneCallback):
         number_offset: int = 0,
     ):
         self.number_offset = number_offset  # 1 with Optuna: t00 = Optuna's trial 0
+        self.searcher = None  # set by the runner: the Optuna searcher sees every result logged here
         self.train_storage = train_storage
         self.run_labels = dict(run_labels or {})  # variant -> run-name label (grid cells: "E/full")
         self.tracker = tracker
@@ -505,6 +506,7 @@ class MLflowTrialCallback(_TuneCallback):
         state = self.__dict__.copy()
         for key in ("_runs", "_last_epoch", "_best", "_checkpoint"):
             state[key] = {}
+        state["searcher"] = None
         return state
 
     # Tune's own callback checkpointing: MLflow is the source of truth, keep nothing
@@ -580,6 +582,8 @@ class MLflowTrialCallback(_TuneCallback):
         self.backfill(trial, result.get("checkpoint_path"), before=epoch)
         named = {mlflow_metric_name(k): v for k, v in metrics.items()}
         self.tracker.log_metrics(run_id, {**named, "epoch": epoch}, step=epoch)
+        if getattr(self, "searcher", None) is not None:
+            self.searcher.observe(tid, result)
         self._last_epoch[tid] = epoch
 
     def backfill(self, trial, checkpoint: str | None, before: int | None = None) -> int:

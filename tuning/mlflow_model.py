@@ -1,0 +1,68 @@
+"""The SSVP heads of a sweep as an MLflow model (``pyfunc`` flavour, "models from code").
+
+:func:`save_heads_model` writes an MLflow model folder (``MLmodel``, this file as the model
+code, the heads checkpoint and its ``config.json`` as artifacts) that the sweep logs under
+``model/`` of the ``role=refit`` run, so it can be registered::
+
+    mlflow.register_model("runs:/<refit run id>/model", "ssvp-heads")
+
+and scored::
+
+    model = mlflow.pyfunc.load_model("runs:/<run id>/model")
+    model.predict(pandas.DataFrame({"path": ["a.png"], "class_name": ["bottle"]}))   # -> score column
+
+No pickle is written: the model class is this file's code (``set_model``), the weights are
+the engine's own checkpoint (loaded ``weights_only``). The backbones are rebuilt from the
+stored config (their weights come from where the config says, as for ``ssvp predict``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+
+__all__ = ["SSVPHeadsModel", "save_heads_model"]
+
+HEADS = "heads"
+
+
+class SSVPHeadsModel(mlflow.pyfunc.PythonModel):
+    """Image paths (+ class names) -> image-level anomaly scores with the logged heads."""
+
+    def load_context(self, context):
+        from ssvp import engine
+
+        self.checkpoint = context.artifacts[HEADS]
+        self.cfg = engine.config_from_checkpoint(self.checkpoint).override({"device": "auto"})
+        self.model = engine.build_model(self.cfg, engine.resolve_device(self.cfg.train.device))
+        engine.load_head(self.model, self.checkpoint)
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from ssvp import engine
+
+        frame = pd.DataFrame(model_input)
+        classes = frame["class_name"] if "class_name" in frame else ["object"] * len(frame)
+        scores = []
+        for path, cls in zip(frame["path"], classes):
+            (res,) = engine.predict_paths(self.cfg, None, [Path(path)], str(cls), model=self.model)
+            scores.append(res["score"])
+        return pd.DataFrame({"path": list(frame["path"]), "score": scores})
+
+
+def save_heads_model(heads: str | Path, dest: str | Path) -> Path:
+    """Write the MLflow model folder of the heads checkpoint ``heads`` (``head.pt`` + ``config.json``)."""
+    import mlflow
+
+    heads, dest = Path(heads), Path(dest)
+    config = json.loads((heads / "config.json").read_text()) if (heads / "config.json").is_file() else {}
+    mlflow.pyfunc.save_model(
+        path=str(dest),
+        python_model=str(Path(__file__).resolve().with_name("mlflow_model_code.py")),
+        artifacts={HEADS: str(heads)},
+        pip_requirements=["ssvp-platform", f"mlflow=={mlflow.__version__}"],
+        metadata={"ssvp_config": config, "task": "zero-shot anomaly detection (image score)"},
+    )
+    return dest
