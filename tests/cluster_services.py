@@ -153,7 +153,8 @@ def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[dict]:
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"ssvp_head_{os.getpid()}_{gcs_port}"  # short: Ray's socket paths have a length limit
     # on a busy machine the dashboard's modules take longer than Ray's default 30 s to come up
-    env = {"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300", **env}
+    # and Ray's memory monitor would kill trials for the memory other processes hold (0 = off)
+    env = {"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300", "RAY_memory_monitor_refresh_ms": "0", **env}
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--num-cpus", str(num_cpus),
