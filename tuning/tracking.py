@@ -363,7 +363,11 @@ class SweepTracker:
         """CPU, memory, disk, network (and GPU with ``nvidia-ml-py``) of the driver's machine, every
         ``interval_s``, as ``system/…`` metrics of the parent run (MLflow's System metrics tab)."""
         try:
+            import logging
+
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
 
             self._monitor = SystemMetricsMonitor(self.parent_run_id, sampling_interval=interval_s,
                                                  resume_logging=True, tracking_uri=self.tracking_uri)
@@ -507,6 +511,7 @@ class MLflowTrialCallback(_TuneCallback):
         for key in ("_runs", "_last_epoch", "_best", "_checkpoint"):
             state[key] = {}
         state["searcher"] = None
+        state["_ended_ids"] = None
         return state
 
     # Tune's own callback checkpointing: MLflow is the source of truth, keep nothing
@@ -558,13 +563,24 @@ class MLflowTrialCallback(_TuneCallback):
 
     # ----- Tune hooks
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._ended().discard(trial.trial_id)
         self.run_id(trial)
 
     def on_trial_restore(self, iteration, trials, trial, **info):
+        self._ended().discard(trial.trial_id)
         self.run_id(trial)
+
+    def _ended(self) -> set:
+        """Trials Tune has ended: a result that arrives after ASHA stopped a trial (its workers ran
+        on meanwhile) is not the trial's, for Tune's scheduler and searcher, so not for MLflow either."""
+        if getattr(self, "_ended_ids", None) is None:
+            self._ended_ids = set()
+        return self._ended_ids
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.trial_id
+        if tid in self._ended():
+            return
         run_id = self.run_id(trial)
         if result.get("checkpoint_path"):
             self._checkpoint[tid] = str(result["checkpoint_path"])
@@ -642,10 +658,14 @@ class MLflowTrialCallback(_TuneCallback):
         self.tracker.client.set_tag(run_id, f"retry_{retries}_error", error_summary(trial_error_text(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended().add(trial.trial_id)
         self._release(trial)
-        self.finish_trial(trial, status="FINISHED")
+        # ended live by Tune: its last result is the trial's (what ASHA and Optuna saw); epochs the
+        # workers trained after ASHA stopped it are not back-filled from newer checkpoints
+        self.finish_trial(trial, status="FINISHED", newest=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended().add(trial.trial_id)
         self._release(trial)
         self.finish_trial(trial, status="FAILED", error=trial_error_text(trial) or "trial failed (no error text)")
 
@@ -666,14 +686,16 @@ class MLflowTrialCallback(_TuneCallback):
             release_trial_placement_group(self.train_storage, trial.trial_id)
 
     # ----- completion (also used by the runner to reconcile after a resume)
-    def finish_trial(self, trial, status: str, error: str | None = None, checkpoint_path: str | None = None) -> str:
+    def finish_trial(self, trial, status: str, error: str | None = None, checkpoint_path: str | None = None,
+                     newest: bool = True) -> str:
         from tuning.trial import read_history
 
         tr = self.tracker
         tid = trial.trial_id
         run_id = self.run_id(trial)
         ckpt = checkpoint_path or self._checkpoint.get(tid) or (trial.last_result or {}).get("checkpoint_path")
-        ckpt = self._newest_checkpoint(trial, ckpt)  # a report may have been lost: every epoch trained
+        if newest:  # a report may have been lost (driver killed, resumed): every epoch trained
+            ckpt = self._newest_checkpoint(trial, ckpt)
         self._record_restarts(run_id, tid)
         summary = self.final_metrics(run_id, read_history(ckpt)[1] if ckpt else None)
         if summary:
