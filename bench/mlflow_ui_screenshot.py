@@ -16,6 +16,7 @@ Look at the PNGs (any image viewer); keep them out of the repository.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -172,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"run name {r.info.run_name!r} not on the runs table")
         # the run page groups the per-epoch charts by namespace: "train (8)", "val (…)", "lr (1)"
         page = doms.get("best_trial_metrics", "")
-        for section in ("train (", "val (", "lr ("):
-            if section not in page:
-                failures.append(f"no {section.strip(' (')!r} chart section on the best trial's metrics page")
+        for section in ("train", "val", "lr"):
+            if not re.search(rf"(^|\s){section}\s*\(\d+\)", page):
+                failures.append(f"no {section!r} chart section on the best trial's metrics page")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -17,7 +17,10 @@ stored config (their weights come from where the config says, as for ``ssvp pred
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -27,37 +30,61 @@ __all__ = ["SSVPHeadsModel", "save_heads_model"]
 HEADS = "heads"
 
 
-class SSVPHeadsModel(mlflow.pyfunc.PythonModel):
-    """Image paths (+ class names) -> image-level anomaly scores with the logged heads."""
+# MLflow warns at class definition that predict() has no type hints (its input is a table of paths)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context):
-        from ssvp import engine
+    class SSVPHeadsModel(mlflow.pyfunc.PythonModel):
+        """Image paths (+ class names) -> image-level anomaly scores with the logged heads."""
 
-        self.checkpoint = context.artifacts[HEADS]
-        self.cfg = engine.config_from_checkpoint(self.checkpoint).override({"device": "auto"})
-        self.model = engine.build_model(self.cfg, engine.resolve_device(self.cfg.train.device))
-        engine.load_head(self.model, self.checkpoint)
+        def load_context(self, context):
+            from ssvp import engine
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+            self.checkpoint = context.artifacts[HEADS]
+            self.cfg = engine.config_from_checkpoint(self.checkpoint).override({"device": "auto"})
+            self.model = engine.build_model(self.cfg, engine.resolve_device(self.cfg.train.device))
+            engine.load_head(self.model, self.checkpoint)
 
-        from ssvp import engine
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
 
-        frame = pd.DataFrame(model_input)
-        classes = frame["class_name"] if "class_name" in frame else ["object"] * len(frame)
-        scores = []
-        for path, cls in zip(frame["path"], classes):
-            (res,) = engine.predict_paths(self.cfg, None, [Path(path)], str(cls), model=self.model)
-            scores.append(res["score"])
-        return pd.DataFrame({"path": list(frame["path"]), "score": scores})
+            from ssvp import engine
+
+            frame = pd.DataFrame(model_input)
+            classes = frame["class_name"] if "class_name" in frame else ["object"] * len(frame)
+            scores = []
+            for path, cls in zip(frame["path"], classes):
+                (res,) = engine.predict_paths(self.cfg, None, [Path(path)], str(cls), model=self.model)
+                scores.append(res["score"])
+            return pd.DataFrame({"path": list(frame["path"]), "score": scores})
 
 
 def save_heads_model(heads: str | Path, dest: str | Path) -> Path:
     """Write the MLflow model folder of the heads checkpoint ``heads`` (``head.pt`` + ``config.json``)."""
-    import mlflow
-
     heads, dest = Path(heads), Path(dest)
     config = json.loads((heads / "config.json").read_text()) if (heads / "config.json").is_file() else {}
+    with warnings.catch_warnings(), _no_progress_bar():
+        warnings.simplefilter("ignore", UserWarning)  # "add type hints to predict": inputs are a path table
+        _save(heads, dest, config)
+    return dest
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
+def _save(heads: Path, dest: Path, config: dict) -> None:
+    import mlflow
+
     mlflow.pyfunc.save_model(
         path=str(dest),
         python_model=str(Path(__file__).resolve().with_name("mlflow_model_code.py")),
@@ -65,4 +92,3 @@ def save_heads_model(heads: str | Path, dest: str | Path) -> Path:
         pip_requirements=["ssvp-platform", f"mlflow=={mlflow.__version__}"],
         metadata={"ssvp_config": config, "task": "zero-shot anomaly detection (image score)"},
     )
-    return dest
