@@ -69,6 +69,31 @@ def write_sweep(path: Path, synthetic_root: Path, num_samples: int) -> Path:
     return path
 
 
+def trial_states(db: Path) -> list[str]:
+    """Statuses of the ``role=trial`` runs, read from the SQLite file read-only (``mode=ro``).
+
+    Polling through ``MlflowClient`` while the sweep is starting would create or migrate the same
+    database concurrently with the sweep's driver (two Alembic migrations of one SQLite file collide);
+    a read-only connection can do neither. Empty until the sweep has created its tables.
+    """
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = con.execute(
+            "SELECT r.status FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
+            "JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE e.name = 'cluster-test' AND t.key = 'role' AND t.value = 'trial'").fetchall()
+    except sqlite3.Error:  # tables not created yet, or the file is mid-write
+        return []
+    finally:
+        con.close()
+    return [status for (status,) in rows]
+
+
 def mlflow_runs(db: Path):
     from mlflow import MlflowClient
 
@@ -131,11 +156,26 @@ def head_commit() -> str:
                           check=True).stdout.strip()
 
 
-def nothing_kept_in_ray_temp(temp_dir: Path) -> None:
-    """No record, checkpoint, data or feature file under Ray's temporary folder (the job's copy included)."""
+def nothing_kept_in_ray_temp(temp_dir: Path, cluster: dict) -> None:
+    """No record, checkpoint, data or feature file under Ray's temporary folder (the job's copy included).
+
+    One exception, Ray Tune's own: with a remote storage path, Tune stages its experiment state
+    (``tuner.pkl``, ``experiment_state-*.json``, the searcher's state) in the driver's
+    ``session_*/artifacts/<time>/<experiment>/driver_artifacts`` and syncs that folder to
+    ``<storage_path>/<experiment>``, which stays the source of truth (what ``--resume`` reads). Such
+    a staged file is allowed only when its copy is in the S3 storage path.
+    """
     kept = [p for p in temp_dir.rglob("*") if p.is_file() and (
         p.suffix in (".db", ".npy", ".pt", ".safetensors", ".png", ".jpg") or "checkpoint_" in str(p)
         or p.name in ("meta.json", "tuner.pkl", "ssvp_sweep.json", "records.jsonl"))]
+    staged = [p for p in kept if "driver_artifacts" in p.parts]
+    if staged:
+        stored = set(s3_keys(cluster["s3"]["AWS_ENDPOINT_URL"], BUCKET, "ray-results/"))
+        for p in staged:
+            i = p.parts.index("driver_artifacts")
+            key = "/".join((p.parts[i - 1], *p.parts[i + 1:]))  # <experiment>/<file> under the storage path
+            assert any(k.endswith("/" + key) for k in stored), f"Ray staged {p}, but no {key} in s3://{BUCKET}/ray-results"
+        kept = [p for p in kept if p not in staged]
     pkg_dirs = [p for p in temp_dir.rglob("_ray_pkg_*") if p.is_dir()]
     assert pkg_dirs, "the job ran in a working-directory copy"
     created = [p for d in pkg_dirs for p in (d / "runs", d / "data", d / "features_cache") if p.exists()]
@@ -179,7 +219,7 @@ def test_submitted_sweep_records_on_the_server_and_s3_and_a_second_job_reuses_th
     stored = s3_keys(endpoint, BUCKET, "ray-results/")
     assert any(k.startswith("ray-results/s1/") for k in stored), stored[:20]
     assert any(k.startswith("ray-results/s1.train/") and "/checkpoint_" in k for k in stored), stored[:20]
-    nothing_kept_in_ray_temp(cluster["temp_dir"])
+    nothing_kept_in_ray_temp(cluster["temp_dir"], cluster)
     first = cache_files(cluster)
     assert first, "the feature cache (SSVP_FEATURE_CACHE) was filled"
 
@@ -193,7 +233,7 @@ def test_submitted_sweep_records_on_the_server_and_s3_and_a_second_job_reuses_th
     for r in runs2:
         if "feature_cache_misses" in r.data.metrics:
             assert r.data.metrics["feature_cache_misses"] == 0
-    nothing_kept_in_ray_temp(cluster["temp_dir"])
+    nothing_kept_in_ray_temp(cluster["temp_dir"], cluster)
 
 
 def test_submitted_grid_records_on_the_server_and_a_resume_reads_the_checkpoints_back_from_s3(cluster):
@@ -229,7 +269,7 @@ def test_submitted_grid_records_on_the_server_and_a_resume_reads_the_checkpoints
     records2 = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     assert all(not r.get("per_class_error") and "per_class" in next(iter(r["metrics"].values())) for r in records2)
     assert cache_files(cluster) == before
-    nothing_kept_in_ray_temp(cluster["temp_dir"])
+    nothing_kept_in_ray_temp(cluster["temp_dir"], cluster)
 
 
 # ----------------------------------------------------------------------------- local mode
@@ -255,12 +295,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(synthetic_r
             time.sleep(2)
             if not db.exists():
                 continue
-            try:
-                _, runs = mlflow_runs(db)
-            except Exception:  # noqa: BLE001 - database still being created
-                continue
-            trials = [r for r in runs if r.data.tags.get("role") == "trial"]
-            if sum(r.info.status == "FINISHED" for r in trials) >= 1 and any(r.info.status == "RUNNING" for r in trials):
+            states = trial_states(db)  # read-only: the sweep alone creates and migrates its store
+            if states.count("FINISHED") >= 1 and "RUNNING" in states:
                 break
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         proc.send_signal(signal.SIGINT)

@@ -88,12 +88,25 @@ def check_storage(storage_path: str | os.PathLike) -> None:
     check_writable(Path(text).expanduser().absolute(), "storage_path")
 
 
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or migrate) the SQLite store now, once, in the driver, before Ray starts: no trial or
+    callback process then runs MLflow's schema migration on the same file concurrently."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - not an MLflow database, locked, unreadable
+        first = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise PreflightError(f"MLflow tracking store {uri}: cannot be opened ({type(exc).__name__}: {first})") from None
+
+
 def check_tracking(uri: str | None, timeout: float = TRACKING_TIMEOUT_S) -> None:
     """A SQLite store's folder is writable; a tracking server answers ``/health`` within ``timeout`` s."""
     if not uri:
         return
     if uri.startswith("sqlite:///"):
         check_writable(Path(uri[len("sqlite:///"):]).parent, "MLflow tracking store folder")
+        _create_sqlite_store(uri)
         return
     if not uri.startswith(("http://", "https://")):
         return

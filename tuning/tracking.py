@@ -565,10 +565,23 @@ class MLflowTrialCallback(_TuneCallback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._ended().discard(trial.trial_id)
         self.run_id(trial)
+        self._resume_record(trial)
 
     def on_trial_restore(self, iteration, trials, trial, **info):
         self._ended().discard(trial.trial_id)
         self.run_id(trial)
+        self._resume_record(trial)
+
+    def _resume_record(self, trial) -> None:
+        """A resumed trial continues from its newest complete checkpoint on disk (``tuning.trial._restore``),
+        which may hold epochs whose reports died with the previous driver (it may even have trained its
+        last epoch then, and now reports nothing): log them now (MLflow and Optuna), and make that
+        checkpoint the trial's, so it ends on it rather than on the stale one Tune saved (which Train
+        may have deleted since). A fresh trial has no checkpoint on disk: nothing happens."""
+        tid = trial.trial_id
+        ckpt = self._newest_checkpoint(trial, self._checkpoint.get(tid))
+        if ckpt:
+            self._checkpoint[tid] = ckpt
 
     def _ended(self) -> set:
         """Trials Tune has ended: a result that arrives after ASHA stopped a trial (its workers ran
@@ -621,6 +634,8 @@ class MLflowTrialCallback(_TuneCallback):
                 continue
             named = {mlflow_metric_name(k): v for k, v in row.items() if k not in TUNE_AUTO_KEYS}
             self.tracker.log_metrics(run_id, {**named, "epoch": epoch}, step=epoch)
+            if getattr(self, "searcher", None) is not None:  # Optuna holds what MLflow holds
+                self.searcher.observe(tid, row)
             self._last_epoch[tid] = epoch
             added += 1
         if added:
@@ -646,7 +661,7 @@ class MLflowTrialCallback(_TuneCallback):
         from tuning.trial import read_starts
 
         trial_dir = self.trial_dir(trial_id)
-        starts = read_starts(trial_dir) if isinstance(trial_dir, Path) else []
+        starts = read_starts(str(trial_dir)) if trial_dir is not None else []  # local or s3://
         if starts:
             self.tracker.client.set_tag(run_id, "restarts", str(len(starts) - 1))
             self.tracker.log_metrics(run_id, {"restarts": len(starts) - 1})

@@ -293,7 +293,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume_from, history = _restore(ray.train.get_checkpoint(), loop_config.get("trial_dir"))
     placement["resumed_epochs"] = len(history)
     if rank == 0 and loop_config.get("trial_dir"):
-        record_start(Path(loop_config["trial_dir"]), placement)
+        record_start(loop_config["trial_dir"], placement)
     placement_dir = loop_config.get("placement_dir")
     from .storage import storage_path
 
@@ -399,21 +399,27 @@ def _restore(checkpoint, trial_dir: str | None) -> tuple[str | None, list[dict[s
     return str(src / "last"), read_history(src)[0]
 
 
-def record_start(trial_dir: Path, placement: Mapping[str, Any]) -> None:
-    """Append this worker group's start to ``<trial_dir>/starts.jsonl`` (restarts = lines - 1)."""
+def record_start(trial_dir: str | os.PathLike, placement: Mapping[str, Any]) -> None:
+    """Append this worker group's start to ``<trial_dir>/starts.jsonl`` (restarts = lines - 1);
+    ``trial_dir`` on the shared storage: a local folder or an object-store URI (``s3://...``)."""
     import time
 
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    from .storage import join, read_text, write_text
+
     line = {"time": time.time(), "pid": placement.get("pid"), "hostname": placement.get("hostname"),
             "resumed_epochs": placement.get("resumed_epochs", 0)}
-    with open(trial_dir / STARTS_FILE, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    path = join(str(trial_dir), STARTS_FILE)  # an object has no append: read, add the line, write
+    write_text(path, (read_text(path) or "") + json.dumps(line) + "\n")
 
 
 def read_starts(trial_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
+    from .storage import join, read_text
+
+    if not trial_dir:
+        return []
     try:
-        return [json.loads(ln) for ln in Path(trial_dir, STARTS_FILE).read_text().splitlines() if ln.strip()]
-    except (OSError, ValueError, TypeError):
+        return [json.loads(ln) for ln in (read_text(join(str(trial_dir), STARTS_FILE)) or "").splitlines() if ln.strip()]
+    except ValueError:
         return []
 
 
@@ -475,10 +481,11 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .storage import join as storage_join
+    from .storage import storage_path
 
     trial_id = ray.tune.get_context().get_trial_id()
     storage = settings.train_storage or os.path.join(tempfile.gettempdir(), "ssvp-train-runs")
-    _refuse_known_fatal(Path(storage) / trial_id)  # Tune's retry of a deterministic failure: no rerun
+    _refuse_known_fatal(storage_path(storage) / trial_id)  # Tune's retry of a deterministic failure: no rerun
     cfg, _variant = resolve_trial_config(settings.base, config, settings.variants)
     loop_config = {
         "cfg": cfg.to_dict(),
@@ -515,13 +522,13 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     except Exception as exc:  # noqa: BLE001 - Tune records the trial's own error, not Train's wrapper
         cause = root_cause(exc)
         if is_deterministic(cause):
-            _remember_fatal(Path(storage) / trial_id, cause)
+            _remember_fatal(storage_path(storage) / trial_id, cause)
         if cause is exc:
             raise
         raise cause from None
 
 
-def _remember_fatal(trial_dir: Path, exc: BaseException) -> None:
+def _remember_fatal(trial_dir, exc: BaseException) -> None:  # a Path or a storage.RemotePath
     try:
         trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / FATAL_FILE).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)[:4000]}))
@@ -529,7 +536,7 @@ def _remember_fatal(trial_dir: Path, exc: BaseException) -> None:
         pass
 
 
-def _refuse_known_fatal(trial_dir: Path) -> None:
+def _refuse_known_fatal(trial_dir) -> None:  # a Path or a storage.RemotePath
     """A trial that already failed deterministically fails again at once (``trial_max_failures``
     retries it otherwise, rebuilding the worker group to hit the same error)."""
     try:
