@@ -725,9 +725,16 @@ class MLflowTrialCallback(_TuneCallback):
         if ckpt and storage_path(ckpt).is_dir():
             tr.client.set_tag(run_id, "checkpoint_path", str(ckpt))
             best = storage_path(ckpt) / "best"
-            if best.is_dir() and not tr.client.list_artifacts(run_id, "checkpoints/best"):
-                with local_copy(best) as local:
-                    tr.log_artifacts(run_id, local, "checkpoints/best")
+            try:
+                if best.is_dir() and not tr.client.list_artifacts(run_id, "checkpoints/best"):
+                    with local_copy(best) as local:
+                        tr.log_artifacts(run_id, local, "checkpoints/best")
+            except FileNotFoundError as exc:
+                # Train deleted it under us (num_to_keep: workers still running after Tune stopped the
+                # trial registered newer checkpoints): the trial's result stands, its heads are gone
+                tr.client.delete_tag(run_id, "checkpoint_path")
+                tr.client.set_tag(run_id, "checkpoint_missing", f"{ckpt}: removed by Ray Train before it was copied "
+                                  f"({error_summary(str(exc))[:300]})")
         trial_dir = self.trial_dir(tid)
         if trial_dir is not None:
             placement = trial_dir / "placement"
