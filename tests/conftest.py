@@ -23,6 +23,26 @@ def synthetic_config(root: Path, **overrides):
     return Config.tiny(source=f"synthetic:{root}/domain_a", targets=[f"synthetic:{root}/domain_b"], **overrides)
 
 
+def local_ray(**init_kwargs):
+    """Generator body of a local-Ray fixture: a fresh loopback Ray with ``init_kwargs`` (object store
+    300 MB), shut down afterwards with the environment variables init_ray set put back."""
+    import ray
+
+    from tuning.runner import init_ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(object_store_memory=300 * 1024 * 1024, **init_kwargs)
+    yield ray
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The built-in synthetic benchmark (two MVTec-layout domains), generated once per session."""

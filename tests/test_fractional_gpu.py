@@ -9,12 +9,11 @@ the same metrics.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import synthetic_config
+from conftest import local_ray, synthetic_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +31,7 @@ def test_apply_gpu_share_and_settings_guard():
 
 @pytest.fixture(scope="module")
 def ray_one_gpu():
-    import ray
-
-    from tuning.runner import init_ray
-
-    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, num_gpus=1, object_store_memory=300 * 1024 * 1024)
-    yield ray
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield from local_ray(num_cpus=2, num_gpus=1)
 
 
 def _sweep(root: Path, tmp_path: Path, name: str, gpus_per_worker: float):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import synthetic_config
+from conftest import local_ray, synthetic_config
 from ssvp.config import Config
 
 pytestmark = pytest.mark.slow
@@ -23,22 +23,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    from tuning.runner import init_ray
-
-    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, num_gpus=2, resources={"fake_gpu": 2}, object_store_memory=300 * 1024 * 1024)
-    assert ray.util.get_node_ip_address() == "127.0.0.1"
-    yield ray
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    for ray in local_ray(num_cpus=2, num_gpus=2, resources={"fake_gpu": 2}):
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        yield ray
 
 
 def tiny(root: Path, **overrides) -> Config:
