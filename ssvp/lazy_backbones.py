@@ -32,8 +32,10 @@ the token alone.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from contextlib import nullcontext
@@ -46,7 +48,7 @@ from torch import nn
 from . import backbones as _bb
 from .backbones import Backbones, TextEncoder
 
-__all__ = ["LazyBackbones", "spec_token", "HEAD_ONLY_KEYS"]
+__all__ = ["LazyBackbones", "spec_token", "HEAD_ONLY_KEYS", "KEEP_TEXT_ENV"]
 
 # model config keys that only the trainable head reads: they never change the frozen features
 HEAD_ONLY_KEYS = frozenset({
@@ -250,6 +252,65 @@ def _text_from_full_build(model_cfg: Any, grid: int, timings: dict):
     return tower, tokenizer, clip.visual
 
 
+def _build_text_parts(model_cfg: Any, g: int, timings: dict):
+    """(frozen text tower on the CPU, tokenizer, visual metadata, how the text tower was obtained)."""
+    spec, checkpoint, quick_gelu, kind = _clip_source(model_cfg)
+    built = None
+    if kind == "file":
+        try:
+            built = _text_from_checkpoint(model_cfg, spec, checkpoint, quick_gelu, g, timings)
+            source = "checkpoint (text entries only)"
+        except Exception as exc:  # noqa: BLE001 - anything unusual: the full build (reports real errors)
+            source = f"full CLIP build ({type(exc).__name__}: {exc})"
+    else:
+        source = f"full CLIP build ({kind} weights)"
+    if built is None:
+        built = _text_from_full_build(model_cfg, g, timings)
+    tower, tokenizer, visual = built
+    _bb._freeze(tower)
+    vmeta = {
+        "depth": len(visual.transformer.resblocks),
+        "dim": int(visual.proj.shape[1] if visual.proj is not None else visual.transformer.width),
+        "image_size": int(visual.image_size[0]),
+        "grid": int(visual.grid_size[0]),
+    }
+    return tower, tokenizer, vmeta, source
+
+
+# KEEP_TEXT_ENV=1: a process that runs several trials (tuning's reused trial processes) keeps one
+# CPU master copy of the last text tower it built and hands each new model a copy of it
+KEEP_TEXT_ENV = "SSVP_KEEP_TEXT_TOWER"
+_KEPT_TEXT: dict[str, tuple] = {}
+
+
+def _text_parts(model_cfg: Any, g: int, timings: dict):
+    """``_build_text_parts``, or a copy of the text tower this process already built (``KEEP_TEXT_ENV``).
+
+    The key holds every backbone config key and the weight files' identity (path, size, mtime,
+    inode), so a changed file or setting builds anew; the copy holds the same tensors bit for bit.
+    """
+    if os.environ.get(KEEP_TEXT_ENV, "0").strip() in ("", "0"):
+        return _build_text_parts(model_cfg, g, timings)
+    try:
+        files = _weight_files(model_cfg)
+    except Exception:  # noqa: BLE001 - unresolvable weights: build (which reports the error)
+        files = None
+    if files is None:
+        return _build_text_parts(model_cfg, g, timings)
+    key = json.dumps([_backbone_cfg_items(model_cfg), files["clip"], g], sort_keys=True, default=str)
+    if key in _KEPT_TEXT:
+        tower, tokenizer, vmeta, source = _KEPT_TEXT[key]
+        timings["weights_read_s"] = 0.0
+        source = f"{source}, kept in this process"
+    else:
+        _KEPT_TEXT.clear()  # one model at a time: the previous trial's master copy goes
+        tower, tokenizer, vmeta, source = _KEPT_TEXT[key] = _build_text_parts(model_cfg, g, timings)
+    t = time.perf_counter()
+    tower = copy.deepcopy(tower)  # the trial may move its copy to a GPU; the master stays on the CPU
+    timings["text_copy_s"] = time.perf_counter() - t
+    return tower, tokenizer, dict(vmeta), source
+
+
 class LazyBackbones(nn.Module):
     """``Backbones`` whose vision towers are built on first need (see the module docstring).
 
@@ -272,32 +333,17 @@ class LazyBackbones(nn.Module):
         object.__setattr__(self, "_real", None)
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
-        spec, checkpoint, quick_gelu, kind = _clip_source(model_cfg)
-        built = None
-        if kind == "file":
-            try:
-                built = _text_from_checkpoint(model_cfg, spec, checkpoint, quick_gelu, g, self.timings)
-                self.text_source = "checkpoint (text entries only)"
-            except Exception as exc:  # noqa: BLE001 - anything unusual: the full build (reports real errors)
-                self.text_source = f"full CLIP build ({type(exc).__name__}: {exc})"
-        else:
-            self.text_source = f"full CLIP build ({kind} weights)"
-        if built is None:
-            built = _text_from_full_build(model_cfg, g, self.timings)
-        tower, tokenizer, visual = built
-        _bb._freeze(tower)
+        tower, tokenizer, vmeta, self.text_source = _text_parts(model_cfg, g, self.timings)
         self.text_model = tower
         self.text = TextEncoder(tower, tokenizer, autocast=self._autocast)
         self.text_width = self.text.width
 
         # vision metadata from the (meta or dropped) visual tower and the DINO config
-        depth = len(visual.transformer.resblocks)
-        self.clip_taps = _bb._check_taps("clip_layers", model_cfg.clip_layers, depth)
-        self.clip_dim = int(visual.proj.shape[1] if visual.proj is not None else visual.transformer.width)
-        self.clip_image_size = int(visual.image_size[0])
-        if int(visual.grid_size[0]) != g:
-            raise _bb.GridMismatchError(f"CLIP builds a {visual.grid_size[0]}x{visual.grid_size[0]} grid, model.grid is {g}")
-        del visual
+        self.clip_taps = _bb._check_taps("clip_layers", model_cfg.clip_layers, vmeta["depth"])
+        self.clip_dim = vmeta["dim"]
+        self.clip_image_size = vmeta["image_size"]
+        if vmeta["grid"] != g:
+            raise _bb.GridMismatchError(f"CLIP builds a {vmeta['grid']}x{vmeta['grid']} grid, model.grid is {g}")
         self.use_dino = model_cfg.fusion != "none"
         if self.use_dino:
             dspec = _bb.DINO_REGISTRY.get(model_cfg.dino_model)

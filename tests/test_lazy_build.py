@@ -192,3 +192,47 @@ def test_alias_that_no_longer_matches_fails_at_the_first_miss(data_root, weights
     with pytest.raises(FeatureCacheError, match="no longer match"):
         cache.get_batch(torch.rand(1, 3, 112, 112))
     assert not alias.exists()
+
+
+def test_kept_text_tower_is_a_copy_with_the_same_tensors(data_root, weights, monkeypatch):
+    """``SSVP_KEEP_TEXT_TOWER=1`` (reused trial processes): the second model reads no weights, gets its
+    own copy of the same tensors, and a trial that moves or changes its copy leaves the next one alone."""
+    from ssvp.lazy_backbones import KEEP_TEXT_ENV, _KEPT_TEXT
+
+    monkeypatch.setenv(KEEP_TEXT_ENV, "1")
+    _KEPT_TEXT.clear()
+    cfg = _cfg(data_root, weights)
+    first = LazyBackbones(cfg.model)
+    assert first.timings["weights_read_s"] > 0 and "kept" not in first.text_source
+    second = LazyBackbones(cfg.model)
+    assert second.timings["weights_read_s"] == 0.0 and second.text_source.endswith("kept in this process")
+    a, b = first.text_model.state_dict(), second.text_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) and a[k].data_ptr() != b[k].data_ptr() for k in a)
+    with torch.no_grad():
+        first.text_model.token_embedding.weight.add_(1.0)  # a trial's copy changed in place
+    third = LazyBackbones(cfg.model)
+    assert torch.equal(third.text_model.token_embedding.weight, b["token_embedding.weight"])
+    prompts = ["a photo of a flawless bottle"]
+    assert torch.equal(third.text.encode_text(prompts), second.text.encode_text(prompts))
+    # another weights file is another key: built anew, and the master copy is replaced (one kept)
+    other = LazyBackbones(_cfg(data_root, weights, clip_pretrained="").model)
+    assert "kept" not in other.text_source and len(_KEPT_TEXT) == 1
+    monkeypatch.delenv(KEEP_TEXT_ENV)
+    assert "kept" not in LazyBackbones(cfg.model).text_source
+    _KEPT_TEXT.clear()
+
+
+def test_trials_in_one_process_train_as_in_fresh_processes(data_root, weights, tmp_path, monkeypatch):
+    """Three warm-cache trials in one process (kept text tower, other gamma in the middle) give the
+    histories that trials in their own processes give: nothing of one trial leaks into the next."""
+    from ssvp.lazy_backbones import KEEP_TEXT_ENV, _KEPT_TEXT
+
+    cfg = _cfg(data_root, weights, feature_cache=str(tmp_path / "cache"))
+    fresh = fit(cfg).history  # also warms the cache
+    other = fit(cfg.override({"gamma": 0.2})).history
+    monkeypatch.setenv(KEEP_TEXT_ENV, "1")
+    _KEPT_TEXT.clear()
+    kept = [fit(cfg).history, fit(cfg.override({"gamma": 0.2})).history, fit(cfg).history]
+    assert kept == [fresh, other, fresh]
+    assert fresh != other
+    _KEPT_TEXT.clear()

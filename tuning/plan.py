@@ -23,7 +23,7 @@ from .trial import VARIANT_KEY, TrialSettings
 
 __all__ = [
     "Plan", "SweepPaths", "SweepExistsError", "make_plan", "make_search", "make_scheduler", "tune_space",
-    "make_trial_settings", "absolutize_paths", "expected_trials", "STATE_FILE", "TRIAL_DRIVER_CPU",
+    "make_trial_settings", "trial_resources", "absolutize_paths", "expected_trials", "STATE_FILE", "TRIAL_DRIVER_CPU",
 ]
 
 STATE_FILE = "ssvp_sweep.json"  # MLflow ids of the sweep, beside Tune's experiment state
@@ -126,7 +126,8 @@ def resolve_resources(
     if max_concurrent is None:
         per_worker = res.gpus_per_worker if use_gpu else res.cpus_per_worker
         per_trial = res.workers_per_trial * per_worker
-        pool = cluster.get("GPU", 0) if use_gpu else cluster.get("CPU", 1) - TRIAL_DRIVER_CPU
+        driver_cpu = 0.0 if res.reuse_processes else TRIAL_DRIVER_CPU  # reused: the actor is the worker
+        pool = cluster.get("GPU", 0) if use_gpu else cluster.get("CPU", 1) - driver_cpu
         for name, amount in (res.extra or {}).items():
             pool = min(pool, cluster.get(name, 0) / (amount or 1) * per_worker)
         max_concurrent = max(1, int(pool // per_trial)) if per_trial else 1
@@ -206,6 +207,17 @@ def tune_space(plan: Plan) -> dict[str, Any]:
     return out
 
 
+def trial_resources(plan: Plan) -> dict[str, float]:
+    """What Tune reserves for a trial's actor: a sliver of CPU (it only waits on its TorchTrainer, whose
+    workers hold the resources), or with ``reuse_processes`` the one worker's resources themselves."""
+    res = plan.sweep.resources
+    if not res.reuse_processes:
+        return {"cpu": TRIAL_DRIVER_CPU}
+    out = {"cpu": float(res.cpus_per_worker), "gpu": float(res.gpus_per_worker) if plan.use_gpu else 0.0}
+    out.update({k: float(v) for k, v in (res.extra or {}).items()})
+    return out
+
+
 def make_trial_settings(plan: Plan) -> TrialSettings:
     """What every trial's driver needs besides its hyperparameters."""
     res = plan.sweep.resources
@@ -219,6 +231,7 @@ def make_trial_settings(plan: Plan) -> TrialSettings:
         extra_resources=dict(res.extra or {}),
         max_failures=res.max_failures,
         torch_backend=res.torch_backend,
+        reuse_processes=res.reuse_processes,
         train_storage=str(plan.paths.train),
         target_eval=plan.sweep.target_eval,
     )

@@ -30,7 +30,7 @@ import time
 from typing import Callable, Mapping
 
 from .finish import finish
-from .plan import STATE_FILE, TRIAL_DRIVER_CPU, Plan, SweepExistsError, absolutize_paths, make_plan
+from .plan import STATE_FILE, Plan, SweepExistsError, absolutize_paths, make_plan
 from .ray_session import free_port, init_ray
 from .record import close_interrupted, collect_trials, open_parent, trial_callback
 from .results import ResultSummary, TrialSummary, mlflow_ui_command
@@ -105,11 +105,11 @@ def run_tuner(plan: Plan, callback):
     """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``."""
     from ray import tune
 
-    from .plan import make_scheduler, make_search, make_trial_settings, tune_space
+    from .plan import make_scheduler, make_search, make_trial_settings, trial_resources, tune_space
     from .trial import trial_driver
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, settings=make_trial_settings(plan)), {"cpu": TRIAL_DRIVER_CPU}
+        tune.with_parameters(trial_driver, settings=make_trial_settings(plan)), trial_resources(plan)
     )
     if plan.restoring:
         tuner = tune.Tuner.restore(str(plan.paths.experiment), trainable=trainable, resume_unfinished=True,
@@ -132,6 +132,7 @@ def run_tuner(plan: Plan, callback):
             max_concurrent_trials=plan.max_concurrent if s.algorithm == "optuna" else None,
             time_budget_s=s.time_budget_s,
             trial_dirname_creator=lambda trial: trial.trial_id,
+            reuse_actors=True,  # the trial actors live on (reuse_processes: they hold the trial's work)
         ),
         run_config=tune.RunConfig(
             name=plan.name,

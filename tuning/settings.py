@@ -47,6 +47,7 @@ The YAML::
       max_failures: 1                # Ray Train restarts per trial (from the last checkpoint)
       trial_max_failures: 0          # Tune restarts of a whole trial
       torch_backend: ""              # "" = nccl with GPUs, gloo without
+      reuse_processes: false         # true: one-worker trials train in reused Tune actors (no Train run per trial)
     mlflow:
       tracking_uri: null             # null = sqlite:////CWD/runs/mlflow.db
       artifact_location: null        # null = CWD/runs/mlartifacts
@@ -125,6 +126,10 @@ class ResourceSettings:
     max_failures: int = 1  # Ray Train worker-group restarts per trial (from the last checkpoint)
     trial_max_failures: int = 0  # Tune restarts of a whole trial
     torch_backend: str = ""  # "" = Ray's choice (nccl with GPUs, gloo without)
+    # True: each one-worker trial trains inside its Tune actor, which Tune keeps for the next trial
+    # (imports, the text tower and Ray's actor start are paid once per process, not per trial);
+    # Ray Train's worker-group restarts (max_failures) do not apply, trial_max_failures does
+    reuse_processes: bool = False
 
 
 @dataclass
@@ -212,6 +217,11 @@ class SweepConfig:
             (isinstance(r.workers_per_trial, int) and r.workers_per_trial >= 1, "resources",
              "workers_per_trial must be >= 1"),
             (r.use_gpu in (True, False, "auto"), "resources", f"use_gpu must be auto, true or false, got {r.use_gpu!r}"),
+            (isinstance(r.reuse_processes, bool), "resources",
+             f"reuse_processes must be true or false, got {r.reuse_processes!r}"),
+            (not r.reuse_processes or r.workers_per_trial == 1, "resources",
+             f"reuse_processes: true needs workers_per_trial: 1 (got {r.workers_per_trial}); multi-worker trials "
+             "run as Ray Train runs"),
             (bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
              f"sweep name {self.name!r} must be a non-empty folder name"),
         )

@@ -18,7 +18,8 @@ from pathlib import Path
 from ssvp.paths import is_uri
 
 __all__ = ["join", "is_remote", "filesystem", "write_text", "read_text", "exists", "is_dir", "list_dirs",
-           "download", "local_path", "as_uri", "RemotePath", "storage_path", "local_copy"]
+           "download", "upload_dir", "delete_dir", "local_path", "as_uri", "RemotePath", "storage_path",
+           "local_copy"]
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -125,6 +126,28 @@ def download(uri: str | os.PathLike, dest: str | os.PathLike) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
+
+
+def upload_dir(local: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy the local folder ``local`` to ``uri`` (a local path or an object-store prefix)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def delete_dir(uri: str | os.PathLike) -> None:
+    """Remove the folder at ``uri`` and everything under it (nothing when it is missing)."""
+    local = local_path(uri)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
+        return
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_dir(path)
+    except (OSError, FileNotFoundError):
+        pass
 
 
 def as_uri(path: str | os.PathLike, like: str | os.PathLike | None) -> str:

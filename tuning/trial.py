@@ -72,8 +72,12 @@ class TrialSettings:
     train_storage: str = ""  # absolute folder for the Train runs (shared storage on a cluster)
     target_eval: str = "best"  # best | all | none ("all": every finished trial is evaluated on targets)
     checkpoints_to_keep: int = 1
+    reuse_processes: bool = False  # one-worker trials train in their (reused) Tune actor, no Train run
 
     def __post_init__(self) -> None:
+        if self.reuse_processes and self.workers_per_trial != 1:
+            raise ValueError(f"resources.reuse_processes needs workers_per_trial: 1 (got {self.workers_per_trial}); "
+                             "multi-worker trials run as Ray Train runs")
         frac = float(self.gpus_per_worker)
         if self.use_gpu and 0 < frac < 1 and self.workers_per_trial > 1 and self.torch_backend != "gloo":
             raise ValueError(
@@ -279,24 +283,33 @@ def _placement_record(ctx, use_gpu: bool) -> dict[str, Any]:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker body: train with ``ssvp.engine.fit`` and report each epoch."""
-    import ray
     import ray.train
 
+    ctx = ray.train.get_context()
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+    placement = _placement_record(ctx, bool(loop_config["use_gpu"]))
+    _train(loop_config, placement, ray.train.get_checkpoint(), report)
+
+
+def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
+    """One trial's training on this process: ``fit`` from the newest checkpoint, ``report(metrics,
+    checkpoint folder or None)`` after each epoch (rank 0 passes its folder: last/, best/, history.json)."""
     from ssvp import engine
     from ssvp.config import Config
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    placement = _placement_record(ctx, bool(loop_config["use_gpu"]))
+    from .storage import storage_path
+
+    rank = placement["world_rank"]
     placement["gpu_memory_fraction"] = apply_gpu_share(placement["device"], loop_config.get("gpus_per_worker", 0.0))
     cfg = Config.from_dict(loop_config["cfg"]).override({"device": placement["device"]})
-    resume_from, history = _restore(ray.train.get_checkpoint(), loop_config.get("trial_dir"))
+    resume_from, history = _restore(checkpoint, loop_config.get("trial_dir"))
     placement["resumed_epochs"] = len(history)
     if rank == 0 and loop_config.get("trial_dir"):
         record_start(loop_config["trial_dir"], placement)
     placement_dir = loop_config.get("placement_dir")
-    from .storage import storage_path
-
     if placement_dir:  # on the shared storage: a local folder or s3://
         storage_path(placement_dir).mkdir(parents=True, exist_ok=True)
         (storage_path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
@@ -308,17 +321,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last: dict[str, float] = {}
 
     def on_epoch(epoch: int, metrics: dict, ckpt_path: str | None) -> None:
-        report = _numeric(metrics)
-        report["epoch"] = float(epoch)
+        report_now = _numeric(metrics)
+        report_now["epoch"] = float(epoch)
         last.clear()
-        last.update(report)
-        history[:] = [h for h in history if int(h.get("epoch", 0)) < epoch] + [dict(report)]
+        last.update(report_now)
+        history[:] = [h for h in history if int(h.get("epoch", 0)) < epoch] + [dict(report_now)]
         ckpt = None
         if rank == 0 and ckpt_path:
             best_epoch = int(engine.load_checkpoint(work / "best").get("best_epoch", epoch)) if (work / "best").is_dir() else epoch
             (work / HISTORY_FILE).write_text(json.dumps({"epochs": history, "best_epoch": best_epoch}))
-            ckpt = ray.train.Checkpoint.from_directory(str(work))  # holds last/, best/ and history.json
-        ray.train.report(report, checkpoint=ckpt)
+            ckpt = str(work)
+        report(report_now, ckpt)
 
     try:
         result = engine.fit(cfg, on_epoch=on_epoch, checkpoint_dir=str(work), resume_from=resume_from)
@@ -327,18 +340,94 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 best = work / "best"
                 if best.is_dir():
-                    report = engine.evaluate(cfg, str(best))
-                    target = flatten_target_report(report)
+                    target_report = engine.evaluate(cfg, str(best))
+                    target = flatten_target_report(target_report)
                     if loop_config.get("trial_dir"):
                         # the full per-class report: logged as target_report.json on the child run
                         out = storage_path(loop_config["trial_dir"]) / "target_report.json"
-                        out.write_text(json.dumps(report, indent=2, default=float))
-            final = {**last, **target, TARGET_DONE_KEY: 1.0, "best_epoch": float(result.best_epoch)}
-            ray.train.report(final, checkpoint=None)
+                        out.write_text(json.dumps(target_report, indent=2, default=float))
+            report({**last, **target, TARGET_DONE_KEY: 1.0, "best_epoch": float(result.best_epoch)}, None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if resume_from:
             shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reused trial processes
+TRIALS_IN_PROCESS = [0]  # trials this process has run (reuse_processes: the Tune actor lives on)
+
+
+def _process_placement(use_gpu: bool) -> dict[str, Any]:
+    """Placement record of a trial that runs in its Tune actor (one worker, rank 0, no Train group)."""
+    import ray
+    import torch
+
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()] if use_gpu else []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {
+        "world_rank": 0, "local_rank": 0, "world_size": 1,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "gpu_ids": gpu_ids,
+        "cuda_visible_devices": visible,
+        "assigned_resources": ray.get_runtime_context().get_assigned_resources(),
+        "device": select_device(0, use_gpu, torch.cuda.device_count(), gpu_ids, visible),
+        "gpu_ordinal": gpu_index_for_worker(0, gpu_ids, visible) if use_gpu else None,
+        "distributed": False,
+        "placement_group_id": None,  # Tune's own (kept for the next trial): never released by the driver
+        "process": "reused Tune actor",
+        "trial_in_process": TRIALS_IN_PROCESS[0],
+        "started_at": time.time(),
+    }
+
+
+def _persist_checkpoint(work: str, trial_dir: str, epoch: int, keep: int) -> str:
+    """Copy a trial's checkpoint folder to ``<trial_dir>/checkpoint_epoch_<NNNN>`` (local or s3://),
+    keeping the ``keep`` newest; returns its path, as Ray Train's ``checkpoint_path`` would be."""
+    from .storage import delete_dir, is_remote, join, list_dirs, upload_dir
+
+    name = f"checkpoint_epoch_{epoch:04d}"
+    dest = join(trial_dir, name)
+    if is_remote(trial_dir):
+        upload_dir(work, dest)
+    else:
+        Path(trial_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(trial_dir) / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(work, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    older = sorted(n for n, _mtime in list_dirs(trial_dir) if n.startswith("checkpoint_epoch_") and n < name)
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        delete_dir(join(trial_dir, old))
+    return dest
+
+
+def run_in_process(loop_config: dict, keep: int = 1) -> None:
+    """``resources.reuse_processes``: the trial trains in this Tune actor, which Tune keeps for the next
+    trial (``reuse_actors``): no worker group, no imports and, with a feature cache, no text-tower read
+    after the first trial. Checkpoints and records go where a one-worker Ray Train run puts them."""
+    import gc
+
+    import ray.tune
+    import torch
+
+    from ssvp.lazy_backbones import KEEP_TEXT_ENV
+
+    os.environ.setdefault(KEEP_TEXT_ENV, "1")
+    gc.collect()  # what a stopped previous trial left
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    TRIALS_IN_PROCESS[0] += 1
+    trial_dir = loop_config["trial_dir"]
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        if ckpt_dir:
+            metrics = {**metrics, "checkpoint_path": _persist_checkpoint(ckpt_dir, trial_dir, int(metrics["epoch"]), keep)}
+        ray.tune.report(metrics)
+
+    _train(loop_config, _process_placement(bool(loop_config["use_gpu"])), None, report)
 
 
 # --------------------------------------------------------------------------- restore and restarts
@@ -474,11 +563,9 @@ def _failure_policy(failure_config):
 
 
 def trial_driver(config: dict, settings: TrialSettings) -> None:
-    """Tune function trainable: one ``TorchTrainer`` run for this trial's config."""
-    import ray.train
+    """Tune function trainable: one ``TorchTrainer`` run for this trial's config (or, with
+    ``settings.reuse_processes``, the training itself in this reused actor: :func:`run_in_process`)."""
     import ray.tune
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from .storage import join as storage_join
     from .storage import storage_path
@@ -495,12 +582,32 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
         "trial_dir": storage_join(storage, trial_id),
         "target_eval": settings.target_eval,
     }
+    try:
+        if settings.reuse_processes:
+            run_in_process(loop_config, keep=settings.checkpoints_to_keep)
+        else:
+            _train_run(settings, loop_config, trial_id, storage)
+    except Exception as exc:  # noqa: BLE001 - Tune records the trial's own error, not Train's wrapper
+        cause = root_cause(exc)
+        if is_deterministic(cause):
+            _remember_fatal(storage_path(storage) / trial_id, cause)
+        if cause is exc:
+            raise
+        raise cause from None
+
+
+def _train_run(settings: TrialSettings, loop_config: dict, trial_id: str, storage: str) -> None:
+    """The trial as a Ray Train ``TorchTrainer`` run (its own worker group)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     class _Trainer(TorchTrainer):  # Ray Train V2 has no public hook for the failure policy
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = _failure_policy(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**kwargs)
 
-    trainer = _Trainer(
+    _Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -516,16 +623,7 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
             callbacks=[TuneReportCallback()],
         ),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Tune records the trial's own error, not Train's wrapper
-        cause = root_cause(exc)
-        if is_deterministic(cause):
-            _remember_fatal(storage_path(storage) / trial_id, cause)
-        if cause is exc:
-            raise
-        raise cause from None
+    ).fit()
 
 
 def _remember_fatal(trial_dir, exc: BaseException) -> None:  # a Path or a storage.RemotePath

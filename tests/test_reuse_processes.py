@@ -1,0 +1,100 @@
+"""Reused trial processes (``resources.reuse_processes: true``) on a real local Ray.
+
+One-worker trials train inside their Tune actor, which Tune keeps for the next trial: the
+process, its imports and (with a feature cache) its text tower live across trials. The test
+runs three trials one at a time on one actor (the first and third have the same config) and
+checks: one process ran all three, in order; nothing of one trial leaks into the next (the
+third trial's metrics equal the first's); the metrics equal the same trials run as Ray Train
+runs; checkpoints, placement and start records land where a Train run puts them, and the
+MLflow record (FINISHED child runs with their best heads) is the same as in Train mode.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import local_ray, synthetic_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_reuse_processes_needs_one_worker_per_trial():
+    from tuning.settings import ResourceSettings, SweepConfig, SweepConfigError
+    from tuning.trial import TrialSettings
+
+    with pytest.raises(SweepConfigError, match="reuse_processes: true needs workers_per_trial: 1"):
+        SweepConfig(name="x", base=synthetic_config("/nowhere"),
+                    resources=ResourceSettings(workers_per_trial=2, reuse_processes=True)).validate()
+    with pytest.raises(SweepConfigError, match="reuse_processes must be true or false"):
+        SweepConfig(name="x", base=synthetic_config("/nowhere"),
+                    resources=ResourceSettings(reuse_processes="yes")).validate()
+    with pytest.raises(ValueError, match="workers_per_trial: 1"):
+        TrialSettings(base={}, workers_per_trial=2, reuse_processes=True)
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    yield from local_ray(num_cpus=2)
+
+
+def _sweep(cfg, tmp_path: Path, name: str, reuse: bool, variants: dict):
+    from tuning.runner import run_trials
+    from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
+
+    sweep = SweepConfig(
+        name=name, base=cfg,
+        search=SearchSettings(algorithm="grid", num_samples=1, scheduler=None, max_concurrent_trials=1),
+        resources=ResourceSettings(cpus_per_worker=1, use_gpu=False, reuse_processes=reuse),
+        mlflow=MlflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=f"test-reuse-{name}"),
+        storage_path=str(tmp_path / "ray"), verbose=0, target_eval="none", refit=False,
+        variants=variants,
+    )
+    return run_trials(sweep)
+
+
+def _val_metrics(trial) -> dict:
+    keys = [k for k in trial.metrics if k.startswith(("best_val", "final_val", "final_train"))]
+    assert keys
+    return {k: trial.metrics[k] for k in keys}
+
+
+def test_trials_share_one_process_and_match_train_runs(ray_two_cpus, synthetic_root, tmp_path):
+    import mlflow
+
+    from ssvp.engine import fit
+
+    cfg = synthetic_config(synthetic_root, epochs=2, max_steps_per_epoch=2, max_per_class=3, batch_size=4,
+                           eval_batch_size=16, progress=False, feature_cache=str(tmp_path / "cache"))
+    fit(cfg.override({"epochs": 1}))  # warm the cache: every trial below reads the same stored features
+    variants = {"a": {"gamma": 0.3}, "b": {"gamma": 0.7}, "c": {"gamma": 0.3}}
+    reused = _sweep(cfg, tmp_path, "reused", True, variants)
+    assert {t.variant: t.status for t in reused.trials} == dict.fromkeys("abc", "FINISHED"), reused.errors
+    by = {t.variant: t for t in reused.trials}
+    pids = {t.placement["pid"] for t in reused.trials}
+    assert len(pids) == 1, "the three trials ran in one process"
+    assert sorted(t.placement["trial_in_process"] for t in reused.trials) == [1, 2, 3]
+    assert all(t.placement["process"] == "reused Tune actor" and t.placement["placement_group_id"] is None
+               for t in reused.trials)
+    assert _val_metrics(by["a"]) == _val_metrics(by["c"])  # same config, later in the same process
+    assert _val_metrics(by["a"]) != _val_metrics(by["b"])
+    for t in reused.trials:
+        trial_dir = Path(t.trial_dir)
+        ckpts = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+        assert ckpts == ["checkpoint_epoch_0002"], ckpts  # checkpoints_to_keep = 1, the newest epoch
+        assert (trial_dir / "checkpoint_epoch_0002" / "best" / "head.pt").is_file()
+        assert len((trial_dir / "starts.jsonl").read_text().splitlines()) == 1
+
+    train = _sweep(cfg, tmp_path, "train", False, {"a": variants["a"], "b": variants["b"]})
+    assert {t.variant: t.status for t in train.trials} == {"a": "FINISHED", "b": "FINISHED"}, train.errors
+    assert len({t.placement["pid"] for t in train.trials}) == 2  # a worker process per Train run
+    for t in train.trials:
+        assert _val_metrics(t) == _val_metrics(by[t.variant]), t.variant
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("test-reuse-reused")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("role") == "trial"]
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")], run.info.run_name
+        assert run.data.tags["checkpoint_path"].endswith("checkpoint_epoch_0002")
