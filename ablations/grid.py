@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resources-per-trial", type=json.loads, default=None, metavar="JSON",
                    help='extra custom Ray resources per trial, e.g. \'{"gpu_node": 1}\'')
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: grid max_concurrent, else what fits)")
+    p.add_argument("--reuse-processes", action="store_true",
+                   help="trials train in reused Tune actors (imports and the text tower once per process; "
+                        "no Ray Train worker-group restarts: --max-failures does not apply)")
     p.add_argument("--max-failures", type=int, default=1,
                    help="Ray Train restarts of a failing trial's worker group before it counts as failed (default 1)")
     p.add_argument("--dry-run", action="store_true", help="check the grid and print its trials; start nothing")
@@ -374,6 +377,7 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
         resources=ResourceSettings(
             use_gpu=use_gpu, cpus_per_worker=cpus, gpus_per_worker=gpus if gpus > 0 else 1.0,
             extra=dict(args.resources_per_trial or {}), max_failures=args.max_failures,
+            reuse_processes=bool(getattr(args, "reuse_processes", False)),
         ),
         mlflow=MlflowSettings(
             tracking_uri=tracking_uri, artifact_location=artifact_location, experiment=args.experiment,

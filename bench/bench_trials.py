@@ -142,7 +142,7 @@ def run_trial(spec: dict) -> dict:
 
     def build(cfg, device, lazy=None):
         marks["build_start"] = time.time()
-        m = real_build(cfg, device, lazy=spec["mode"] == "lazy")
+        m = real_build(cfg, device, lazy=spec["mode"] != "eager")
         marks["build_end"] = time.time()
         holder["model"] = m
         return m
@@ -164,18 +164,33 @@ def run_trial(spec: dict) -> dict:
         return real_batch(self, b)
 
     engine.FeatureSource.batch = batch
-    epoch_ends: list[float] = []
     cfg = Config.from_dict(spec["cfg"])
     cuda = cfg.train.device.startswith("cuda") and torch.cuda.is_available()
     if cuda and spec.get("gpu_fraction"):
         # each of K trials on one GPU gets its own memory budget (what gpus_per_worker = 1/K gives in Ray)
         torch.cuda.set_per_process_memory_fraction(float(spec["gpu_fraction"]), torch.device(cfg.train.device))
-    marks["fit_start"] = time.time()
-    result = engine.fit(cfg, on_epoch=lambda e, m, p: epoch_ends.append(time.time()))
-    marks["fit_end"] = time.time()
-    bb = holder["model"].backbones
+    runs = []
+    for i in range(2 if spec["mode"] == "reused" else 1):
+        # "reused": a second trial in the same process (what resources.reuse_processes gives): the
+        # imports are paid and the text tower is kept (SSVP_KEEP_TEXT_TOWER, set by spawn_trial)
+        acc.clear()
+        step_starts.clear()
+        epoch_ends: list[float] = []
+        marks["fit_start"] = time.time()
+        result = engine.fit(cfg, on_epoch=lambda e, m, p: epoch_ends.append(time.time()))
+        marks["fit_end"] = time.time()
+        runs.append(_fit_figures(spec, cfg, marks, acc, holder["model"].backbones, step_starts, epoch_ends, result))
+        if i == 1:
+            runs[1].update(python_start_s=0.0, imports_s=0.0, total_s=marks["fit_end"] - marks["fit_start"],
+                           first_history=runs[0]["history"], first_trial_s=runs[0]["total_s"])
+    out = runs[-1]
+    out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return out
+
+
+def _fit_figures(spec, cfg, marks, acc, bb, step_starts, epoch_ends, result) -> dict:
     lazy_t = getattr(bb, "timings", {})
-    if spec["mode"] == "lazy":
+    if spec["mode"] in ("lazy", "reused"):
         read = lazy_t.get("weights_read_s", 0.0)
     else:
         read = acc.get("clip_checkpoint_read", 0.0) + acc.get("dino_from_pretrained", 0.0)
@@ -183,7 +198,7 @@ def run_trial(spec: dict) -> dict:
     steps_per_epoch = max(1, len(step_starts) // max(1, len(epoch_ends)))
     # steady step: the train steps of the last epoch (validation batches also call batch())
     epochs = [epoch_ends[0] - marks["cache_end"]] + [b - a for a, b in zip(epoch_ends, epoch_ends[1:])]
-    out = {
+    return {
         "mode": spec["mode"],
         "gamma": cfg.model.gamma,
         "python_start_s": T_START - spec["spawn_time"],
@@ -195,17 +210,16 @@ def run_trial(spec: dict) -> dict:
         "first_step_s": (step_starts[1] - marks["cache_end"]) if len(step_starts) > 1 else float("nan"),
         "epoch_s": epochs,
         "steps_per_epoch_calls": steps_per_epoch,
-        "timers": acc,
-        "lazy_timings": lazy_t,
+        "timers": dict(acc),
+        "lazy_timings": dict(lazy_t),
+        "text_source": getattr(bb, "text_source", "eager"),
         "vision_built": bool(getattr(bb, "built", True)),
         "backbone_forward_calls": int(bb.forward_calls),
         "history": result.history,
         "peak_rss_gib": _rss_gib(),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "gpu_fraction": spec.get("gpu_fraction"),
         "total_s": marks["fit_end"] - spec["spawn_time"],
     }
-    return out
 
 
 def spawn_trial(cfg: dict, mode: str, threads: int, work: Path, name: str, env_extra: dict | None = None,
@@ -215,6 +229,8 @@ def spawn_trial(cfg: dict, mode: str, threads: int, work: Path, name: str, env_e
     path = work / f"{name}.spec.json"
     path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(env_extra or {}))
+    if mode == "reused":
+        env["SSVP_KEEP_TEXT_TOWER"] = "1"
     spec["spawn_time"] = time.time()
     path.write_text(json.dumps(spec))
     return subprocess.Popen([sys.executable, __file__, "--run-trial", str(path)], env=env,
@@ -233,32 +249,70 @@ def wait_all(procs: list[subprocess.Popen], work: Path, names: list[str]) -> lis
 
 
 # ---------------------------------------------------------------------------------- Ray share
-def ray_overhead(repeats: int, work: Path) -> dict:
-    """Seconds Ray adds per trial: a one-worker TorchTrainer with an empty loop (placement group,
-    worker group start with its imports of Ray Train, teardown), on a local Ray head started here."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+def _stamp(config: dict) -> None:
+    with open(config["stamps"], "a") as fh:
+        fh.write(f"{time.time()} {os.getpid()}\n")
+
+
+def _tune_train_trial(config: dict) -> None:
+    """What a Train-mode trial pays Ray: a one-worker ``TorchTrainer`` (empty loop) from its Tune actor."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    _stamp(config)
+    TorchTrainer(
+        lambda: None,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name=f"noop{config['i']}", storage_path=config["storage"]),
+    ).fit()
+
+
+def _tune_reused_trial(config: dict) -> None:
+    """What a ``reuse_processes`` trial pays Ray: its turn on a reused Tune actor (nothing else)."""
+    _stamp(config)
+
+
+def _tune_gaps(fn, resources: dict, n: int, work: Path, name: str) -> dict:
+    """n empty trials one after the other in one Tune run; per-trial cost = gap between trial starts."""
+    from ray import tune
+
+    stamps = work / f"{name}.stamps"
+    stamps.unlink(missing_ok=True)
+    tuner = tune.Tuner(
+        tune.with_resources(fn, resources),
+        param_space={"i": tune.grid_search(list(range(n))), "stamps": str(stamps), "storage": str(work / "ray_runs")},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(work / "ray_runs"), verbose=0),
+    )
+    t = time.perf_counter()
+    tuner.fit()
+    wall = time.perf_counter() - t
+    rows = [ln.split() for ln in stamps.read_text().splitlines()]
+    starts = sorted(float(r[0]) for r in rows)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    return {"wall_s": wall, "gaps_s": gaps, "per_trial_s": sorted(gaps)[len(gaps) // 2],
+            "processes": len({r[1] for r in rows}), "trials": n}
+
+
+def ray_overhead(repeats: int, work: Path) -> dict:
+    """Seconds Ray adds per trial, both ways, on a local Ray head started here: Train mode (the
+    trial's Tune actor runs a one-worker ``TorchTrainer``: placement group, worker group start with
+    its imports of torch and Ray Train, teardown) and reused processes (the next trial on the same
+    Tune actor). ``repeats + 1`` empty trials each, one at a time; the median gap between starts."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
 
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(Path(tempfile.gettempdir()) / "ssvp_bench_ray"),
              _node_ip_address="127.0.0.1", log_to_driver=False)
     init_s = time.perf_counter() - t
-    runs = []
     try:
-        for i in range(repeats):
-            trainer = TorchTrainer(
-                lambda: None,
-                scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
-                run_config=ray.train.RunConfig(name=f"noop{i}", storage_path=str(work / "ray_runs")),
-            )
-            t = time.perf_counter()
-            trainer.fit()
-            runs.append(time.perf_counter() - t)
+        train = _tune_gaps(_tune_train_trial, {"cpu": 0.01}, repeats + 1, work, "ray_train")
+        reused = _tune_gaps(_tune_reused_trial, {"cpu": 1}, repeats + 1, work, "ray_reused")
     finally:
         ray.shutdown()
-    return {"ray_init_s": init_s, "trial_s": runs, "trial_best_s": min(runs)}
+    return {"ray_init_s": init_s, "train": train, "reused": reused,
+            "trial_best_s": train["per_trial_s"], "reused_per_trial_s": reused["per_trial_s"]}
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -325,11 +379,12 @@ def main(argv=None) -> int:
     res["cache_bytes"] = sum(f.stat().st_size for f in cache.glob("*/*/*.npy"))
     res["cache_files"] = len(list(cache.glob("*/*/*.npy")))
 
-    # 1. start-up, eager vs lazy, alternating, 2 threads each (alone on the machine's cores)
+    # 1. start-up, eager vs lazy vs reused (a second trial in a lazy trial's process), alternating,
+    #    2 threads each (alone on the machine's cores)
     if "startup" in stages:
-        res["startup"] = {"eager": [], "lazy": []}
+        res["startup"] = {"eager": [], "lazy": [], "reused": []}
     for r in range(args.repeats if "startup" in stages else 0):
-        for mode in ("eager", "lazy"):
+        for mode in ("eager", "lazy", "reused"):
             log(f"start-up {mode} #{r + 1}")
             name = f"startup_{mode}_{r}"
             res["startup"][mode].append(wait_all([spawn_trial(cfgs[0], mode, 2, work, name)], work, [name])[0])
@@ -338,7 +393,7 @@ def main(argv=None) -> int:
     if not args.no_ray and "ray" in stages:
         log("Ray share")
         try:
-            res["ray"] = ray_overhead(2, work)
+            res["ray"] = ray_overhead(3, work)
         except Exception as exc:  # noqa: BLE001 - report and go on
             res["ray"] = {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -399,19 +454,34 @@ def _fixed(t: dict) -> dict:
     return parts
 
 
+MODES = ("eager", "lazy", "reused")  # before; lazy build in a fresh process; lazy, second trial of a process
+
+
 def summarise(res: dict, args) -> dict:
     s: dict = {}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    for mode in ("eager", "lazy"):
-        fx = [_fixed(t) for t in res["startup"][mode]]
+    startup = res.get("startup") or {}
+    for mode in [m for m in MODES if startup.get(m)]:
+        fx = [_fixed(t) for t in startup[mode]]
         s[mode] = {k: mean([f[k] for f in fx]) for k in fx[0]}
-        s[mode]["peak_rss_gib"] = max(t["peak_rss_gib"] for t in res["startup"][mode])
-        s[mode]["steady_epoch_s"] = mean([_steady(t) for t in res["startup"][mode]])
-    ray_s = res.get("ray", {}).get("trial_best_s", 0.0)
-    s["ray_per_trial_s"] = ray_s
-    for k in ("in_process", "total_no_ray"):
-        s[f"ratio_{k}"] = s["eager"][k] / s["lazy"][k]
-    s["ratio_with_ray"] = (s["eager"]["total_no_ray"] + ray_s) / (s["lazy"]["total_no_ray"] + ray_s)
+        s[mode]["peak_rss_gib"] = max(t["peak_rss_gib"] for t in startup[mode])
+        s[mode]["steady_epoch_s"] = mean([_steady(t) for t in startup[mode]])
+    histories = [t["history"] for m in MODES for t in startup.get(m, [])]
+    histories += [t["first_history"] for t in startup.get("reused", [])]
+    s["same_history_all_modes"] = bool(histories) and all(h == histories[0] for h in histories)
+    ray = res.get("ray", {})
+    ray_train = float(ray.get("trial_best_s", 0.0))
+    s["ray_per_trial_s"] = {"eager": ray_train, "lazy": ray_train,
+                            "reused": float(ray.get("reused_per_trial_s", ray_train))}
+    if "eager" in s:
+        e = s["eager"]
+        for mode in [m for m in ("lazy", "reused") if m in s]:
+            m = s[mode]
+            s[f"ratio_{mode}"] = {
+                "in_process": e["in_process"] / max(m["in_process"], 1e-9),
+                "no_ray": e["total_no_ray"] / max(m["total_no_ray"], 1e-9),
+                "with_ray": (e["total_no_ray"] + ray_train) / max(m["total_no_ray"] + s["ray_per_trial_s"][mode], 1e-9),
+            }
     conc = {}
     base = None
     for k, c in res.get("concurrent", {}).items():
@@ -426,7 +496,7 @@ def summarise(res: dict, args) -> dict:
                    "peak_rss_gib_per_trial": max(t["peak_rss_gib"] for t in c["trials"]),
                    "peak_gpu_gib_per_trial": max(t.get("peak_gpu_gib", 0.0) for t in c["trials"])}
     s["concurrency"] = conc
-    s["projection"] = projection(s, res, args)
+    s["projection"] = projection(s, res, args) if "eager" in s else {}
     return s
 
 
@@ -448,8 +518,9 @@ def projection(s: dict, res: dict, args) -> dict:
     epoch_gib = (n_train + n_val) * FEATURE_MIB_PER_IMAGE / 1024
     read_gib_s = 5.0  # assumed local NVMe; page cache when the cache fits in RAM is faster
     epoch_io_s = epoch_gib / read_gib_s
-    fixed_lazy = s["lazy"]["total_no_ray"] + s["ray_per_trial_s"]
-    fixed_eager = s["eager"]["total_no_ray"] + s["ray_per_trial_s"]
+    fixed = {m: s[m]["total_no_ray"] + s["ray_per_trial_s"][m] for m in MODES if m in s}
+    fixed_eager = fixed.get("eager", 0.0)
+    fixed_lazy = fixed.get("reused", fixed.get("lazy", 0.0))  # what a sweep with reuse_processes pays
     # fixed costs measured here on the CPU; on the GPU node imports and Ray are similar, the
     # eager build adds moving ~2.9 GB of weights to the device (not counted: favours eager)
     out = {
@@ -461,7 +532,7 @@ def projection(s: dict, res: dict, args) -> dict:
             "effective_TFLOP_s (= anchor x backbone GFLOP)": eff_tflops,
             "head_train_img_s (same efficiency)": head_train_img_s, "head_eval_img_s": head_eval_img_s,
             "feature_MiB_per_image": FEATURE_MIB_PER_IMAGE, "assumed_read_GiB_s": read_gib_s,
-            "fixed_s_per_trial_lazy (measured here, incl. Ray)": fixed_lazy,
+            "fixed_s_per_trial_lazy (reused process if measured; here, incl. Ray)": fixed_lazy,
             "fixed_s_per_trial_eager (measured here, incl. Ray)": fixed_eager,
         },
         "epoch_compute_s": epoch_compute_s, "epoch_read_gib": epoch_gib, "epoch_io_s": epoch_io_s,
@@ -485,17 +556,27 @@ def report(res: dict, args) -> str:
              f"{res['machine']['cpus']} CPUs, load avg {res['machine']['load_avg_start'][0]:.1f} -> {res['machine']['load_avg_end'][0]:.1f}")
     L.append(f"weights: CLIP {w['clip_bytes'] / 2**30:.2f} GiB ({Path(w['clip']).name}), DINOv3 {w['dino_bytes'] / 2**30:.2f} GiB (folder)")
     L.append(f"cache: {res['cache_files']} images, {res['cache_bytes'] / 2**20:.1f} MiB (fp16, read by np.load mmap: one page-cache copy per node)")
-    L.append("trial start-up with a warm cache, seconds (mean of runs; fresh process each):")
+    modes = [m for m in MODES if m in s]
+    L.append("trial start-up with a warm cache, seconds (mean of runs; eager and lazy: a fresh process each; "
+             "reused: the second trial in a lazy trial's process):")
     keys = ["python_start", "imports", "datasets", "model_build", "weights_read", "cache_open", "first_batch_extra",
             "in_process", "total_no_ray"]
-    L.append(f"  {'part':22s} {'eager (before)':>15s} {'lazy (after)':>13s} {'ratio':>7s}")
+    L.append(f"  {'part':22s}" + "".join(f" {m:>10s}" for m in modes))
     for k in keys:
-        e, l = s["eager"][k], s["lazy"][k]
-        L.append(f"  {k:22s} {e:15.2f} {l:13.2f} {e / l if l > 1e-9 else float('inf'):7.1f}")
-    L.append(f"  {'Ray (per trial)':22s} {s['ray_per_trial_s']:15.2f} {s['ray_per_trial_s']:13.2f}")
-    L.append(f"  ratio build+read+cache+first batch {s['ratio_in_process']:.1f}x; without Ray {s['ratio_total_no_ray']:.1f}x; "
-             f"with Ray {s['ratio_with_ray']:.1f}x; peak RSS eager {s['eager']['peak_rss_gib']:.2f} / lazy {s['lazy']['peak_rss_gib']:.2f} GiB")
-    L.append(f"steady epoch from the cache (2 threads): {s['lazy']['steady_epoch_s']:.2f} s lazy, {s['eager']['steady_epoch_s']:.2f} s eager")
+        L.append(f"  {k:22s}" + "".join(f" {s[m][k]:10.2f}" for m in modes))
+    L.append(f"  {'Ray per trial':22s}" + "".join(f" {s['ray_per_trial_s'][m]:10.2f}" for m in modes))
+    L.append(f"  {'whole start-up':22s}" + "".join(f" {s[m]['total_no_ray'] + s['ray_per_trial_s'][m]:10.2f}" for m in modes))
+    for m in ("lazy", "reused"):
+        if f"ratio_{m}" in s:
+            r = s[f"ratio_{m}"]
+            L.append(f"  eager / {m}: build+read+cache+first batch {r['in_process']:.1f}x; without Ray {r['no_ray']:.1f}x; "
+                     f"with Ray {r['with_ray']:.1f}x")
+    L.append(f"  every start-up trial (and the reused process's first trial) has the same history: "
+             f"{s['same_history_all_modes']}")
+    for t in (res.get("startup") or {}).get("reused", [])[:1]:
+        L.append(f"  reused trial's text tower: {t['text_source']}; vision towers built: {t['vision_built']}")
+    L.append("  peak RSS " + ", ".join(f"{m} {s[m]['peak_rss_gib']:.2f} GiB" for m in modes))
+    L.append("steady epoch from the cache (2 threads): " + ", ".join(f"{m} {s[m]['steady_epoch_s']:.2f} s" for m in modes))
     L.append("K concurrent trials (1 torch thread each):")
     for k, c in s["concurrency"].items():
         if "skipped" in c:
@@ -506,6 +587,8 @@ def report(res: dict, args) -> str:
                  f"peak GPU/trial {c['peak_gpu_gib_per_trial']:.2f} GiB, "
                  f"metrics == sequential: {c['same_metrics']}")
     p = s["projection"]
+    if not p:
+        return "\n".join(L)
     L.append("projection, 100-trial sweep on one H200:")
     for k, v in p["inputs"].items():
         L.append(f"  input {k}: {v:.3g}" if isinstance(v, float) else f"  input {k}: {v}")

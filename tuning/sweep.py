@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--cpus-per-worker", type=float, default=None)
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: what fits)")
+    p.add_argument("--reuse-processes", action=argparse.BooleanOptionalAction, default=None,
+                   help="one-worker trials train in reused Tune actors: imports, the text tower and Ray's worker "
+                        "start once per process, not per trial (default: the config's resources.reuse_processes)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a --local Ray (default: all)")
     p.add_argument("--target-eval", choices=("best", "all", "none"), default=None)
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -146,6 +149,7 @@ _FLAGS = (
     ("num_samples", "search", "num_samples"), ("max_concurrent", "search", "max_concurrent_trials"),
     ("workers_per_trial", "resources", "workers_per_trial"), ("use_gpu", "resources", "use_gpu"),
     ("gpus_per_worker", "resources", "gpus_per_worker"), ("cpus_per_worker", "resources", "cpus_per_worker"),
+    ("reuse_processes", "resources", "reuse_processes"),
 )
 
 
