@@ -593,9 +593,10 @@ def report(res: dict, args) -> str:
     for k, v in p["inputs"].items():
         L.append(f"  input {k}: {v:.3g}" if isinstance(v, float) else f"  input {k}: {v}")
     L.append(f"  epoch: compute {p['epoch_compute_s']:.1f} s, features {p['epoch_read_gib']:.0f} GiB -> I/O {p['epoch_io_s']:.1f} s")
+    after = "reused" if "reused" in s else "lazy"
     for k in (1, 2, 4):
-        L.append(f"  K={k}: {p[f'hours_K{k}_lazy']:.2f} h lazy, {p[f'hours_K{k}_eager']:.2f} h eager; "
-                 f"{p[f'hours_K{k}_lazy_ram_resident_cache']:.2f} h lazy with the cache resident in RAM")
+        L.append(f"  K={k}: {p[f'hours_K{k}_lazy']:.2f} h {after}, {p[f'hours_K{k}_eager']:.2f} h eager; "
+                 f"{p[f'hours_K{k}_lazy_ram_resident_cache']:.2f} h {after} with the cache resident in RAM")
     return "\n".join(L)
 
 

@@ -8,7 +8,7 @@
 # GPU_BENCH_BUDGET_S (default 420 s) so the whole call stays under 8 minutes.
 # Extra arguments go to gpu_bench.py (e.g. `bash bench/gpu_run.sh --batch 16`).
 # `bash bench/gpu_run.sh --trials [bench_trials.py args]` runs the sweep-trial benchmark instead
-# (start-up eager vs lazy, per-epoch from the cache, K concurrent trials per GPU, projection);
+# (start-up eager vs lazy vs reused process, Ray's share both ways, per-epoch from the cache, K concurrent trials per GPU, projection);
 # on a machine without CUDA it runs on the CPU: `bash bench/gpu_run.sh --trials --tiny` (smoke check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "install took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
 
 if [ "${1:-}" = "--trials" ]; then
-  # trial start-up (eager vs lazy build), per-epoch from the cache, K = 1, 2, 4 concurrent trials
+  # trial start-up (eager vs lazy build vs reused process), per-epoch from the cache, K = 1, 2, 4 concurrent trials
   # on the one GPU (each with 1/K of its memory), and the 100-trial projection (bench/bench_trials.py).
   # Weight files (random values, real formats, ~2.9 GB) are written under $OUT/../ssvp_weights.
   shift

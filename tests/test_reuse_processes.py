@@ -6,7 +6,8 @@ runs three trials one at a time on one actor (the first and third have the same 
 checks: one process ran all three, in order; nothing of one trial leaks into the next (the
 third trial's metrics equal the first's); the metrics equal the same trials run as Ray Train
 runs; checkpoints, placement and start records land where a Train run puts them, and the
-MLflow record (FINISHED child runs with their best heads) is the same as in Train mode.
+MLflow record (FINISHED child runs with their best heads) is the same as in Train mode. Each
+trial holds half of one logical GPU (``gpus_per_worker: 0.5``), as K = 2 trials per GPU would.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def test_reuse_processes_needs_one_worker_per_trial():
 
 
 @pytest.fixture(scope="module")
-def ray_two_cpus():
-    yield from local_ray(num_cpus=2)
+def ray_one_gpu():
+    yield from local_ray(num_cpus=2, num_gpus=1)  # one logical GPU: torch sees no CUDA and trains on the CPU
 
 
 def _sweep(cfg, tmp_path: Path, name: str, reuse: bool, variants: dict):
@@ -45,7 +46,9 @@ def _sweep(cfg, tmp_path: Path, name: str, reuse: bool, variants: dict):
     sweep = SweepConfig(
         name=name, base=cfg,
         search=SearchSettings(algorithm="grid", num_samples=1, scheduler=None, max_concurrent_trials=1),
-        resources=ResourceSettings(cpus_per_worker=1, use_gpu=False, reuse_processes=reuse),
+        # half a GPU per trial (the K-trials-per-GPU setting); gloo: Ray Train picks NCCL with use_gpu
+        resources=ResourceSettings(cpus_per_worker=1, use_gpu=True, gpus_per_worker=0.5, reuse_processes=reuse,
+                                   torch_backend="gloo"),
         mlflow=MlflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=f"test-reuse-{name}"),
         storage_path=str(tmp_path / "ray"), verbose=0, target_eval="none", refit=False,
         variants=variants,
@@ -59,7 +62,7 @@ def _val_metrics(trial) -> dict:
     return {k: trial.metrics[k] for k in keys}
 
 
-def test_trials_share_one_process_and_match_train_runs(ray_two_cpus, synthetic_root, tmp_path):
+def test_trials_share_one_process_and_match_train_runs(ray_one_gpu, synthetic_root, tmp_path):
     import mlflow
 
     from ssvp.engine import fit
@@ -74,8 +77,10 @@ def test_trials_share_one_process_and_match_train_runs(ray_two_cpus, synthetic_r
     pids = {t.placement["pid"] for t in reused.trials}
     assert len(pids) == 1, "the three trials ran in one process"
     assert sorted(t.placement["trial_in_process"] for t in reused.trials) == [1, 2, 3]
-    assert all(t.placement["process"] == "reused Tune actor" and t.placement["placement_group_id"] is None
-               for t in reused.trials)
+    for t in reused.trials:
+        p = t.placement
+        assert p["process"] == "reused Tune actor" and p["placement_group_id"] is None
+        assert p["gpu_ids"] == ["0"] and p["assigned_resources"]["GPU"] == 0.5 and p["gpu_memory_fraction"] == 0.5
     assert _val_metrics(by["a"]) == _val_metrics(by["c"])  # same config, later in the same process
     assert _val_metrics(by["a"]) != _val_metrics(by["b"])
     for t in reused.trials:

@@ -24,39 +24,36 @@ import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 __all__ = ["SSVPHeadsModel", "save_heads_model"]
 
 HEADS = "heads"
 
 
-# MLflow warns at class definition that predict() has no type hints (its input is a table of paths)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+class SSVPHeadsModel(mlflow.pyfunc.PythonModel):
+    """Image paths (+ class names) -> image-level anomaly scores with the logged heads."""
 
-    class SSVPHeadsModel(mlflow.pyfunc.PythonModel):
-        """Image paths (+ class names) -> image-level anomaly scores with the logged heads."""
+    def load_context(self, context):
+        from ssvp import engine
 
-        def load_context(self, context):
-            from ssvp import engine
+        self.checkpoint = context.artifacts[HEADS]
+        self.cfg = engine.config_from_checkpoint(self.checkpoint).override({"device": "auto"})
+        self.model = engine.build_model(self.cfg, engine.resolve_device(self.cfg.train.device))
+        engine.load_head(self.model, self.checkpoint)
 
-            self.checkpoint = context.artifacts[HEADS]
-            self.cfg = engine.config_from_checkpoint(self.checkpoint).override({"device": "auto"})
-            self.model = engine.build_model(self.cfg, engine.resolve_device(self.cfg.train.device))
-            engine.load_head(self.model, self.checkpoint)
+    # a DataFrame hint: MLflow infers no schema from it (the input is a table of image paths) and
+    # does not warn at class definition that predict() has no type hints
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from ssvp import engine
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            from ssvp import engine
-
-            frame = pd.DataFrame(model_input)
-            classes = frame["class_name"] if "class_name" in frame else ["object"] * len(frame)
-            scores = []
-            for path, cls in zip(frame["path"], classes):
-                (res,) = engine.predict_paths(self.cfg, None, [Path(path)], str(cls), model=self.model)
-                scores.append(res["score"])
-            return pd.DataFrame({"path": list(frame["path"]), "score": scores})
+        frame = pd.DataFrame(model_input)
+        classes = frame["class_name"] if "class_name" in frame else ["object"] * len(frame)
+        scores = []
+        for path, cls in zip(frame["path"], classes):
+            (res,) = engine.predict_paths(self.cfg, None, [Path(path)], str(cls), model=self.model)
+            scores.append(res["score"])
+        return pd.DataFrame({"path": list(frame["path"]), "score": scores})
 
 
 def save_heads_model(heads: str | Path, dest: str | Path) -> Path:
@@ -64,7 +61,7 @@ def save_heads_model(heads: str | Path, dest: str | Path) -> Path:
     heads, dest = Path(heads), Path(dest)
     config = json.loads((heads / "config.json").read_text()) if (heads / "config.json").is_file() else {}
     with warnings.catch_warnings(), _no_progress_bar():
-        warnings.simplefilter("ignore", UserWarning)  # "add type hints to predict": inputs are a path table
+        warnings.simplefilter("ignore", UserWarning)  # save-time advice (pip requirements, signature)
         _save(heads, dest, config)
     return dest
 
@@ -82,10 +79,22 @@ def _no_progress_bar():
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
+def _signature():
+    """Input: image paths (+ optional class names); output: the paths with their image scores."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "path"), ColSpec("string", "class_name", required=False)]),
+        outputs=Schema([ColSpec("string", "path"), ColSpec("double", "score")]),
+    )
+
+
 def _save(heads: Path, dest: Path, config: dict) -> None:
     import mlflow
 
     mlflow.pyfunc.save_model(
+        signature=_signature(),
         path=str(dest),
         python_model=str(Path(__file__).resolve().with_name("mlflow_model_code.py")),
         artifacts={HEADS: str(heads)},

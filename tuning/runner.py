@@ -132,7 +132,8 @@ def run_tuner(plan: Plan, callback):
             max_concurrent_trials=plan.max_concurrent if s.algorithm == "optuna" else None,
             time_budget_s=s.time_budget_s,
             trial_dirname_creator=lambda trial: trial.trial_id,
-            reuse_actors=True,  # the trial actors live on (reuse_processes: they hold the trial's work)
+            # reuse_processes: each trial actor lives on and trains the next trial itself
+            reuse_actors=plan.sweep.resources.reuse_processes,
         ),
         run_config=tune.RunConfig(
             name=plan.name,

@@ -355,6 +355,7 @@ def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
 
 # --------------------------------------------------------------------------- reused trial processes
 TRIALS_IN_PROCESS = [0]  # trials this process has run (reuse_processes: the Tune actor lives on)
+THREAD_END_WAIT_S = 300  # how long Tune waits for a stopped trial's thread before reusing its actor
 
 
 def _process_placement(use_gpu: bool) -> dict[str, Any]:
@@ -416,6 +417,10 @@ def run_in_process(loop_config: dict, keep: int = 1) -> None:
     from ssvp.lazy_backbones import KEEP_TEXT_ENV
 
     os.environ.setdefault(KEEP_TEXT_ENV, "1")
+    # Tune hands this actor the next trial only after this trial's training thread has ended; a
+    # trial ASHA stopped ends at its next report and unwinds (loaders, temporary folders), which
+    # can take longer than Tune's default 2 s wait, and a failed wait fails the *next* trial
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(THREAD_END_WAIT_S))
     gc.collect()  # what a stopped previous trial left
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
