@@ -103,3 +103,33 @@ def test_trials_share_one_process_and_match_train_runs(ray_one_gpu, synthetic_ro
     for run in runs:
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")], run.info.run_name
         assert run.data.tags["checkpoint_path"].endswith("checkpoint_epoch_0002")
+
+
+def test_trials_stopped_by_asha_hand_their_actor_on(ray_one_gpu, synthetic_root, tmp_path):
+    """Optuna + ASHA, one trial at a time on reused actors: a trial ASHA stops ends at its next report
+    and the next trial gets its actor (Tune waits for the stopped trial's thread first; a wait that
+    runs out fails the *next* trial with "Trainable runner reuse requires reset_config()"). Seeded
+    search and deterministic training: the same trials stop on every run."""
+    from tuning.runner import run_trials
+    from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
+
+    cfg = synthetic_config(synthetic_root, epochs=3, max_steps_per_epoch=2, max_per_class=3, batch_size=4,
+                           eval_batch_size=16, progress=False)
+    sweep = SweepConfig(
+        name="asha", base=cfg,
+        space={"gamma": {"type": "uniform", "low": 0.0, "high": 1.0},
+               "lr_head": {"type": "loguniform", "low": 1e-5, "high": 1e-2}},
+        search=SearchSettings(algorithm="optuna", num_samples=6, seed=0, scheduler="asha", grace_period=1,
+                              reduction_factor=2, max_concurrent_trials=1),
+        resources=ResourceSettings(cpus_per_worker=1, use_gpu=False, reuse_processes=True),
+        mlflow=MlflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="test-reuse-asha"),
+        storage_path=str(tmp_path / "ray"), verbose=0, target_eval="none", refit=False,
+    )
+    summary = run_trials(sweep)
+    statuses = [t.status for t in summary.trials]
+    assert not summary.errors and set(statuses) <= {"FINISHED", "EARLY_STOPPED"}, summary.errors
+    assert "EARLY_STOPPED" in statuses and "FINISHED" in statuses, statuses
+    assert len({t.placement["pid"] for t in summary.trials}) == 1
+    for t in summary.trials:
+        if t.status == "EARLY_STOPPED":  # its last checkpoint is complete and its heads were logged
+            assert t.checkpoint and (Path(t.checkpoint) / "head.pt").is_file()
