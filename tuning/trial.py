@@ -253,31 +253,37 @@ def apply_gpu_share(device: str, gpus_per_worker: float) -> float | None:
     return frac
 
 
-def _placement_record(ctx, use_gpu: bool) -> dict[str, Any]:
-    """Where this Ray Train worker runs and which device it takes (``placement/rank<r>.json``)."""
+def _where(use_gpu: bool, local_rank: int) -> dict[str, Any]:
+    """Node, process, GPUs Ray gave this process and the device it takes (``placement/rank<r>.json``)."""
     import ray
     import torch
 
-    local_rank = ctx.get_local_rank()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()] if use_gpu else []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    device = select_device(local_rank, use_gpu, torch.cuda.device_count(), gpu_ids, visible)
     return {
-        "world_rank": ctx.get_world_rank(),
         "local_rank": local_rank,
-        "world_size": ctx.get_world_size(),
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "gpu_ids": gpu_ids,
         "cuda_visible_devices": visible,
         "assigned_resources": ray.get_runtime_context().get_assigned_resources(),
-        "device": device,
+        "device": select_device(local_rank, use_gpu, torch.cuda.device_count(), gpu_ids, visible),
         # the device this worker takes when CUDA is present (what the placement logic decides)
         "gpu_ordinal": gpu_index_for_worker(local_rank, gpu_ids, visible) if use_gpu else None,
+        "started_at": time.time(),
+    }
+
+
+def _placement_record(ctx, use_gpu: bool) -> dict[str, Any]:
+    """Where this Ray Train worker runs and which device it takes."""
+    import torch
+
+    return {
+        "world_rank": ctx.get_world_rank(), "world_size": ctx.get_world_size(),
+        **_where(use_gpu, ctx.get_local_rank()),
         "distributed": bool(torch.distributed.is_available() and torch.distributed.is_initialized()),
         "placement_group_id": _current_pg_hex(),
-        "started_at": time.time(),
     }
 
 
@@ -360,26 +366,11 @@ THREAD_END_WAIT_S = 300  # how long Tune waits for a stopped trial's thread befo
 
 def _process_placement(use_gpu: bool) -> dict[str, Any]:
     """Placement record of a trial that runs in its Tune actor (one worker, rank 0, no Train group)."""
-    import ray
-    import torch
-
-    gpu_ids = [str(g) for g in ray.get_gpu_ids()] if use_gpu else []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return {
-        "world_rank": 0, "local_rank": 0, "world_size": 1,
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "gpu_ids": gpu_ids,
-        "cuda_visible_devices": visible,
-        "assigned_resources": ray.get_runtime_context().get_assigned_resources(),
-        "device": select_device(0, use_gpu, torch.cuda.device_count(), gpu_ids, visible),
-        "gpu_ordinal": gpu_index_for_worker(0, gpu_ids, visible) if use_gpu else None,
-        "distributed": False,
+        "world_rank": 0, "world_size": 1, **_where(use_gpu, 0), "distributed": False,
         "placement_group_id": None,  # Tune's own (kept for the next trial): never released by the driver
         "process": "reused Tune actor",
         "trial_in_process": TRIALS_IN_PROCESS[0],
-        "started_at": time.time(),
     }
 
 
