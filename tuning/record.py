@@ -80,7 +80,8 @@ def settings_record(plan: Plan) -> dict[str, Any]:
         "num_workers_per_trial": r.workers_per_trial, "use_gpu": plan.use_gpu,
         "cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker,
         "resources_per_worker": dict(r.extra or {}), "max_failures": r.max_failures,
-        "trial_max_failures": r.trial_max_failures, "target_eval": plan.sweep.target_eval,
+        "trial_max_failures": r.trial_max_failures, "reuse_processes": r.reuse_processes,
+        "target_eval": plan.sweep.target_eval,
         "storage_path": str(plan.paths.storage), "points_to_evaluate": plan.points, "variants": plan.variants,
         "optuna_storage": plan.optuna_url if s.algorithm == "optuna" else "",
     }
