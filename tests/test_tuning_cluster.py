@@ -223,16 +223,31 @@ def test_submitted_sweep_records_on_the_server_and_s3_and_a_second_job_reuses_th
     first = cache_files(cluster)
     assert first, "the feature cache (SSVP_FEATURE_CACHE) was filled"
 
-    # a second job with the same data and backbones: every feature read from the cache, none computed
+    # a second job with the same data and backbones: every feature read from the cache, none computed;
+    # its trials run in reused Tune actors and write their checkpoints to S3 themselves
     submit(cluster, "sweep-2", "python", "tuning/sweep.py", "--config", "tuning/configs/quick.yaml",
-           "--name", "s2", *small)
+           "--name", "s2", "--reuse-processes", *small)
     assert cache_files(cluster) == first  # no new feature file, none rewritten: no backbone forward
     runs2 = client.search_runs([exp.experiment_id], filter_string="tags.sweep_id = 's2'")
     assert sorted(r.data.tags.get("role") for r in runs2 if r.data.tags.get("role") != "refit") == [
         "sweep", "target_eval", "trial", "trial"]
+    assert all(r.info.status == "FINISHED" for r in runs2)
     for r in runs2:
         if "feature_cache_misses" in r.data.metrics:
             assert r.data.metrics["feature_cache_misses"] == 0
+    stored = s3_keys(endpoint, BUCKET, "ray-results/s2.train/")
+    kept: dict[str, set] = {}  # trial folder -> its checkpoint folders (ASHA may stop one after epoch 1)
+    for k in stored:
+        parts = k.split("/")
+        if len(parts) > 3 and parts[3].startswith("checkpoint_epoch_"):
+            kept.setdefault(parts[2], set()).add(parts[3])
+    trial_dirs = {p for p in kept if not p.startswith("refit")}
+    assert len(trial_dirs) == 2 and all(len(kept[p]) == 1 for p in trial_dirs), kept  # keep 1: older ones pruned
+    assert all(f"ray-results/s2.train/{p}/{next(iter(kept[p]))}/best/head.pt" in stored for p in trial_dirs), kept
+    for r in runs2:
+        if r.data.tags.get("role") == "trial":
+            assert r.data.tags["checkpoint_path"].startswith("s3://")
+            assert client.list_artifacts(r.info.run_id, "checkpoints/best"), r.info.run_name
     nothing_kept_in_ray_temp(cluster["temp_dir"], cluster)
 
 
