@@ -15,6 +15,13 @@ failure (``FailureConfig(max_failures)``) or when Tune restarted / resumed the t
 metrics with the epoch's checkpoint directory (``last/`` and ``best/`` heads).
 With ``target_eval="all"`` rank 0 then evaluates the best heads on the target
 datasets (``ssvp.engine.evaluate``) and one final report carries ``target_*`` metrics.
+
+With ``TrialSettings.reuse_processes`` (``resources.reuse_processes``, one worker per trial)
+there is no ``TorchTrainer``: :func:`run_in_process` runs the same body (``_train``) in the
+Tune actor, which holds the worker's resources and which Tune keeps for the next trial
+(``reuse_actors``), so imports, the kept text tower and the actor itself are paid once per
+process. It writes the records a Train run writes (checkpoints under the trial's folder,
+placement, starts, fatal) and reports ``checkpoint_path`` as ``TuneReportCallback`` does.
 """
 from __future__ import annotations
 
