@@ -59,6 +59,18 @@ def test_console_prints_one_line_per_trial_with_the_best_epoch():
     assert "best t00 0.8000 @ 2" in lines[1]
 
 
+def test_console_names_the_variant_of_a_grid_cell():
+    out = io.StringIO()
+    con = SweepConsole("val_objective", "max", total=2, epochs=1, stream=out, variant_labels={"full": "E/full"})
+    a, b = _trial("a", "0_seed=1,variant=full", {"seed": 1, "variant": "full"}), _trial("b", "1_x", {"seed": 0, "variant": "x"})
+    for t in (a, b):
+        con.on_trial_result(0, [a, b], t, {"val_objective": 0.5, "epoch": 1})
+        con.on_trial_complete(0, [a, b], t)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[1/2] t00 E/full seed=1  val_objective 0.5000 @ epoch 1/1")
+    assert lines[1].startswith("[2/2] t01 x seed=0  val_objective")  # no label: the variant's name
+
+
 def _summary(objectives: list) -> ResultSummary:
     trials = [TrialSummary(f"id{i}", "FINISHED", {"gamma": 0.1 * i}, metrics={"best_val_objective": v, "best_epoch": 2.0,
                                                                                "final_val_objective": 0.1}

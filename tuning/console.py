@@ -26,9 +26,10 @@ class SweepConsole(_TuneCallback):
     """Tune callback (driver side) printing a line when a trial ends, with the best so far."""
 
     def __init__(self, metric: str, mode: str, total: int, epochs: int, number_offset: int = 0,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, variant_labels: Mapping[str, str] | None = None):
         self.metric, self.mode, self.total, self.epochs = metric, mode, total, epochs
         self.number_offset = number_offset
+        self.variant_labels = dict(variant_labels or {})  # variant -> label in the line (grid cells: "E/full")
         self.stream = stream
         self._values: dict[str, dict[int, float]] = {}  # trial_id -> {epoch: objective}
         self._ended: list[str] = []
@@ -69,7 +70,9 @@ class SweepConsole(_TuneCallback):
         self._ended.append(trial.trial_id)
         label = self._label(trial)
         params = {k: v for k, v in trial.config.items()}
-        head = f"[{len(self._ended)}/{self.total}] {label} {param_text(params)}"
+        variant = params.get("variant")
+        what = " ".join(x for x in (self.variant_labels.get(variant, variant) if variant else "", param_text(params)) if x)
+        head = f"[{len(self._ended)}/{self.total}] {label} {what}"
         best = self._best_epoch(trial.trial_id)
         if error:
             body = f"FAILED  {error[:160]}"

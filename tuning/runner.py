@@ -150,15 +150,22 @@ def run_tuner(plan: Plan, callback):
 @contextlib.contextmanager
 def _tune_output(verbose: int):
     """Below ``verbose=2`` Tune prints nothing of its own: its newer console output prints the
-    experiment's header box even at verbosity 0, the older one (``RAY_AIR_NEW_OUTPUT=0``) does not."""
+    experiment's header box even at verbosity 0, the older one (``RAY_AIR_NEW_OUTPUT=0``) does not;
+    its INFO log lines (``ray.tune`` logger) are held back too."""
     if verbose >= 2:
         yield
         return
+    import logging
+
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_log = logging.getLogger("ray.tune")  # "Wrote the latest version of all result files ..." at the end
+    level = tune_log.level
+    tune_log.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
+        tune_log.setLevel(level)
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
@@ -174,4 +181,5 @@ def console_callbacks(plan: Plan) -> list:
 
     s = plan.sweep.search
     return [SweepConsole(s.metric, s.mode, expected_trials(plan), plan.base.train.epochs,
-                         number_offset=1 if s.algorithm == "optuna" else 0)]
+                         number_offset=1 if s.algorithm == "optuna" else 0,
+                         variant_labels=plan.sweep.mlflow.run_labels)]
