@@ -260,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the grid and print its trials; start nothing")
     p.add_argument("--print-config", action="store_true",
                    help="print the sweep the grid runs (tuning.settings.SweepConfig as YAML); start nothing")
-    p.add_argument("--quiet", action="store_true", help="no live Tune progress table")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="print only the tables at the end (no line per trial)")
+    out.add_argument("--verbose", action="store_true",
+                     help="also Tune's progress table and Ray's own logs (default: one line per finished trial)")
     return p
 
 
@@ -339,12 +342,13 @@ def print_dry_run(run: GridRun) -> dict[str, Any]:
 def _connect(args: argparse.Namespace) -> None:
     from tuning.runner import init_ray
 
+    ray_logs = bool(getattr(args, "verbose", False))  # Ray's worker logs and start-up lines only with --verbose
     if args.local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        init_ray(None, num_cpus=args.num_cpus)
+        init_ray(None, num_cpus=args.num_cpus, log_to_driver=ray_logs)
     else:
         address = args.address or os.environ.get("RAY_ADDRESS")
-        init_ray(address or None, num_cpus=args.num_cpus if not address else None)
+        init_ray(address or None, num_cpus=args.num_cpus if not address else None, log_to_driver=ray_logs)
 
 
 def _trial_resources(run: GridRun, args: argparse.Namespace) -> tuple[float, float, Any]:
@@ -390,7 +394,7 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
         ),
         storage_path=where.storage_path,
         target_eval="all",
-        verbose=0 if args.quiet else 1,
+        verbose=0 if args.quiet else 2 if getattr(args, "verbose", False) else 1,
     )
 
 
