@@ -23,7 +23,7 @@ from .trial import VARIANT_KEY, TrialSettings
 
 __all__ = [
     "Plan", "SweepPaths", "SweepExistsError", "make_plan", "make_search", "make_scheduler", "tune_space",
-    "make_trial_settings", "trial_resources", "absolutize_paths", "expected_trials", "STATE_FILE", "TRIAL_DRIVER_CPU",
+    "make_trial_settings", "absolutize_paths", "expected_trials", "STATE_FILE", "TRIAL_DRIVER_CPU",
 ]
 
 STATE_FILE = "ssvp_sweep.json"  # MLflow ids of the sweep, beside Tune's experiment state
@@ -204,17 +204,6 @@ def tune_space(plan: Plan) -> dict[str, Any]:
     if plan.variants:
         pick = tune.grid_search if plan.sweep.search.algorithm == "grid" else tune.choice
         out[VARIANT_KEY] = pick(list(plan.variants))
-    return out
-
-
-def trial_resources(plan: Plan) -> dict[str, float]:
-    """What Tune reserves for a trial's actor: a sliver of CPU (it only waits on its TorchTrainer, whose
-    workers hold the resources), or with ``reuse_processes`` the one worker's resources themselves."""
-    res = plan.sweep.resources
-    if not res.reuse_processes:
-        return {"cpu": TRIAL_DRIVER_CPU}
-    out = {"cpu": float(res.cpus_per_worker), "gpu": float(res.gpus_per_worker) if plan.use_gpu else 0.0}
-    out.update({k: float(v) for k, v in (res.extra or {}).items()})
     return out
 
 

@@ -105,12 +105,14 @@ def run_tuner(plan: Plan, callback):
     """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``."""
     from ray import tune
 
-    from .plan import make_scheduler, make_search, make_trial_settings, trial_resources, tune_space
+    from .plan import TRIAL_DRIVER_CPU, make_scheduler, make_search, make_trial_settings, tune_space
     from .trial import trial_driver
 
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, settings=make_trial_settings(plan)), trial_resources(plan)
-    )
+    settings = make_trial_settings(plan)
+    # the trial's actor: a sliver of CPU (it waits on its TorchTrainer, whose workers hold the resources),
+    # or with reuse_processes the one worker's resources, since the actor trains the trial itself
+    resources = settings.resources_per_worker() if settings.reuse_processes else {"cpu": TRIAL_DRIVER_CPU}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), resources)
     if plan.restoring:
         tuner = tune.Tuner.restore(str(plan.paths.experiment), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
