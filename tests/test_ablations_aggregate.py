@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
@@ -320,3 +321,43 @@ def test_aggregate_cli_rebuilds_report_from_records(tmp_path, capsys):
     assert "| E | full (ref) | ✓ (ATF) | ✓ | ✓ | 2/3 seeds, 1 failed | **92.5 ± 3.5** |" in out
     assert ", class `screw`" in (results / "results.md").read_text()
     assert main(["--grid", str(grid_file), "--results", str(tmp_path / "empty")]) == 2
+
+
+# ----- the Markdown report, pinned: render_markdown's output for these cases is what the
+# function printed before it was split into pieces (tests/golden/aggregate_markdown.md) -----
+def _markdown_cases():
+    """(name, grid, records, seeds, per_class) covering every branch of render_markdown."""
+    described = {**GRID, "description": "A grid | with a pipe.", "caption": "What the rows mean.",
+                 "variants": [{"name": "base", "letter": "A", "description": "CLIP only",
+                               "overrides": {"fusion": "none", "vcpg": False, "vtam": False}},
+                              {"name": "full", "letter": "E", "overrides": {}},
+                              {"name": "plain", "overrides": {"fusion": "concat"}}]}
+    sweep = {"name": "g", "base": {"preset": "tiny"}, "seeds": 2,
+             "sweeps": [{"param": "gamma", "values": [0.1, 0.5, 0.9]}]}
+    sweep_grid = parse_grid(sweep)
+    sweep_recs = [_rec(v.name, s, 0.5 + 0.1 * i + 0.01 * s) for i, v in enumerate(sweep_grid.variants) for s in (0, 1)]
+    return [
+        ("failures, per class", parse_grid(GRID), _records(), [0, 1, 2], True),
+        ("one seed", parse_grid(GRID), [_rec("base", 0, 0.80), _rec("full", 0, 0.90)], [0], False),
+        ("three seeds", parse_grid(GRID), _three([0.020, 0.022, 0.024]), [0, 1, 2], False),
+        ("zero spread and wide", parse_grid(GRID), _three([0.029, 0.029, 0.029], ref=0.5), [0, 1, 2], False),
+        ("wide", parse_grid(GRID), _three([-0.70, 0.05, 0.10]), [0, 1, 2], False),
+        ("described, missing seed", parse_grid(described),
+         [_rec("base", 0, 0.8), _rec("full", 0, 0.9), _rec("plain", 0, 0.85), _rec("base", 1, 0.7)], [0, 1], False),
+        ("sensitivity", sweep_grid, sweep_recs, [0, 1], False),
+        ("nothing yet", parse_grid(GRID), [], [0, 1, 2], False),
+    ]
+
+
+def _markdown_of_cases() -> str:
+    parts = []
+    for name, grid, recs, seeds, per_class in _markdown_cases():
+        md = render_markdown(grid, summarize(grid, recs, seeds, per_class=per_class),
+                             paired_rows(grid, recs, seeds, per_class=per_class), seeds)
+        parts.append(f"<<<<< {name}\n{md}")
+    return "\n".join(parts)
+
+
+def test_markdown_report_is_unchanged():
+    golden = Path(__file__).parent / "golden" / "aggregate_markdown.md"
+    assert _markdown_of_cases() == golden.read_text(encoding="utf-8")
