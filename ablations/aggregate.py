@@ -7,7 +7,9 @@ variant-seed (what ``ablations/grid.py`` writes to ``records.jsonl``)::
      "status": "ok" | "failed", "error": "...",
      "metrics": {"mvtec:data/mvtec": {"mean": {"image_auroc": 0.91, ...}, "bottle": {...}, ...}}}
 
-Metric values are fractions in [0, 1] (``ssvp.metrics``); tables show them in %.
+Metric values are fractions in [0, 1] (``ssvp.metrics``); tables show them in %. The Markdown and
+LaTeX tables show the metric columns chosen by ``--columns`` / the grid's ``columns`` (default: all
+six of ``METRICS``); the CSV files and plots keep every metric.
 
 Rows are labelled as in the paper: the variant's letter (Table 3: A-E) and its description;
 targets by their dataset's display name ("MVTec-AD", "VisA", "synthetic domain_b").
@@ -19,7 +21,9 @@ Output (``write_report``):
   with a 95 % t-interval, and the caveats that apply to it (see ``PairedDiff.status``);
 * ``results.csv`` / ``paired.csv``: the same numbers, machine-readable (with the per-seed
   differences and the caveat of every paired cell);
-* ``results.tex``: the class-mean tables in LaTeX (booktabs, best in bold);
+* ``results.tex``: the class-mean tables in LaTeX (booktabs, best in bold), rows by short label
+  (the letter, else the name) with the descriptions in the caption; scaled to ``\\linewidth``
+  only when wider than the text;
 * ``points_<dataset>.png``: mean ± std per variant with every seed as a dot (y-axis spans at
   least ``MIN_SPAN`` points, so small gaps are not blown up);
   ``forest_<dataset>.png``: the paired differences to the reference (per-seed dots, mean,
@@ -77,6 +81,7 @@ __all__ = [
     "seed_counts",
     "summarize",
     "paired_rows",
+    "metric_columns",
     "render_markdown",
     "render_latex",
     "write_report",
@@ -462,13 +467,59 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render_markdown(grid: Grid, rows: Sequence[Row], pairs: Sequence[PairRow], seeds: Sequence[int],
-                    confidence: float = 0.95) -> str:
-    heads = [title for _, title in METRICS]
+def metric_columns(names: Iterable[str] | str | None = None) -> list[tuple[str, str]]:
+    """The (key, title) pairs of the chosen table columns, in the order given: titles (``I-AUROC``)
+    or ``ssvp.metrics`` keys (``image_auroc``), any case, a list or one comma-separated string;
+    none = all of ``METRICS``. An unknown name raises ``ValueError`` with the closest one."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    names = [str(n).strip() for n in (names or []) if str(n).strip()]
+    if not names:
+        return list(METRICS)
+    lookup = {k.lower(): (k, t) for k, t in METRICS} | {t.lower(): (k, t) for k, t in METRICS}
+    out: list[tuple[str, str]] = []
+    for name in names:
+        col = lookup.get(name.lower())
+        if col is None:
+            from ssvp.config import did_you_mean
+
+            hint = did_you_mean(name, [t for _, t in METRICS] + [k for k, _ in METRICS], lower=True)
+            raise ValueError(f"unknown column {name!r}" + (f"; {hint}" if hint else "")
+                             + f"; columns: {', '.join(t for _, t in METRICS)}")
+        if col not in out:
+            out.append(col)
+    return out
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """How a grid's rows are labelled: a letter column (Table 3), the component columns (when they
+    vary), the reference marked in the main table."""
+
+    reference: str
+    lettered: bool
+    switches: dict[str, tuple[str, str, str]]
+
+    @classmethod
+    def of(cls, grid: Grid) -> "_Labels":
+        return cls(grid.reference, _letter_col(grid.variants), _switches(grid))
+
+    def md_head(self, main_table: bool) -> tuple[str, str]:
+        cols = (["Row"] if self.lettered else []) + ["Variant"] + (
+            list(_SWITCHES) if self.switches and main_table else [])
+        return " | ".join(cols), "---|" * len(cols)
+
+    def md_cells(self, v: Variant, main_table: bool) -> str:
+        text = _md_escape(variant_text(v)) + (" (ref)" if main_table and v.name == self.reference else "")
+        cells = ([v.letter or "—"] if self.lettered else []) + [text]
+        if self.switches and main_table:
+            cells += list(self.switches.get(v.name, ("",) * 3))
+        return " | ".join(cells)
+
+
+def _md_preamble(grid: Grid, rows: Sequence[Row], seeds: Sequence[int]) -> list[str]:
+    """Title, description, how to read the cells, caption and the variants that lack seeds."""
     ref = grid.variant(grid.reference)
-    names = dataset_names(r.target for r in rows)
-    lettered = _letter_col(grid.variants)
-    switches = _switches(grid)
     lines = [f"# Ablation grid `{grid.name}`", ""]
     if grid.description:
         lines += [grid.description, ""]
@@ -485,62 +536,65 @@ def render_markdown(grid: Grid, rows: Sequence[Row], pairs: Sequence[PairRow], s
         if r.cls == MEAN and (r.counts.failed or r.counts.missing) and r.variant.name not in seen:
             seen.add(r.variant.name)
             lines.append(f"- **{_row_name(r.variant)}: {r.counts.text()}**")
-    if seen:
-        lines.append("")
+    return lines + ([""] if seen else [])
 
-    def head_cells(with_switches: bool) -> tuple[str, str]:
-        cols = (["Row"] if lettered else []) + ["Variant"] + (list(_SWITCHES) if switches and with_switches else [])
-        return " | ".join(cols), "---|" * len(cols)
 
-    def name_cells(v: Variant, main_table: bool) -> str:
-        text = _md_escape(variant_text(v)) + (" (ref)" if main_table and v.name == grid.reference else "")
-        cells = ([v.letter or "—"] if lettered else []) + [text]
-        if switches and main_table:
-            cells += list(switches.get(v.name, ("",) * 3))
-        return " | ".join(cells)
+def _md_values(group: Sequence[Row], labels: _Labels, metrics: Sequence[tuple[str, str]]) -> list[str]:
+    """One target's (and class's) table: mean ± std per variant, best per column in bold."""
+    hc, hs = labels.md_head(True)
+    lines = [f"| {hc} | Seeds | " + " | ".join(t for _, t in metrics) + " |", f"|{hs}---|" + "---|" * len(metrics)]
+    best = {k: _best(group, k) for k, _ in metrics}
+    for i, r in enumerate(group):
+        cells = []
+        for k, _ in metrics:
+            c = _fmt_cell(r.mean[k], r.std[k], r.n[k])
+            cells.append(f"**{c}**" if i in best[k] else c)
+        lines.append(f"| {labels.md_cells(r.variant, True)} | {r.counts.text()} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if any(r.n[k] == 1 for r in group for k, _ in metrics):
+        lines += ["Cells without ± come from a single seed: no spread.", ""]
+    return lines
 
+
+def _md_paired(pgroup: Sequence[PairRow], ref: Variant, labels: _Labels, metrics: Sequence[tuple[str, str]],
+               confidence: float) -> list[str]:
+    """One target's paired differences to the reference, then the footnotes of the caveats used."""
+    hc, hs = labels.md_head(False)
+    lines = [
+        f"Paired difference to {_row_name(ref)} over seeds (% points): mean [{int(round(confidence * 100))} % "
+        f"t-interval]; `*` marks an interval that excludes 0 (only with ≥ {MIN_SEEDS_FOR_CI} paired seeds "
+        "and a non-zero spread).",
+        "",
+        f"| {hc} | Paired seeds | " + " | ".join(t for _, t in metrics) + " |",
+        f"|{hs}---|" + "---|" * len(metrics),
+    ]
+    used: list[str] = []
+    for p in pgroup:
+        n = max(d.n for d in p.diffs.values())
+        lines.append(f"| {labels.md_cells(p.variant, False)} | {n} | "
+                     + " | ".join(_fmt_diff(p.diffs[k]) for k, _ in metrics) + " |")
+        used += [p.diffs[k].status for k, _ in metrics if p.diffs[k].status in CAVEATS]
+    lines.append("")
+    notes = [f"- {CAVEATS[s][0]} {CAVEATS[s][1]}." for s in CAVEATS if s in used]
+    return lines + notes + ([""] if notes else [])
+
+
+def render_markdown(grid: Grid, rows: Sequence[Row], pairs: Sequence[PairRow], seeds: Sequence[int],
+                    confidence: float = 0.95, columns: Iterable[str] | str | None = None) -> str:
+    """``results.md``: the preamble, then per target (and class) the values table and the paired
+    differences to the reference; ``columns`` picks the metric columns (default: all six)."""
+    metrics = metric_columns(columns)
+    labels = _Labels.of(grid)
+    names = dataset_names(r.target for r in rows)
+    lines = _md_preamble(grid, rows, seeds)
     for (target, cls), group in _groups(rows).items():
-        title = f"## {names[target]}" + ("" if cls == MEAN else f", class `{cls}`")
-        lines += [title, ""]
+        lines += [f"## {names[target]}" + ("" if cls == MEAN else f", class `{cls}`"), ""]
         if cls == MEAN:
             lines += [f"Dataset `{target}`; class mean.", ""]
-        hc, hs = head_cells(True)
-        lines += [f"| {hc} | Seeds | " + " | ".join(heads) + " |", f"|{hs}---|" + "---|" * len(heads)]
-        best = {k: _best(group, k) for k, _ in METRICS}
-        for i, r in enumerate(group):
-            cells = []
-            for k, _ in METRICS:
-                c = _fmt_cell(r.mean[k], r.std[k], r.n[k])
-                cells.append(f"**{c}**" if i in best[k] else c)
-            lines.append(f"| {name_cells(r.variant, True)} | {r.counts.text()} | " + " | ".join(cells) + " |")
-        lines.append("")
-        if any(r.n[k] == 1 for r in group for k, _ in METRICS):
-            lines += ["Cells without ± come from a single seed: no spread.", ""]
+        lines += _md_values(group, labels, metrics)
         pgroup = [p for p in pairs if p.target == target and p.cls == cls]
         if pgroup:
-            hc, hs = head_cells(False)
-            lines += [
-                f"Paired difference to {_row_name(ref)} over seeds (% points): mean [{int(round(confidence * 100))} % "
-                f"t-interval]; `*` marks an interval that excludes 0 (only with ≥ {MIN_SEEDS_FOR_CI} paired seeds "
-                "and a non-zero spread).",
-                "",
-                f"| {hc} | Paired seeds | " + " | ".join(heads) + " |",
-                f"|{hs}---|" + "---|" * len(heads),
-            ]
-            used: list[str] = []
-            for p in pgroup:
-                n = max(d.n for d in p.diffs.values())
-                cells = [_fmt_diff(p.diffs[k]) for k, _ in METRICS]
-                lines.append(f"| {name_cells(p.variant, False)} | {n} | " + " | ".join(cells) + " |")
-                for d in p.diffs.values():
-                    if d.status in CAVEATS and d.status not in used:
-                        used.append(d.status)
-            lines.append("")
-            for status in [s for s in CAVEATS if s in used]:
-                mark, text = CAVEATS[status]
-                lines.append(f"- {mark} {text}.")
-            if used:
-                lines.append("")
+            lines += _md_paired(pgroup, grid.variant(grid.reference), labels, metrics, confidence)
     if not rows:
         lines += ["No trial has finished yet.", ""]
     return "\n".join(lines)
@@ -573,46 +627,80 @@ def _tex_cell(mean: float, std: float, n: int, bold: bool) -> str:
     return f"$\\mathbf{{{body}}}$" if bold else f"${body}$"
 
 
-def render_latex(grid: Grid, rows: Sequence[Row], seeds: Sequence[int]) -> str:
-    """The class-mean table of every target as a LaTeX ``table`` (booktabs; best per column in bold).
+def _tex_label(v: Variant, reference: str) -> str:
+    """A row's short label: the letter (Table 3), else the name; the reference marked."""
+    return tex_escape(v.short) + (" (ref)" if v.name == reference else "")
 
-    Needs ``\\usepackage{booktabs}`` and ``\\usepackage{amssymb}`` (for ``\\checkmark``)."""
-    names = dataset_names(r.target for r in rows)
+
+def _tex_legend(variants: Sequence[Variant]) -> str:
+    """``A: Bayes-PFL on CLIP (...); B: ...``: the rows' long descriptions, for the caption
+    (a description that only repeats the label is left out)."""
+    def same(a: str, b: str) -> bool:
+        return a.replace(" ", "").lower() == b.replace(" ", "").lower()
+
+    items = [f"{tex_escape(v.short)}: {tex_escape(v.description)}" for v in variants
+             if v.description and not same(v.description, v.short)]
+    return ("Rows: " + "; ".join(items) + ".") if items else ""
+
+
+def _tex_caption(grid: Grid, group: Sequence[Row], seeds: Sequence[int], dataset: str,
+                 metrics: Sequence[tuple[str, str]]) -> str:
+    caption = f"{tex_escape(grid.description or grid.name)} Target: {tex_escape(dataset)}."
+    legend = _tex_legend([r.variant for r in group])
+    if legend:
+        caption += " " + legend
+    caption += (f" Values in \\%, mean $\\pm$ std over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}; "
+                "best in bold.")
+    incomplete = [r for r in group if r.counts.ok < r.counts.total]
+    if incomplete:
+        caption += " $^\\dagger$Not every seed finished: " + "; ".join(
+            f"{tex_escape(r.variant.short)}: {tex_escape(r.counts.text())}" for r in incomplete) + "."
+    if any(r.n[k] == 1 for r in group for k, _ in metrics):
+        caption += " A value without $\\pm$ comes from a single seed."
+    return caption
+
+
+def _tex_tabular(grid: Grid, group: Sequence[Row], metrics: Sequence[tuple[str, str]]) -> list[str]:
+    """The booktabs tabular of one target: short row labels, component columns, chosen metrics."""
     lettered = _letter_col(grid.variants)
     switches = _switches(grid)
+    heads = ["Model" if lettered else "Variant"] + (list(_SWITCHES) if switches else []) + [t for _, t in metrics]
+    spec = "l" + ("c" * 3 if switches else "") + "c" * len(metrics)
+    lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(heads) + " \\\\", "\\midrule"]
+    best = {k: _best(group, k) for k, _ in metrics}
+    for i, r in enumerate(group):
+        text = _tex_label(r.variant, grid.reference)
+        if r.counts.ok < r.counts.total:
+            text += "$^\\dagger$"
+        cells = [text] + ([tex_escape(s) for s in switches.get(r.variant.name, ("",) * 3)] if switches else [])
+        cells += [_tex_cell(r.mean[k], r.std[k], r.n[k], i in best[k]) for k, _ in metrics]
+        lines.append(" & ".join(cells) + " \\\\")
+    return lines + ["\\bottomrule", "\\end{tabular}"]
+
+
+def render_latex(grid: Grid, rows: Sequence[Row], seeds: Sequence[int],
+                 columns: Iterable[str] | str | None = None) -> str:
+    """The class-mean table of every target as a LaTeX ``table`` (booktabs; best per column in bold).
+
+    Rows carry short labels (the letter, else the name); their long descriptions go in the
+    caption. A table at most as wide as the text is set as it is; a wider one (many columns) is
+    scaled down to ``\\linewidth``. ``columns`` picks the metric columns (default: all six).
+    Needs ``\\usepackage{booktabs}``, ``\\usepackage{amssymb}`` (``\\checkmark``) and
+    ``\\usepackage{graphicx}`` (``\\resizebox``)."""
+    metrics = metric_columns(columns)
+    names = dataset_names(r.target for r in rows)
     out = [f"% Ablation grid {grid.name}: written by ablations/aggregate.py",
-           "% needs \\usepackage{booktabs} and \\usepackage{amssymb}", ""]
+           "% needs \\usepackage{booktabs}, \\usepackage{amssymb} and \\usepackage{graphicx}; a table wider",
+           "% than the text (\\linewidth) is scaled down to it", ""]
     for (target, cls), group in _groups(rows).items():
         if cls != MEAN:
             continue
-        lead = (["l"] if lettered else []) + ["l"] + (["c"] * 3 if switches else [])
-        heads = (["Model"] if lettered else []) + ["Variant"] + (list(_SWITCHES) if switches else [])
-        heads += [t for _, t in METRICS]
-        incomplete = [r for r in group if r.counts.ok < r.counts.total]
-        caption = (f"{tex_escape(grid.description or grid.name)} Target: {tex_escape(names[target])}. "
-                   f"Values in \\%, mean $\\pm$ std over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}; "
-                   "best in bold.")
-        if incomplete:
-            caption += " $^\\dagger$Not every seed finished: " + "; ".join(
-                f"{tex_escape(r.variant.letter or r.variant.name)}: {tex_escape(r.counts.text())}" for r in incomplete) + "."
-        if any(r.n[k] == 1 for r in group for k, _ in METRICS):
-            caption += " A value without $\\pm$ comes from a single seed."
         label = "".join(c if c.isalnum() else "-" for c in f"{grid.name}-{names[target]}").lower().strip("-")
-        out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{caption}}}", f"\\label{{tab:{label}}}",
-                f"\\begin{{tabular}}{{{''.join(lead)}{'c' * len(METRICS)}}}", "\\toprule",
-                " & ".join(heads) + " \\\\", "\\midrule"]
-        best = {k: _best(group, k) for k, _ in METRICS}
-        for i, r in enumerate(group):
-            v = r.variant
-            text = tex_escape(variant_text(v)) + (" (ref)" if v.name == grid.reference else "")
-            if r.counts.ok < r.counts.total:
-                text += "$^\\dagger$"
-            cells = ([tex_escape(v.letter or "--")] if lettered else []) + [text]
-            if switches:
-                cells += [tex_escape(s) for s in switches.get(v.name, ("",) * 3)]
-            cells += [_tex_cell(r.mean[k], r.std[k], r.n[k], i in best[k]) for k, _ in METRICS]
-            out.append(" & ".join(cells) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        out += ["\\begin{table}[t]", "\\centering",
+                f"\\caption{{{_tex_caption(grid, group, seeds, names[target], metrics)}}}",
+                f"\\label{{tab:{label}}}", "\\sbox0{%", *_tex_tabular(grid, group, metrics),
+                "}%", "\\ifdim\\wd0>\\linewidth\\resizebox{\\linewidth}{!}{\\usebox0}\\else\\usebox0\\fi",
+                "\\end{table}", ""]
     return "\n".join(out)
 
 
@@ -871,8 +959,13 @@ def _safe(name: str) -> str:
 
 def write_report(grid: Grid, records: Iterable[Mapping[str, Any]], out_dir: str | Path,
                  seeds: Sequence[int] | None = None, per_class: bool = False,
-                 confidence: float = 0.95, plots: bool = True) -> dict[str, Path]:
-    """Write results.md / results.csv / paired.csv / results.tex and the PNG plots; return {name: path}."""
+                 confidence: float = 0.95, plots: bool = True,
+                 columns: Iterable[str] | str | None = None) -> dict[str, Path]:
+    """Write results.md / results.csv / paired.csv / results.tex and the PNG plots; return {name: path}.
+
+    ``columns`` (default: the grid's ``columns``, else all six) picks the metric columns of the
+    Markdown and LaTeX tables; the CSV files and the plots keep every metric."""
+    columns = metric_columns(columns or grid.columns)
     records = list(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -886,8 +979,8 @@ def write_report(grid: Grid, records: Iterable[Mapping[str, Any]], out_dir: str 
         "paired.csv": write_paired_csv(pairs, out_dir / "paired.csv", confidence),
         "results.tex": out_dir / "results.tex",
     }
-    written["results.md"].write_text(render_markdown(grid, rows, pairs, seeds, confidence))
-    written["results.tex"].write_text(render_latex(grid, rows, seeds))
+    written["results.md"].write_text(render_markdown(grid, rows, pairs, seeds, confidence, [t for _, t in columns]))
+    written["results.tex"].write_text(render_latex(grid, rows, seeds, [t for _, t in columns]))
     if plots:
         names = dataset_names(r.target for r in rows)
         for target, dataset in names.items():
@@ -904,7 +997,8 @@ def write_report(grid: Grid, records: Iterable[Mapping[str, Any]], out_dir: str 
 
 
 def rebuild_report(grid: Grid, out_dir: str | Path, seeds: Sequence[int] | None = None, per_class: bool = False,
-                   plots: bool = True, results: str | Path | None = None) -> tuple[str, dict[str, Path]]:
+                   plots: bool = True, results: str | Path | None = None,
+                   columns: Iterable[str] | str | None = None) -> tuple[str, dict[str, Path]]:
     """Rebuild a grid's tables and plots in ``out_dir`` from ``records.jsonl`` (in ``results``,
     default ``out_dir``), without running anything; returns (results.md text, written files).
     Raises FileNotFoundError when there are no records."""
@@ -912,7 +1006,7 @@ def rebuild_report(grid: Grid, out_dir: str | Path, seeds: Sequence[int] | None 
     records = read_records(src)
     if not records:
         raise FileNotFoundError(f"no records in {src}")
-    written = write_report(grid, records, out_dir, seeds=seeds, per_class=per_class, plots=plots)
+    written = write_report(grid, records, out_dir, seeds=seeds, per_class=per_class, plots=plots, columns=columns)
     return written["results.md"].read_text(), written
 
 
@@ -927,14 +1021,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", action="store_true", help="also tabulate every class of every target")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--out", default=None, help="where to write (default: --results)")
+    p.add_argument("--columns", default=None, metavar="I-AUROC,P-AUROC,...",
+                   help=f"metric columns of the Markdown and LaTeX tables, in order (default: the grid's "
+                        f"'columns', else all: {','.join(t for _, t in METRICS)})")
     args = p.parse_args(argv)
-    grid = load_grid(args.grid)
-    seeds = grid.seed_values(args.seeds) if args.seeds else None
     try:
+        grid = load_grid(args.grid)
+        seeds = grid.seed_values(args.seeds) if args.seeds else None
         text, written = rebuild_report(grid, args.out or args.results, seeds=seeds, per_class=args.per_class,
-                                       plots=not args.no_plots, results=args.results)
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
+                                       plots=not args.no_plots, results=args.results, columns=args.columns)
+    except (FileNotFoundError, ValueError) as exc:  # no records, a bad grid file or column name
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(text)
     for name, path in written.items():

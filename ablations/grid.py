@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from ablations.aggregate import METRICS, rebuild_report, write_report
+from ablations.aggregate import METRICS, metric_columns, rebuild_report, write_report
 from ablations.spec import Grid, GridError, load_grid
 from ssvp.config import Config
 from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, SweepConfig
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every variant (repeatable), e.g. --set source=visa:/data/VisA")
     p.add_argument("--per-class", action="store_true", help="also tabulate each class of each target")
+    p.add_argument("--columns", default=None, metavar="I-AUROC,P-AUROC,...",
+                   help="metric columns of results.md / results.tex, in order (default: the grid's 'columns', "
+                        f"else all: {','.join(t for _, t in METRICS)})")
     p.add_argument("--use-gpu", type=_bool_or_auto, default=None, help="auto | true | false (default: auto)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs of a trial's Train worker (default: grid resources.cpu)")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs of a trial's Train worker (default: grid resources.gpu)")
@@ -304,6 +307,11 @@ def plan_grid(args: argparse.Namespace) -> GridRun:
     chosen = [grid.variant(v.strip()).name for v in args.variants.split(",")] if args.variants else grid.variant_names
     if args.variants and grid.reference not in chosen:
         chosen.append(grid.reference)  # the paired comparison needs the reference
+    if getattr(args, "columns", None):  # a mistyped column fails now, not after the grid ran
+        try:
+            metric_columns(args.columns)
+        except ValueError as exc:
+            raise GridError(f"--columns: {exc}") from None
     extra = dict(args.set)
     for v in chosen:  # every variant must build before anything starts
         grid.variant_config(v, seeds[0], extra)
@@ -443,7 +451,8 @@ def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: floa
         "seconds": round(time.time() - started, 1), "set": dict(args.set),
     }
     (out / GRID_STATE).write_text(json.dumps(state, indent=2))
-    written = write_report(_subgrid(grid, run.chosen), records, out, seeds=run.seeds, per_class=args.per_class)
+    written = write_report(_subgrid(grid, run.chosen), records, out, seeds=run.seeds, per_class=args.per_class,
+                           columns=getattr(args, "columns", None))
     _log_to_parent(summary, out, [out / GRID_STATE, out / "records.jsonl", *written.values()])
     print((out / "results.md").read_text(), flush=True)
     print(f"[ablations] tables and plots in {out}; MLflow parent run {summary.parent_run_id} "
@@ -468,7 +477,7 @@ def reprint_finished(run: GridRun, args: argparse.Namespace) -> dict[str, Any]:
                         f"--resume, or start a new one with {new}")
     try:
         text, written = rebuild_report(_subgrid(run.grid, run.chosen), run.out, seeds=run.seeds,
-                                       per_class=args.per_class)
+                                       per_class=args.per_class, columns=getattr(args, "columns", None))
     except FileNotFoundError as exc:
         raise GridError(f"{run.out} holds a finished run ({was}) but {exc}; start a new one with {new}") from None
     print(text, flush=True)

@@ -10,6 +10,7 @@ A grid file looks like this (every key but ``name`` and one of ``variants`` /
       preset: tiny             # optional: start from Config.tiny() instead of Config()
       config: path/to/cfg.yaml # optional: a config file (relative to the grid file)
       gamma: 0.5               # any other key: a flat, dotted or nested ssvp.config override
+    columns: [I-AUROC, P-AUROC]  # metric columns of results.md / results.tex (default: all six)
     seeds: 3                   # default number of seeds (CLI --seeds overrides)
     seed_base: 0               # seeds are seed_base, seed_base + 1, ...
     reference: full            # the variant the paired comparison is made against
@@ -46,7 +47,7 @@ __all__ = ["GridError", "Variant", "TrialSpec", "Grid", "load_grid", "parse_grid
 
 GRID_KEYS = {
     "name", "description", "caption", "base", "seeds", "seed_base", "reference",
-    "resources", "max_concurrent", "variants", "sweeps",
+    "resources", "max_concurrent", "variants", "sweeps", "columns",
 }
 VARIANT_KEYS = {"name", "letter", "description", "overrides"}
 SWEEP_KEYS = {"param", "values"}
@@ -109,6 +110,7 @@ class Grid:
     reference: str = ""
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int = 0
+    columns: list[str] = field(default_factory=list)  # metric columns of the tables (titles); empty = all
     path: str = ""
     _base_config: Config | None = field(default=None, repr=False, compare=False)
 
@@ -213,6 +215,7 @@ def parse_grid(data: Any, path: str = "<grid>") -> Grid:
         seed_base=_int(data, "seed_base", 0, where, minimum=0),
         resources=_resources(data.get("resources"), where),
         max_concurrent=_int(data, "max_concurrent", 0, where, minimum=0),
+        columns=_columns(data.get("columns"), where),
         path=path,
     )
     variants = _variants(data.get("variants") or [], where)
@@ -360,6 +363,20 @@ def _check_key(key: Any, where: str) -> None:
         raise GridError(f"{where}: {exc}") from None
     if section and section != owner:
         raise GridError(f"{where}: key {key!r}: {name!r} belongs to section {owner!r}")
+
+
+def _columns(value: Any, where: str) -> list[str]:
+    """The table columns a grid file names (``[I-AUROC, P-AUROC]`` or ``"I-AUROC,P-AUROC"``), as titles."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, str)) or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+        raise GridError(f"{where}: 'columns' must be a list of metric names like [I-AUROC, P-AUROC]; got {value!r}")
+    from ablations.aggregate import metric_columns
+
+    try:
+        return [title for _, title in metric_columns(value)]
+    except ValueError as exc:
+        raise GridError(f"{where}: columns: {exc}") from None
 
 
 def _str(data: Mapping[str, Any], key: str, where: str) -> str:

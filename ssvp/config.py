@@ -26,6 +26,7 @@ __all__ = [
     "DataConfig",
     "Config",
     "load_config",
+    "did_you_mean",
 ]
 
 
@@ -357,6 +358,18 @@ def section_of(key: str) -> str:
         if key in {f.name for f in fields(section_cls)}:
             return name
     raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(all_keys()))}")
+
+
+def did_you_mean(word: str, choices, lower: bool = False, n: int = 1) -> str:
+    """``did you mean gamma?`` naming the closest of ``choices`` to a mistyped ``word`` (difflib),
+    or "" when none is close; ``lower`` compares case-insensitively (the choices keep their case)."""
+    by_form: dict[str, str] = {}
+    for c in map(str, choices):
+        by_form.setdefault(c.lower() if lower else c, c)
+    import difflib
+
+    close = difflib.get_close_matches(str(word).lower() if lower else str(word), list(by_form), n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(dict.fromkeys(by_form[c] for c in close))}?" if close else ""
 
 
 def all_keys() -> list[str]:

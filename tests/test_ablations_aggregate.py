@@ -238,17 +238,73 @@ def test_latex_booktabs_best_bold_and_escaping():
     tex = render_latex(grid, summarize(grid, _records(), [0, 1, 2]), [0, 1, 2])
     for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}", "\\caption{", "\\label{tab:"):
         assert cmd in tex
-    assert "50\\% of 'A\\_B' \\& more, a $\\rightarrow$ b" in tex and "CLIP only, $\\gamma$ = 0.5" in tex
+    caption = tex.split("\\caption{")[1].split("\n")[0]
+    assert "50\\% of 'A\\_B' \\& more, a $\\rightarrow$ b" in caption
+    # short row labels; the long descriptions in the caption
+    assert "Rows: A: CLIP only, $\\gamma$ = 0.5; E: + VTAM = full SSVP." in caption
     body = tex.split("\\midrule")[1]
     a_line = next(x for x in body.splitlines() if x.startswith("A & "))
-    e_line = next(x for x in body.splitlines() if x.startswith("E & "))
+    e_line = next(x for x in body.splitlines() if x.startswith("E (ref)$^\\dagger$ & "))
+    assert "CLIP only" not in body and "full SSVP" not in body
     assert "$82.0 \\pm 2.0$" in a_line and "\\mathbf" not in a_line
-    assert "$\\mathbf{92.5 \\pm 3.5}$" in e_line and "(ref)$^\\dagger$" in e_line
+    assert "$\\mathbf{92.5 \\pm 3.5}$" in e_line
     assert "Not every seed finished: E: 2/3 seeds, 1 failed" in tex
     assert "\\checkmark" in e_line and "$\\times$" in a_line  # the HSVS / VCPG / VTAM columns
     assert tex.count("\\begin{table}") == 1
     table_lines = [x for x in tex.splitlines() if x.endswith("\\\\")]
     assert len(table_lines) == 3 and len({x.count(" & ") for x in table_lines}) == 1  # header + 2 rows, same width
+    assert table_lines[0] == "Model & HSVS & VCPG & VTAM & I-AUROC & I-F1max & I-AP & P-AUROC & P-AUPRO & P-AP \\\\"
+    two = render_latex(grid, summarize(grid, _records(), [0, 1, 2]), [0, 1, 2], columns="P-AUROC,image_auroc")
+    assert "Model & HSVS & VCPG & VTAM & P-AUROC & I-AUROC \\\\" in two
+
+
+def test_metric_columns_by_title_or_key_and_mistakes():
+    from ablations.aggregate import metric_columns
+
+    assert metric_columns(None) == metric_columns("") == metric_columns([])
+    assert len(metric_columns(None)) == 6
+    assert metric_columns("I-AUROC,P-AUROC") == [("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC")]
+    assert metric_columns(["p-aupro", "image_ap", "P-AUPRO"]) == [("pixel_aupro", "P-AUPRO"), ("image_ap", "I-AP")]
+    with pytest.raises(ValueError, match=r"unknown column 'I-AUCROC'; did you mean I-AUROC\?"):
+        metric_columns("I-AUCROC,P-AUROC")
+
+
+def test_markdown_columns_pick_and_order_the_metrics():
+    grid = parse_grid(GRID)
+    seeds = [0, 1, 2]
+    md = render_markdown(grid, summarize(grid, _records(), seeds), paired_rows(grid, _records(), seeds), seeds,
+                         columns=["P-AUROC", "I-AUROC"])
+    assert "| Row | Variant | HSVS | VCPG | VTAM | Seeds | P-AUROC | I-AUROC |\n" in md
+    assert "| E | full (ref) | ✓ (ATF) | ✓ | ✓ | 2/3 seeds, 1 failed | **92.5 ± 3.5** | **92.5 ± 3.5** |\n" in md
+    assert "| Row | Variant | Paired seeds | P-AUROC | I-AUROC |\n" in md and "I-AP" not in md
+
+
+def test_grid_columns_key_and_aggregate_flag(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from ablations.aggregate import main
+    from ablations.spec import GridError
+
+    grid = parse_grid({**GRID, "columns": ["i-auroc", "P-AUROC"]})
+    assert grid.columns == ["I-AUROC", "P-AUROC"]
+    with pytest.raises(GridError, match=r"grid <grid>: columns: unknown column 'PAUROC'; did you mean P-AUROC"):
+        parse_grid({**GRID, "columns": ["PAUROC"]})
+    grid_file = tmp_path / "mini.yaml"
+    grid_file.write_text(yaml.safe_dump({**GRID, "columns": ["I-AUROC", "P-AUROC"]}))
+    results = tmp_path / "res"
+    results.mkdir()
+    (results / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    args = ["--grid", str(grid_file), "--results", str(results), "--no-plots"]
+    assert main(args) == 0  # the grid's columns
+    assert "| Seeds | I-AUROC | P-AUROC |\n" in capsys.readouterr().out
+    assert "& I-AUROC & P-AUROC \\\\" in (results / "results.tex").read_text()
+    assert len((results / "results.csv").read_text().splitlines()[0].split(",")) > 20  # the CSV keeps all metrics
+    assert main(args + ["--columns", "P-AUPRO"]) == 0  # the flag wins
+    assert "| Seeds | P-AUPRO |\n" in capsys.readouterr().out
+    assert main(args + ["--columns", "P-AUPR0"]) == 2
+    assert "did you mean P-AUPRO?" in capsys.readouterr().err
 
 
 def test_point_plot_range_is_never_narrow():
@@ -361,3 +417,82 @@ def _markdown_of_cases() -> str:
 def test_markdown_report_is_unchanged():
     golden = Path(__file__).parent / "golden" / "aggregate_markdown.md"
     assert _markdown_of_cases() == golden.read_text(encoding="utf-8")
+
+
+# ----- LaTeX that fits: compiled with pdflatex in an `article` (skips without texlive) -----
+# Paper Table 3 (I-AUC, P-AUC per row), spread over three seeds as mean - s, mean, mean + s.
+TABLE3_PAPER = {"baseline": (91.3, 0.6, 91.2, 0.4), "hsvs_concat": (90.8, 0.3, 91.0, 0.4),
+                "hsvs_atf": (91.4, 0.2, 92.1, 0.3), "atf_vcpg": (92.6, 0.3, 92.5, 0.3), "full": (93.0, 0.2, 92.6, 0.4)}
+
+
+def _table3_records(grid):
+    target = grid.base_config().data.targets[0]
+    recs = []
+    for name, (i_m, i_s, p_m, p_s) in TABLE3_PAPER.items():
+        for seed, k in zip(grid.seed_values(), (-1, 0, 1)):
+            mean = {key: 0.8 for key in KEYS} | {"image_auroc": (i_m + k * i_s) / 100, "pixel_auroc": (p_m + k * p_s) / 100}
+            recs.append({"variant": name, "seed": seed, "status": "ok", "metrics": {target: {"mean": mean}}})
+    return recs
+
+
+def _overfull(tex_dir: Path, scale: bool = True) -> list[float]:
+    """Compile results.tex in a one-column `article`; the overfull-hbox widths (pt) pdflatex reports.
+    ``scale=False`` turns the report's \\resizebox into a plain box: the table's natural width."""
+    import re
+    import subprocess
+
+    noscale = "" if scale else "\\renewcommand{\\resizebox}[3]{\\mbox{#3}}\n"
+    (tex_dir / "doc.tex").write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{amssymb}\n\\usepackage{graphicx}\n"
+        f"{noscale}\\begin{{document}}\n\\input{{results.tex}}\n\\end{{document}}\n")
+    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tex_dir,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:]
+    return [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", out.stdout)]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("pdflatex"), reason="pdflatex (texlive) not installed")
+def test_latex_table3_preset_fits_a_one_column_article(tmp_path):
+    from ablations.spec import load_grid
+
+    repo = Path(__file__).resolve().parents[1]
+    grid = load_grid(repo / "ablations" / "configs" / "table3.yaml")
+    assert grid.columns == ["I-AUROC", "P-AUROC"]  # the paper's two columns by default
+    write_report(grid, _table3_records(grid), tmp_path, plots=False)
+    tex = (tmp_path / "results.tex").read_text()
+    assert "Model & HSVS & VCPG & VTAM & I-AUROC & P-AUROC \\\\" in tex
+    assert "\nB & \\checkmark (Concat) & $\\times$ & $\\times$ & $90.8 \\pm 0.3$ & $91.0 \\pm 0.4$ \\\\" in tex
+    assert "E (ref) & \\checkmark (ATF) & \\checkmark & \\checkmark & $\\mathbf{93.0 \\pm 0.2}$" in tex
+    assert "A: Bayes-PFL on CLIP (no DINO, no VCPG, no VTAM); B: + HSVS with Concat fusion" in tex  # caption
+    assert _overfull(tmp_path, scale=False) == []  # fits at its natural size: nothing scaled
+    # every metric (the quick grid, six columns) is too wide at its natural size: scaled to fit
+    quick = load_grid(repo / "ablations" / "configs" / "quick.yaml")
+    recs = [_rec(v.name, s, 0.8 + 0.01 * i) | {"metrics": {quick.base_config().data.targets[0]: {"mean": {
+        k: 0.8 + 0.01 * i + 0.001 * s for k in KEYS}}}} for i, v in enumerate(quick.variants) for s in (0, 1)]
+    write_report(quick, recs, tmp_path, plots=False)
+    assert max(_overfull(tmp_path, scale=False)) > 100
+    assert _overfull(tmp_path) == []
+
+
+def test_grid_columns_flag_checked_first_and_used_when_reprinting(tmp_path, capsys):
+    """grid.py --columns: a mistyped column fails before anything starts; the command of a finished
+    grid, run again with --columns, rebuilds its tables with those columns (nothing runs)."""
+    import json
+
+    from ablations.grid import main
+    from ablations.spec import load_grid
+
+    assert main(["--grid", "quick", "--dry-run", "--columns", "I-AUROC,PAUROC"]) == 2
+    assert "--columns: unknown column 'PAUROC'; did you mean P-AUROC?" in capsys.readouterr().err
+    grid = load_grid(Path(__file__).resolve().parents[1] / "ablations" / "configs" / "quick.yaml")
+    out = tmp_path / "quick"
+    out.mkdir()
+    (out / "grid.json").write_text(json.dumps({"name": "quick", "seeds": [0, 1], "variants": grid.variant_names,
+                                               "set": {}, "interrupted": False}))
+    target = grid.base_config().data.targets[0]
+    (out / "records.jsonl").write_text("".join(
+        json.dumps({"variant": v, "seed": s, "status": "ok", "metrics": {target: {"mean": {k: 0.5 for k in KEYS}}}})
+        + "\n" for v in grid.variant_names for s in (0, 1)))
+    assert main(["--grid", "quick", "--out", str(out), "--columns", "P-AUROC,I-AUROC"]) == 0
+    assert "| Seeds | P-AUROC | I-AUROC |" in capsys.readouterr().out
+    assert "& P-AUROC & I-AUROC \\\\" in (out / "results.tex").read_text()
