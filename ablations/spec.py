@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ssvp.config import Config, ConfigError, load_config, section_of
+from ssvp.config import Config, ConfigError, did_you_mean, load_config, section_of, unknown_keys_message
 
 __all__ = ["GridError", "Variant", "TrialSpec", "Grid", "load_grid", "parse_grid", "trial_id"]
 
@@ -119,7 +119,10 @@ class Grid:
         for v in self.variants:
             if v.name == name or (v.letter and v.letter == name):
                 return v
-        raise GridError(f"{self._where()}: no variant named {name!r}; variants: {', '.join(self.variant_names)}")
+        names = self.variant_names + [v.letter for v in self.variants if v.letter]
+        hint = did_you_mean(name, names)
+        raise GridError(f"{self._where()}: no variant named {name!r}; "
+                        + (hint or f"variants: {', '.join(self.variant_names)}"))
 
     @property
     def variant_names(self) -> list[str]:
@@ -246,7 +249,7 @@ def parse_grid(data: Any, path: str = "<grid>") -> Grid:
 def _reject_unknown(mapping: dict, allowed: Any, here: str) -> None:
     unknown = set(mapping) - set(allowed)
     if unknown:
-        raise GridError(f"{here}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise GridError(f"{here}: {unknown_keys_message(unknown, allowed)}")
 
 
 def _check_name(name: Any, here: str) -> str:

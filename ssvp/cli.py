@@ -26,11 +26,29 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _check_checkpoint(value: str) -> Path:
+    """``--checkpoint`` must exist: a missing folder is named as such, with the closest folder
+    beside it (``runs/tiny/checkpoints/bset`` -> ``did you mean runs/tiny/checkpoints/best?``)."""
+    from .config import close_match
+
+    path = Path(value)
+    if path.exists():
+        return path
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path}: the folder does not exist (nor does {parent})")
+    close = close_match(path.name, [p.name for p in parent.iterdir() if p.is_dir()])
+    hint = f"; did you mean {parent / close}?" if close else ""
+    raise FileNotFoundError(f"--checkpoint {path}: the folder does not exist{hint}")
+
+
 def _config(args: argparse.Namespace) -> Config:
     """The config of the command line, its paths resolved by ``ssvp.paths`` (``data/...`` under
     SSVP_DATA_ROOT, the feature cache from SSVP_FEATURE_CACHE, relative ones against the launch folder)."""
     from .paths import resolve_config_paths
 
+    if getattr(args, "checkpoint", None):
+        _check_checkpoint(args.checkpoint)
     overrides = _parse_sets(getattr(args, "set", None))
     if getattr(args, "config", None):
         return resolve_config_paths(load_config(args.config, overrides))

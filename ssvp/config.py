@@ -27,6 +27,8 @@ __all__ = [
     "Config",
     "load_config",
     "did_you_mean",
+    "close_match",
+    "unknown_keys_message",
 ]
 
 
@@ -312,11 +314,12 @@ class Config:
 
     def _set(self, section: str, name: str, value: Any) -> None:
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r} (in key {section}.{name})")
+            hint = did_you_mean(section, SECTIONS)
+            raise ConfigError(f"unknown config section {section!r} (in key {section}.{name}); "
+                              + (hint or f"sections: {', '.join(SECTIONS)}"))
         target = getattr(self, section)
-        ftype = {f.name: f for f in fields(target)}.get(name)
-        if ftype is None:
-            raise ConfigError(f"unknown config key {section}.{name}")
+        if name not in {f.name for f in fields(target)}:
+            raise ConfigError(_unknown_in_section(section, name))
         setattr(target, name, _coerce(f"{section}.{name}", getattr(target, name), value))
 
     def save(self, path: str | Path) -> Path:
@@ -357,19 +360,55 @@ def section_of(key: str) -> str:
     for name, section_cls in SECTIONS.items():
         if key in {f.name for f in fields(section_cls)}:
             return name
-    raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(all_keys()))}")
+    hint = did_you_mean(key, all_keys())
+    raise ConfigError(f"unknown config key {key!r}; " + (hint or KEY_LIST_HINT))
 
 
-def did_you_mean(word: str, choices, lower: bool = False, n: int = 1) -> str:
-    """``did you mean gamma?`` naming the closest of ``choices`` to a mistyped ``word`` (difflib),
-    or "" when none is close; ``lower`` compares case-insensitively (the choices keep their case)."""
+KEY_LIST_HINT = "ssvp train --print-config lists every key"
+
+
+def _unknown_in_section(section: str, name: str) -> str:
+    """``unknown config key train.gama; did you mean model.gamma?`` for a dotted key: the key of that
+    name in another section, else the closest key of the section, else the closest key anywhere."""
+    owner = next((sec for sec, cls in SECTIONS.items() if name in {f.name for f in fields(cls)}), None)
+    if owner is not None:
+        return f"unknown config key {section}.{name}: {name!r} is in section {owner!r} ({owner}.{name})"
+    close = close_match(name, [f.name for f in fields(SECTIONS[section])]) or close_match(name, all_keys())
+    where = f"{section_of(close)}.{close}" if close else ""
+    return f"unknown config key {section}.{name}; " + (f"did you mean {where}?" if close else KEY_LIST_HINT)
+
+
+def close_match(word: str, choices, lower: bool = False) -> str | None:
+    """The choice closest to a mistyped ``word`` (difflib, ratio >= 0.6), or None;
+    ``lower`` compares case-insensitively (the choice keeps its case)."""
+    import difflib
+
     by_form: dict[str, str] = {}
     for c in map(str, choices):
         by_form.setdefault(c.lower() if lower else c, c)
-    import difflib
+    close = difflib.get_close_matches(str(word).lower() if lower else str(word), list(by_form), n=1, cutoff=0.6)
+    return by_form[close[0]] if close else None
 
-    close = difflib.get_close_matches(str(word).lower() if lower else str(word), list(by_form), n=n, cutoff=0.6)
-    return f"did you mean {' or '.join(dict.fromkeys(by_form[c] for c in close))}?" if close else ""
+
+def did_you_mean(word: str, choices, lower: bool = False) -> str:
+    """``did you mean gamma?`` naming the choice closest to a mistyped ``word``, or "" when none is close."""
+    close = close_match(word, choices, lower)
+    return f"did you mean {close}?" if close else ""
+
+
+def unknown_keys_message(unknown, known, what: str = "key(s)") -> str:
+    """``unknown key(s) overides; did you mean overrides?`` (several: ``... X for a, Y for b?``);
+    the known names when none is close."""
+    unknown, known = sorted(map(str, unknown)), sorted(map(str, known))
+    close = {u: close_match(u, known) for u in unknown}
+    found = [(u, c) for u, c in close.items() if c]
+    if len(unknown) == 1 and found:
+        hint = f"did you mean {found[0][1]}?"
+    elif found:
+        hint = "did you mean " + ", ".join(f"{c} for {u}" for u, c in found) + "?"
+    else:
+        hint = f"known: {', '.join(known)}"
+    return f"unknown {what} {', '.join(unknown)}; {hint}"
 
 
 def all_keys() -> list[str]:
@@ -438,19 +477,47 @@ def _section_name(obj: Any) -> str:
     return type(obj).__name__
 
 
+def _example(name: str, current: Any) -> str:
+    """A valid ``KEY=VALUE`` for the key ``name`` (``section.key``), from its current value."""
+    key = name.rpartition(".")[2]
+    if isinstance(current, bool):
+        return f"{key}=true or {key}=false"
+    if isinstance(current, list):
+        items = [str(v) for v in current[:4]] or (["1", "2"] if name.endswith("_layers") else ["a", "b"])
+        return f"{key}={','.join(items)} or {key}=[{', '.join(items)}]"
+    return f"{key}={current}"
+
+
+def _parse_list(name: str, current: list, text: str) -> list:
+    """A list from command-line text: ``a,b``, ``[a, b]`` (bare words, as YAML's flow style) or JSON."""
+    t = text.strip()
+    if t.startswith("[") != t.endswith("]"):
+        raise ConfigError(f"{name}: unbalanced brackets in {text!r}; write it as {_example(name, current)}")
+    if t.startswith("["):
+        try:
+            parsed = json.loads(t)
+        except ValueError:  # [meta:/data/loco]: bare words, not JSON
+            t = t[1:-1]
+        else:
+            if isinstance(parsed, list):
+                return parsed
+    return [v.strip().strip("'\"").strip() for v in t.split(",") if v.strip()]
+
+
 def _coerce(name: str, current: Any, value: Any) -> Any:
-    """Convert ``value`` to the type of the field's current value (CLI strings, YAML ints)."""
+    """Convert ``value`` to the type of the field's current value (CLI strings, YAML ints); a value
+    that does not convert raises ``ConfigError`` naming the key and a valid form."""
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{name} must be true or false; got {value!r}")
+        raise ConfigError(f"{name} must be true or false ({_example(name, current)}); got {value!r}")
     if isinstance(current, float):
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number; got {value!r}") from None
+            raise ConfigError(f"{name} must be a number, e.g. {_example(name, current)}; got {value!r}") from None
     if isinstance(current, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -458,27 +525,32 @@ def _coerce(name: str, current: Any, value: Any) -> Any:
             try:
                 return int(value)
             except ValueError:
-                raise ConfigError(f"{name} must be an integer; got {value!r}") from None
+                raise ConfigError(f"{name} must be an integer, e.g. {_example(name, current)}; got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer; got {value!r}")
+            raise ConfigError(f"{name} must be an integer, e.g. {_example(name, current)}; got {value!r}")
         return value
     if isinstance(current, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list; got {value!r}")
-        if current and isinstance(current[0], int) or name.endswith("_layers"):
-            try:
-                return [int(v) for v in value]
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a list of integers; got {value!r}") from None
-        return [str(v) for v in value]
+        return _coerce_list(name, current, value)
     if isinstance(current, str):
         if not isinstance(value, str):
             if value is None:
                 return ""
-            raise ConfigError(f"{name} must be a string; got {value!r}")
+            raise ConfigError(f"{name} must be a string, e.g. {_example(name, current)}; got {value!r}")
         return value
     return value
+
+
+def _coerce_list(name: str, current: list, value: Any) -> list:
+    if isinstance(value, str):
+        value = _parse_list(name, current, value)
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list, e.g. {_example(name, current)}; got {value!r}")
+    if current and isinstance(current[0], int) or name.endswith("_layers"):
+        try:
+            return [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a list of integers, e.g. {_example(name, current)}; "
+                              f"got {value!r}") from None
+    return [str(v) for v in value]

@@ -146,3 +146,23 @@ def _tiny_file(tmp_path, root):
     f = tmp_path / "tiny.yaml"
     f.write_text(f"preset: tiny\ndata: {{source: 'synthetic:{root}/domain_a', targets: ['synthetic:{root}/domain_b']}}\n")
     return f
+
+
+def test_missing_checkpoint_folder_is_named_as_missing(tmp_path, capsys):
+    """--checkpoint pointing at a folder that is not there says so (it said 'has no config.json'),
+    with the closest folder beside it; a folder that exists but holds no checkpoint keeps its message."""
+    from ssvp.cli import main
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "best").mkdir(parents=True)
+    (ckpts / "last").mkdir()
+    assert main(["eval", "--checkpoint", str(ckpts / "bset")]) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {ckpts / 'bset'}: the folder does not exist; did you mean {ckpts / 'best'}?" in err
+    assert "config.json" not in err
+    assert main(["predict", "--checkpoint", str(tmp_path / "nope" / "best"), "--input", str(tmp_path),
+                 "--class-name", "x", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert f"{tmp_path / 'nope' / 'best'}: the folder does not exist (nor does {tmp_path / 'nope'})" in \
+        capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(ckpts / "best")]) == 2  # there, but empty
+    assert "has no config.json" in capsys.readouterr().err

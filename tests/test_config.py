@@ -105,3 +105,86 @@ def test_import_ssvp_pulls_in_neither_ray_nor_mlflow():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- mistakes on the command line
+@pytest.mark.parametrize("override, message", [
+    ({"gama": 0.3}, "unknown config key 'gama'; did you mean gamma?"),
+    ({"lr_promt": 1e-3}, "unknown config key 'lr_promt'; did you mean lr_prompt?"),
+    ({"model.gama": 0.3}, "unknown config key model.gama; did you mean model.gamma?"),
+    ({"train.gama": 0.3}, "unknown config key train.gama; did you mean model.gamma?"),
+    ({"train.gamma": 0.3}, "unknown config key train.gamma: 'gamma' is in section 'model' (model.gamma)"),
+    ({"modle.gamma": 0.3}, "unknown config section 'modle' (in key modle.gamma); did you mean model?"),
+    ({"model": {"gama": 0.3}}, "unknown config key model.gama; did you mean model.gamma?"),
+    ({"zzqqxx": 1}, "unknown config key 'zzqqxx'; ssvp train --print-config lists every key"),
+])
+def test_mistyped_key_names_the_closest_not_all_keys(override, message):
+    with pytest.raises(ConfigError) as info:
+        Config().override(override)
+    assert str(info.value) == message  # one suggestion, not the ~70 keys
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"gamma": "abc"}, "model.gamma must be a number, e.g. gamma=0.5; got 'abc'"),
+    ({"epochs": "1.5"}, "train.epochs must be an integer, e.g. epochs=15; got '1.5'"),
+    ({"vcpg": "maybe"}, "model.vcpg must be true or false (vcpg=true or vcpg=false); got 'maybe'"),
+    ({"clip_layers": "[6, 12, x]"},
+     "model.clip_layers must be a list of integers, e.g. clip_layers=6,12,18,24 or clip_layers=[6, 12, 18, 24]"),
+    ({"data.targets": "[meta:/data/loco"}, "data.targets: unbalanced brackets in '[meta:/data/loco'; write it as "
+                                           "targets=mvtec:data/mvtec_anomaly_detection or targets=[mvtec:"),
+    ({"targets": 3}, "data.targets must be a list, e.g. targets=mvtec:data/mvtec_anomaly_detection or targets=["),
+])
+def test_unparsable_value_names_the_key_and_a_valid_form(override, message):
+    with pytest.raises(ConfigError) as info:
+        Config().override(override)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("meta:/data/loco", ["meta:/data/loco"]),  # a bare FORMAT:ROOT for a list key
+    ("[meta:/data/loco]", ["meta:/data/loco"]),  # YAML-style flow list, unquoted (was a JSON error)
+    ("[meta:/data/loco, visa:/data/VisA]", ["meta:/data/loco", "visa:/data/VisA"]),
+    ('["meta:/data/loco", "visa:/data/VisA"]', ["meta:/data/loco", "visa:/data/VisA"]),
+    ("meta:/a,mvtec:/b", ["meta:/a", "mvtec:/b"]),
+])
+def test_list_key_accepts_the_forms_a_person_types(text, want):
+    assert Config().override({"data.targets": text}).data.targets == want
+
+
+def test_ssvp_cli_set_mistakes(capsys):
+    import yaml
+
+    from ssvp.cli import main
+
+    assert main(["train", "--set", "gama=0.3", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'gama'; did you mean gamma?" in err and "focal_lambda" not in err
+    assert main(["train", "--set", "data.targets=[meta:/data/loco]", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out.split("\n", 1)[1])["data"]["targets"] == ["meta:/data/loco"]
+    assert main(["train", "--set", "gamma=high", "--print-config"]) == 2
+    assert "model.gamma must be a number, e.g. gamma=0.5; got 'high'" in capsys.readouterr().err
+
+
+def test_grid_and_sweep_files_suggest_the_key_and_variant_meant(tmp_path):
+    """Grid keys and variant names, sweep sections and sweep --set (search space keys and the sweep
+    file's other sections: tests/test_tuning_space.py)."""
+    from ablations.spec import GridError, parse_grid
+    from tuning.settings import SweepConfigError, load_sweep
+
+    grid = {"name": "g", "base": {"preset": "tiny"}, "variants": [{"name": "full", "letter": "E"}, {"name": "no_vtam"}]}
+    with pytest.raises(GridError, match=r"unknown key\(s\) refernce; did you mean reference\?$"):
+        parse_grid({**grid, "refernce": "full"})
+    with pytest.raises(GridError, match=r"variants\[0\]: unknown key\(s\) overides; did you mean overrides\?$"):
+        parse_grid({**grid, "variants": [{"name": "a", "overides": {}}]})
+    with pytest.raises(GridError, match=r"no variant named 'no_vtm'; did you mean no_vtam\?$"):
+        parse_grid(grid).variant("no_vtm")
+    with pytest.raises(GridError, match=r"no variant named 'zz'; variants: full, no_vtam$"):
+        parse_grid(grid).variant("zz")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nsearch: {algorithm: optuna, schedular: asha}\n")
+    with pytest.raises(SweepConfigError, match=r"search: unknown key\(s\) schedular; did you mean scheduler\?$"):
+        load_sweep(sweep)
+    sweep.write_text("name: s\n")
+    with pytest.raises(SweepConfigError, match=r"--set: unknown config key 'gama'; did you mean gamma\?$"):
+        load_sweep(sweep, {"gama": 0.3})

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "space, key, fragment",
     [
-        ({"gama": {"type": "uniform", "low": 0, "high": 1}}, "gama", "not a model/train/data config key"),
+        ({"gama": {"type": "uniform", "low": 0, "high": 1}}, "gama", "not a model/train/data config key; did you mean gamma"),
         ({"gamma": {"type": "uniform", "low": 0.9, "high": 0.1}}, "gamma", "low (0.9) > high (0.1)"),
         ({"beta": {"type": "loguniform", "low": 0.0, "high": 0.1}}, "beta", "log scale needs low > 0"),
         ({"lambda2": {"type": "loguniform", "low": -1.0, "high": 1.0}}, "lambda2", "log scale needs low > 0"),
@@ -149,8 +149,12 @@ def test_shipped_sweep_configs_validate(name, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, error, match", [
-    ("search: {algorithm: optuna, num_sample: 3}", "config", r"bad.yaml: search: unknown key\(s\) \['num_sample'\]"),
-    ("spaces: {}", "config", r"unknown key\(s\) \['spaces'\]"),
+    ("search: {algorithm: optuna, num_sample: 3}", "config",
+     r"bad.yaml: search: unknown key\(s\) num_sample; did you mean num_samples\?$"),
+    ("spaces: {}", "config", r"unknown key\(s\) spaces; did you mean space\?$"),
+    ("resources: {use_gpus: true, cpus_per_workr: 2}", "config", r"resources: unknown key\(s\) cpus_per_workr, "
+     r"use_gpus; did you mean cpus_per_worker for cpus_per_workr, use_gpu for use_gpus\?$"),
+    ("resources: {tpu: 1}", "config", r"resources: unknown key\(s\) tpu; known: cpus_per_worker, extra, "),  # none close
     # values are checked once, at load, naming the file and the section
     ("search: {algorithm: random}", "config", r"bad.yaml: search: algorithm must be 'optuna' or 'grid'"),
     ("target_eval: some", "config", r"bad.yaml: target_eval: must be best, all or none"),

@@ -70,7 +70,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ssvp.config import Config, ConfigError, load_config
+from ssvp.config import Config, ConfigError, load_config, unknown_keys_message
 
 __all__ = [
     "SweepConfigError",
@@ -291,7 +291,7 @@ def _section(cls, raw: Any, where: str):
     names = _FILE_KEYS[cls]
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise SweepConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(names))}")
+        raise SweepConfigError(f"{where}: {unknown_keys_message(unknown, names)}")
     return cls(**dict(raw))
 
 
@@ -316,10 +316,11 @@ def read_sweep_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise SweepConfigError(f"sweep config {p} must hold a mapping at top level")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise SweepConfigError(f"sweep config {p}: unknown key(s) {unknown}; known: {', '.join(sorted(_TOP_KEYS))}")
-    unknown_base = sorted(set(raw.get("base") or {}) - {"preset", "overrides", "synthetic"})
+        raise SweepConfigError(f"sweep config {p}: {unknown_keys_message(unknown, _TOP_KEYS)}")
+    base_keys = {"preset", "overrides", "synthetic"}
+    unknown_base = sorted(set(raw.get("base") or {}) - base_keys)
     if unknown_base:
-        raise SweepConfigError(f"{p}: base: unknown key(s) {unknown_base}; known: overrides, preset, synthetic")
+        raise SweepConfigError(f"{p}: base: {unknown_keys_message(unknown_base, base_keys)}")
     return p, dict(raw)
 
 

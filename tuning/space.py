@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ssvp.config import Config, ConfigError, section_of
+from ssvp.config import KEY_LIST_HINT, Config, ConfigError, all_keys, did_you_mean, section_of
 
 __all__ = ["SpaceError", "ParamSpec", "SearchSpace", "parse_space", "KINDS", "SEARCHED_KINDS"]
 
@@ -165,8 +165,9 @@ def _flat_key(raw: Any) -> str:
     try:
         owner = section_of(name)
     except ConfigError:
+        hint = did_you_mean(name, all_keys())
         raise SpaceError(
-            f"search space key {raw!r} is not a model/train/data config key (see ssvp.config)"
+            f"search space key {raw!r} is not a model/train/data config key; " + (hint or KEY_LIST_HINT)
         ) from None
     if section and section != owner:
         raise SpaceError(f"search space key {raw!r}: {name!r} belongs to section {owner!r}, not {section!r}")
