@@ -434,6 +434,9 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: float) -> dict[str, Any]:
     """records.jsonl, grid.json, the tables and plots under ``run.out``, logged on the parent run."""
+    from ssvp.paths import launch_dir
+    from tuning.paths import config_name
+
     records = records_from_summary(summary, run.base)
     if args.per_class:
         import ray
@@ -444,7 +447,9 @@ def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: floa
     out, grid = run.out, run.grid
     write_records(records, out / "records.jsonl")
     state = {
-        "grid": grid.name, "grid_file": str(Path(grid.path).resolve()), "name": run.name, "seeds": run.seeds,
+        # the grid file as the user named it and where they launched from (not a `ray job submit` copy)
+        "grid": grid.name, "grid_file": config_name(grid.path), "launch_dir": str(launch_dir()),
+        "name": run.name, "seeds": run.seeds,
         "variants": run.chosen, "reference": grid.reference, "tracking_uri": summary.tracking_uri,
         "experiment": summary.experiment, "parent_run_id": summary.parent_run_id,
         "experiment_path": summary.experiment_path, "interrupted": summary.interrupted,

@@ -169,17 +169,65 @@ def _print_config(cfg: Config) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import evaluate, fit
+MLFLOW_HELP = ("record the run in MLflow (also when MLFLOW_TRACKING_URI is set): the sweeps' names, "
+               "train/… val/… per epoch, target/<dataset>/<metric>; store MLFLOW_TRACKING_URI, "
+               "else sqlite:///./runs/mlflow.db, experiment MLFLOW_EXPERIMENT_NAME, else ssvp-runs")
+RECORDER = "tuning.single_run"  # the MLflow recorder of single runs (the platform layer; see _recorder)
 
+
+def _recorder(args: argparse.Namespace, command: str, cfg: Config, checkpoint: str | None = None):
+    """The run's MLflow recorder when asked (``--mlflow`` or ``MLFLOW_TRACKING_URI`` set), else None.
+
+    ``ssvp`` imports neither Ray nor MLflow: the recorder lives in the platform layer
+    (``tuning/single_run.py``) and is loaded by name, only then. It takes ``on_epoch`` (as
+    ``fit``'s callback), ``trained``, ``evaluated`` and ``end``."""
+    import importlib
+    import os
+
+    if not (getattr(args, "mlflow", False) or os.environ.get("MLFLOW_TRACKING_URI")):
+        return None
+    try:
+        module = importlib.import_module(RECORDER)
+    except ImportError as exc:
+        raise ValueError(f"--mlflow: cannot load the MLflow recorder {RECORDER} ({exc}); "
+                         "install the platform layer (ray, mlflow) or leave --mlflow out") from None
+    rec = module.start_run(command, cfg, checkpoint=checkpoint)
+    print(f"MLflow run: {rec.url}", flush=True)
+    return rec
+
+
+def _each(*callbacks):
+    """One ``on_epoch`` callback calling each of ``callbacks`` (None skipped)."""
+    live = [c for c in callbacks if c is not None]
+    return lambda epoch, metrics, checkpoint: [c(epoch, metrics, checkpoint) for c in live] and None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.print_config:
         return _print_config(cfg)
+    rec = _recorder(args, "train", cfg)
+    try:
+        _train(args, cfg, rec)
+    except BaseException:
+        if rec is not None:
+            rec.end("FAILED")
+        raise
+    if rec is not None:
+        rec.end("FINISHED")
+    return 0
+
+
+def _train(args: argparse.Namespace, cfg: Config, rec) -> None:
+    from .engine import evaluate, fit
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     result = fit(cfg, checkpoint_dir=out / "checkpoints", resume_from=args.resume,
-                 on_epoch=EpochPrinter(cfg.train.epochs))
+                 on_epoch=_each(EpochPrinter(cfg.train.epochs), rec and rec.on_epoch))
+    if rec is not None:
+        rec.trained(result.history, result.best_epoch, out / "checkpoints" / "best")
     from .features import _atomic_write
 
     _atomic_write(out / "history.json", lambda fh: fh.write(json.dumps(result.history, indent=2).encode("utf-8")))
@@ -197,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"\n## {target}\n{_metric_table(report)}")
         _write_report(results, out / "eval.json")
         print(f"\ntarget evaluation written to {out / 'eval.json'}")
-    return 0
+        if rec is not None:
+            rec.evaluated(results)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -208,12 +257,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _print_config(cfg)
     if args.out:
         _check_out_file(args.out)
-    results = evaluate(cfg, args.checkpoint, datasets=args.targets or None)
+    rec = _recorder(args, "eval", cfg.override({"targets": list(args.targets)}) if args.targets else cfg,
+                    checkpoint=args.checkpoint)
+    try:
+        results = evaluate(cfg, args.checkpoint, datasets=args.targets or None)
+    except BaseException:
+        if rec is not None:
+            rec.end("FAILED")
+        raise
     for target, report in results.items():
         print(f"\n## {target}\n{_metric_table(report)}")
     if args.out:
         _write_report(results, Path(args.out))
         print(f"\nwritten to {args.out}")
+    if rec is not None:
+        rec.evaluated(results)
+        rec.end("FINISHED")
     return 0
 
 
@@ -373,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="CHECKPOINT_DIR", help="checkpoint directory to continue from (e.g. OUT/checkpoints/last)")
     p.add_argument("--no-eval", action="store_true", help="skip the target evaluation after training")
     p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
+    p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
     p.set_defaults(func=cmd_train)
 
     p = _command(sub, "eval", "evaluate a checkpoint on the target datasets",
@@ -385,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datasets to evaluate on, e.g. mvtec:/data/mvtec_ad visa:/data/VisA (default: data.targets)")
     p.add_argument("--out", metavar="FILE", help="also write the results to FILE (.json, or .csv: one row per class)")
     p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
+    p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = _command(sub, "predict", "score images and write anomaly-map overlays, panels and labels",

@@ -12,10 +12,31 @@ from conftest import synthetic_config
 from ssvp.engine import NonFiniteLossError, fit
 
 
-def ssvp(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def ssvp(*args, cwd, **extra_env):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra_env}
     proc = subprocess.run([sys.executable, "-m", "ssvp.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
     return proc
+
+
+def _assert_recorded_in_mlflow(store: str, history: list) -> None:
+    """`ssvp train --mlflow` and `ssvp eval` (MLFLOW_TRACKING_URI set) under the sweeps' names."""
+    from mlflow import MlflowClient, load_table
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("ssvp-runs")
+    runs = {r.data.tags["role"]: r for r in client.search_runs([exp.experiment_id])}
+    train, ev = runs["train"], runs["eval"]
+    assert train.info.status == ev.info.status == "FINISHED" and train.data.params["gamma"] == "0.4"
+    steps = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "val/objective")}
+    assert steps == pytest.approx({h["epoch"]: h["val_objective"] for h in history})
+    assert {m.step for m in client.get_metric_history(train.info.run_id, "train/loss")} == {1, 2}
+    assert train.data.metrics["best_val_objective"] == pytest.approx(max(steps.values()))
+    assert "epoch" not in train.data.metrics
+    assert "checkpoints/best/head.pt" in {a.path for a in client.list_artifacts(train.info.run_id, "checkpoints/best")}
+    for run in (train, ev):
+        assert 0.0 <= run.data.metrics["target/domain_b/image_auroc"] <= 1.0
+    table = load_table("target_per_class.json", run_ids=[ev.info.run_id])
+    assert len(table) == 6 and "mean" in set(table["class"])  # five classes + mean
 
 
 def test_train_eval_predict(tmp_path, synthetic_root):
@@ -26,8 +47,9 @@ def test_train_eval_predict(tmp_path, synthetic_root):
         f"data: {{source: 'synthetic:{synthetic_root}/domain_a', targets: ['synthetic:{synthetic_root}/domain_b'], max_per_class: 4}}\n"
     )
     out = tmp_path / "run"
-    proc = ssvp("train", "--config", str(cfg_file), "--set", "gamma=0.4", "--out", str(out), cwd=tmp_path)
+    proc = ssvp("train", "--config", str(cfg_file), "--set", "gamma=0.4", "--out", str(out), "--mlflow", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MLflow run: http://127.0.0.1:5000/#/experiments/" in proc.stdout
     assert "best epoch" in proc.stdout and "mean" in proc.stdout
     epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(" | ")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]  # tiny preset too
@@ -46,8 +68,10 @@ def test_train_eval_predict(tmp_path, synthetic_root):
     assert not any(k.startswith(("backbones", "clip", "dino")) for k in state["head"])
 
     csv_out = tmp_path / "eval.csv"
-    proc = ssvp("eval", "--checkpoint", str(best), "--out", str(csv_out), cwd=tmp_path)
+    store = f"sqlite:///{tmp_path}/runs/mlflow.db"  # where `--mlflow` recorded the training run
+    proc = ssvp("eval", "--checkpoint", str(best), "--out", str(csv_out), cwd=tmp_path, MLFLOW_TRACKING_URI=store)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_recorded_in_mlflow(store, history)
     rows = list(csv.DictReader(csv_out.open()))
     classes = {r["class"] for r in rows}
     assert "mean" in classes and len(classes) == 6  # five domain-B classes + mean

@@ -22,7 +22,7 @@ def test_metric_names_are_namespaced_one_per_quantity():
     assert mlflow_metric_name("val_objective") == "val/objective"
     assert mlflow_metric_name("val_image_auroc") == "val/image_auroc"
     assert mlflow_metric_name("lr_prompt") == "lr/prompt"  # never the name of the lr_prompt parameter
-    assert mlflow_metric_name("target_domain_b_image_auroc") == "target_domain_b_image_auroc"
+    assert mlflow_metric_name("target/domain_b/image_auroc") == "target/domain_b/image_auroc"
 
 
 def test_run_names_read_as_the_paper_writes_the_values():
@@ -53,9 +53,9 @@ def test_console_prints_one_line_per_trial_with_the_best_epoch():
     con.on_trial_complete(0, [a, b, c], b)  # reported twice: printed once
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("[1/3] t00 γ=0.5  val_objective 0.8000 @ epoch 2/3")
+    assert lines[0].startswith("[1/3] t00 γ=0.5  best_val_objective 0.8000 @ epoch 2/3")
     assert lines[0].endswith("| best t00 0.8000 @ 2 | 1 running")
-    assert "val_objective 0.5000 @ epoch 1/3  stopped early (ASHA)" in lines[1]
+    assert "best_val_objective 0.5000 @ epoch 1/3  stopped early (ASHA)" in lines[1]
     assert "best t00 0.8000 @ 2" in lines[1]
 
 
@@ -67,8 +67,8 @@ def test_console_names_the_variant_of_a_grid_cell():
         con.on_trial_result(0, [a, b], t, {"val_objective": 0.5, "epoch": 1})
         con.on_trial_complete(0, [a, b], t)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("[1/2] t00 E/full seed=1  val_objective 0.5000 @ epoch 1/1")
-    assert lines[1].startswith("[2/2] t01 x seed=0  val_objective")  # no label: the variant's name
+    assert lines[0].startswith("[1/2] t00 E/full seed=1  best_val_objective 0.5000 @ epoch 1/1")
+    assert lines[1].startswith("[2/2] t01 x seed=0  best_val_objective")  # no label: the variant's name
 
 
 def _summary(objectives: list) -> ResultSummary:

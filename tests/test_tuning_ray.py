@@ -81,9 +81,10 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
         space=space,
         search=SearchSettings(algorithm="optuna", num_samples=3, seed=0, scheduler="asha", max_concurrent_trials=2),
         resources=ResourceSettings(use_gpu=False, cpus_per_worker=0.5),
-        mlflow=MlflowSettings(tracking_uri=uri, experiment="test-sweep"),
+        mlflow=MlflowSettings(tracking_uri=uri, experiment="test-sweep", register_model="ssvp-test-heads"),
         storage_path=str(tmp_path / "ray"),
         verbose=1,  # the console lines, not Tune's table
+        description="Tiny Optuna sweep of gamma and lr_head.",
     )
     summary = run_trials(sweep)
     out = capsys.readouterr().out
@@ -97,6 +98,18 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     assert {re.match(r"^\[\d/3\] (t\d\d)", ln).group(1) for ln in lines} == {t.label for t in summary.trials}
     assert f"best {summary.best.label} {summary.best.objective:.4f} @ {int(summary.best.metrics['best_epoch'])}" in lines[-1]
     assert client.get_experiment(summary.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # the summary: the parent run's page in the model-training view, the target metrics as a table
+    printed = summary.format()
+    assert (f"then open http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs/{summary.parent_run_id}"
+            "?workflowType=machine_learning") in printed
+    table = printed.splitlines()[printed.splitlines().index(next(ln for ln in printed.splitlines()
+                                                                  if ln.startswith("target evaluation"))) + 1:]
+    assert table[0].split()[:2] == ["dataset", "image_auroc"] and table[1].split()[0] == "domain_b"
+    assert "models:/ssvp-test-heads/1" in printed
+    # descriptions: the sweep's on the experiment and the parent, whose overview holds the results table
+    assert client.get_experiment(summary.experiment_id).tags["mlflow.note.content"] == sweep.description
+    note = client.get_run(summary.parent_run_id).data.tags["mlflow.note.content"]
+    assert note.startswith(sweep.description) and "| trial | best_val_objective |" in note and "| domain_b |" in note
 
     # artifacts go beside the SQLite file, never into the working directory
     assert client.get_experiment(summary.experiment_id).artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
@@ -116,6 +129,8 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     for run in children:
         assert run.info.status == "FINISHED"
         trial = by_trial[run.data.tags["trial_id"]]
+        assert run.data.tags["early_stopped"] == ("true" if trial.status == "EARLY_STOPPED" else "false")
+        assert "epoch" not in run.data.metrics  # step = epoch
         # all params of the resolved config, sampled values included
         assert float(run.data.params["gamma"]) == pytest.approx(trial.params["gamma"])
         assert run.data.params["epochs"] == "2" and run.data.params["clip_model"] == "tiny"
@@ -147,6 +162,11 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     # the paper's defaults are the first point; the study lives in SQLite
     study = optuna.load_study(study_name="opt3", storage=f"sqlite:///{tmp_path}/ray/opt3/optuna.db")
     assert len(study.trials) == 3
+    # one vocabulary: the study's objective is MLflow's best_val_objective; trials and study point at MLflow and Ray
+    assert study.metric_names == ["best_val_objective"]
+    assert study.user_attrs["mlflow_parent_run_id"] == summary.parent_run_id and study.user_attrs["sweep_name"] == "opt3"
+    assert {(ot.user_attrs["ray_trial_id"], ot.user_attrs["mlflow_run_id"]) for ot in study.trials} == {
+        (t.trial_id, t.run_id) for t in summary.trials}
     assert study.trials[0].params == {"gamma": 0.5, "lr_head": pytest.approx(1e-4)}
     # Optuna stores what MLflow reports: the best epoch; ASHA stops are PRUNED with their epochs
     mlflow_best = {t.number: t.objective for t in summary.trials}
@@ -157,7 +177,8 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
         if trial.status == "EARLY_STOPPED":
             assert ot.state == optuna.trial.TrialState.PRUNED and max(hist) < 2
         else:
-            assert ot.state == optuna.trial.TrialState.COMPLETE and ot.value == pytest.approx(mlflow_best[ot.number])
+            assert ot.state == optuna.trial.TrialState.COMPLETE
+        assert ot.value == pytest.approx(mlflow_best[ot.number])  # a pruned trial's too: its best epoch
     complete = [t for t in summary.trials if t.status == "FINISHED"]
     assert study.best_value == pytest.approx(max(t.objective for t in complete))
     assert any(t.params == {"gamma": 0.5, "lr_head": pytest.approx(1e-4)} for t in summary.trials)
@@ -177,16 +198,21 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     assert float(refit_run.data.params["gamma"]) == pytest.approx(summary.best.params["gamma"])
     assert [m.step for m in client.get_metric_history(refit_run.info.run_id, "train/loss")] == [1, 2]
     assert not [k for k in refit_run.data.metrics if k.startswith("val/")]  # nothing held out
-    refit_files = {a.path for a in client.list_artifacts(refit_run.info.run_id, "model")}
-    assert "model/MLmodel" in refit_files  # registrable: runs:/<id>/model
+    assert refit_run.data.tags["source_run_id"] == summary.best.run_id
+    # an MLflow 3 LoggedModel of the refit run, registered as asked
+    (logged,) = client.search_logged_models(experiment_ids=[summary.experiment_id])
+    assert logged.source_run_id == refit_run.info.run_id and logged.name == "model"
+    assert summary.model_uri == f"models:/{logged.model_id}" and summary.registered_model == "models:/ssvp-test-heads/1"
+    assert client.get_model_version("ssvp-test-heads", "1").run_id == refit_run.info.run_id
     import mlflow.pyfunc
     import pandas as pd
 
     mlflow.set_tracking_uri(uri)
-    scorer = mlflow.pyfunc.load_model(f"runs:/{refit_run.info.run_id}/model")
     image = sorted((synthetic_root / "domain_b").rglob("test/*/*.png"))[0]
-    scored = scorer.predict(pd.DataFrame({"path": [str(image)], "class_name": [image.parts[-4]]}))
-    assert 0.0 <= float(scored["score"][0]) <= 1.0
+    for model_uri in ("models:/ssvp-test-heads/1", f"runs:/{refit_run.info.run_id}/model"):
+        scorer = mlflow.pyfunc.load_model(model_uri)
+        scored = scorer.predict(pd.DataFrame({"path": [str(image)], "class_name": [image.parts[-4]]}))
+        assert 0.0 <= float(scored["score"][0]) <= 1.0
     assert "checkpoints/final/head.pt" in {a.path for a in client.list_artifacts(refit_run.info.run_id, "checkpoints/final")}
     assert summary.refit_run_id == refit_run.info.run_id and Path(summary.refit_checkpoint, "head.pt").is_file()
     # the refit heads are the last epoch's, and they are not the selected trial's heads
@@ -203,8 +229,16 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     assert target_run.data.tags["model_run_id"] == refit_run.info.run_id
     assert target_run.data.params["checkpoint"] == summary.refit_checkpoint
     assert [d.dataset.name for d in target_run.inputs.dataset_inputs] == ["domain_b (synthetic)"]
-    assert 0.0 <= target_run.data.metrics["target_domain_b_image_auroc"] <= 1.0
-    assert summary.target_metrics["target_domain_b_image_auroc"] == target_run.data.metrics["target_domain_b_image_auroc"]
+    assert 0.0 <= target_run.data.metrics["target/domain_b/image_auroc"] <= 1.0
+    assert summary.target_metrics["target/domain_b/image_auroc"] == target_run.data.metrics["target/domain_b/image_auroc"]
+    per_class = mlflow.load_table("target_per_class.json", run_ids=[target_run.info.run_id])
+    assert set(per_class["dataset"]) == {"domain_b"} and "mean" in set(per_class["class"])
+    mean_row = per_class[per_class["class"] == "mean"].iloc[0]
+    assert mean_row["image_auroc"] == pytest.approx(target_run.data.metrics["target/domain_b/image_auroc"])
+    # importance: Optuna's evaluator on the study's COMPLETE trials, how many, indicative
+    imp = json.loads(Path(client.download_artifacts(summary.parent_run_id, "param_importance.json",
+                                                    str(tmp_path / "imp"))).read_text())
+    assert imp["n_trials"] == sum(t.status == "FINISHED" for t in summary.trials) and imp["indicative"] is True
     # nothing left running
     assert all(r.info.status != "RUNNING" for r in client.search_runs([summary.experiment_id]))
 
@@ -253,8 +287,8 @@ def test_failing_trial_is_recorded_failed_and_the_sweep_goes_on(ray_session, syn
     ok = next(t for t in summary.trials if t.variant == "ok")
     spec = f"synthetic:{synthetic_root}/domain_b"
     assert set(ok.target_report) == {spec}
-    assert ok.metrics["target_domain_b_image_auroc"] == pytest.approx(ok.target_report[spec]["mean"]["image_auroc"])
-    assert runs["ok"].data.metrics["target_domain_b_pixel_auroc"] == pytest.approx(
+    assert ok.metrics["target/domain_b/image_auroc"] == pytest.approx(ok.target_report[spec]["mean"]["image_auroc"])
+    assert runs["ok"].data.metrics["target/domain_b/pixel_auroc"] == pytest.approx(
         ok.target_report[spec]["mean"]["pixel_auroc"]
     )
     assert "target_report.json" in {a.path for a in client.list_artifacts(runs["ok"].info.run_id)}

@@ -201,11 +201,11 @@ def test_flatten_target_report_names_and_means():
         "mvtec:/data/mvtec_anomaly_detection/": {"mean": {"image_auroc": 0.6, "pixel_auroc": float("nan")}},
     }
     flat = flatten_target_report(report)
-    assert flat["target_domain_b_image_auroc"] == pytest.approx(0.8)
-    assert flat["target_mvtec_anomaly_detection_image_auroc"] == pytest.approx(0.6)
-    assert flat["target_mean_image_auroc"] == pytest.approx(0.7)
-    assert flat["target_mean_pixel_auroc"] == pytest.approx(0.6)  # NaN left out of the mean
-    assert target_metric_name("visa:data/VisA", "pixel_aupro") == "target_VisA_pixel_aupro"
+    assert flat["target/domain_b/image_auroc"] == pytest.approx(0.8)
+    assert flat["target/mvtec_anomaly_detection/image_auroc"] == pytest.approx(0.6)
+    assert flat["target/mean/image_auroc"] == pytest.approx(0.7)
+    assert flat["target/mean/pixel_auroc"] == pytest.approx(0.6)  # NaN left out of the mean
+    assert target_metric_name("visa:data/VisA", "pixel_aupro") == "target/VisA/pixel_aupro"
 
 
 # --------------------------------------------------------------------------- tracking helpers
@@ -250,20 +250,25 @@ def test_results_table_and_importance(tmp_path):
         {"gamma": {"type": "uniform", "low": 0, "high": 1}, "xi": {"type": "uniform", "low": 0, "high": 1}},
         Config.tiny(),
     )
-    # two finite trials -> Spearman: gamma ranks agree with the objective (|rho| = 1), xi is reversed (|rho| = 1 too)
-    params = [{"gamma": 0.1, "xi": 0.9}, {"gamma": 0.5, "xi": 0.2}, {"gamma": 0.3, "xi": 0.3}]
-    imp, method = param_importance(params, [0.2, 0.7, None], space.params)
-    assert method == "spearman-abs"
-    assert imp == {"gamma": pytest.approx(1.0), "xi": pytest.approx(1.0)}
-    # constant objective -> zero correlation
-    params3 = [{"gamma": 0.1, "xi": 0.9}, {"gamma": 0.5, "xi": 0.2}]
-    imp0, _ = param_importance(params3, [0.4, 0.4], space.params)
-    assert imp0 == {"gamma": 0.0, "xi": 0.0}
-    # >= 3 finite trials -> Optuna's fANOVA; importances sum to 1
-    params5 = [{"gamma": g, "xi": 0.5} for g in (0.1, 0.3, 0.5, 0.7)]
-    params5[1]["xi"] = 0.6
-    imp5, method5 = param_importance(params5, [0.1, 0.3, 0.5, 0.7], space.params)
-    assert method5 == "optuna-fanova" and math.isclose(sum(imp5.values()), 1.0, rel_tol=1e-6)
-    assert imp5["gamma"] > imp5["xi"]
+    # Optuna's own evaluator (PED-ANOVA, what optuna-dashboard shows), on the trials with a value
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    params = [{"gamma": g, "xi": 0.5 + 0.01 * i} for i, g in enumerate((0.1, 0.3, 0.5, 0.7, 0.2, 0.9))]
+    values = [3 * p["gamma"] + 0.01 * p["xi"] for p in params]
+    got = param_importance(params + [{"gamma": 0.4, "xi": 0.1}], values + [None], space.params)
+    assert got["method"] == "optuna-ped-anova" and got["n_trials"] == 6 and got["indicative"]
+    assert "indicative" in got["note"] and math.isclose(sum(got["importance"].values()), 1.0, rel_tol=1e-6)
+    assert got["importance"]["gamma"] > got["importance"]["xi"]
+    # on a real study it is what the dashboard computes for the same study
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: 3 * t.suggest_float("gamma", 0, 1) + 0.1 * t.suggest_float("xi", 0, 1), n_trials=25)
+    on_study = param_importance([], [], space.params, study=study)
+    assert not on_study["indicative"] and on_study["n_trials"] == 25
+    assert on_study["importance"] == pytest.approx(get_param_importances(study, evaluator=PedAnovaImportanceEvaluator()))
+    # too few trials: none, and said so
+    few = param_importance(params[:1], values[:1], space.params)
+    assert few["importance"] == {} and few["n_trials"] == 1 and "no importance" in few["note"]
+    imp5, method5 = got["importance"], got["method"]
     assert plot_objective([0.2, None, 0.7], ["a", "b", "c"], "val_objective", "max", tmp_path / "o.png").stat().st_size > 1000
     assert plot_importance(imp5, method5, tmp_path / "i.png").stat().st_size > 1000

@@ -18,7 +18,13 @@ The only package that imports Ray and MLflow (``ssvp/`` never does). A sweep is 
 """
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# MLflow prints "View run … at: <URL>" for every run it ends on a tracking server (some twenty lines a
+# sweep, a password in the URL included): the project's processes print their own link instead
+# (ResultSummary.format: the parent run in the model-training view)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 __all__ = [
     "run_trials", "ResultSummary", "TrialSummary", "SweepConfig", "load_sweep", "parse_space", "SearchSpace", "SpaceError",

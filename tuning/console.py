@@ -3,8 +3,8 @@
 ::
 
     [sweep] quick-20261201-160102: optuna, 8 trials, objective val_objective (max), ASHA on epoch
-    [1/8] t00 γ=0.5 ξ=0.85 β=0.1 ...  val_objective 0.7241 @ epoch 3/3          best t00 0.7241 | 2 running
-    [2/8] t01 γ=0.549 ξ=0.822 ...      val_objective 0.6120 @ epoch 1/3  ASHA   best t00 0.7241 | 2 running
+    [1/8] t00 γ=0.5 ξ=0.85 β=0.1 ...  best_val_objective 0.7241 @ epoch 3/3          best t00 0.7241 | 2 running
+    [2/8] t01 γ=0.549 ξ=0.822 ...      best_val_objective 0.6120 @ epoch 1/3  ASHA   best t00 0.7241 | 2 running
     [3/8] t02 ...                      FAILED  DatasetError: cannot read image ...
 
 The objective of a trial is its *best* epoch (the heads it keeps, what MLflow's
@@ -82,7 +82,7 @@ class SweepConsole(_TuneCallback):
             value, epoch = best
             last = max(self._values[trial.trial_id])
             stopped = "  stopped early (ASHA)" if last < self.epochs else ""
-            body = f"{self.metric} {value:.4f} @ epoch {epoch}/{self.epochs}{stopped}"
+            body = f"best_{self.metric} {value:.4f} @ epoch {epoch}/{self.epochs}{stopped}"
             better = self._best is None or (value > self._best[1] if self.mode == "max" else value < self._best[1])
             if better:
                 self._best = (label, value, epoch)

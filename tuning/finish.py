@@ -37,7 +37,7 @@ from .storage import join, local_copy
 from .tracking import SweepTracker, error_summary
 from .trial import flatten_target_report, resolve_trial_config
 
-__all__ = ["finish", "pick_best", "refit", "evaluate_targets", "report_parent", "call_hook"]
+__all__ = ["finish", "pick_best", "refit", "evaluate_targets", "report_parent", "call_hook", "log_model"]
 
 
 def finish(summary: ResultSummary, plan: Plan, tracker: SweepTracker, started: float,
@@ -94,7 +94,7 @@ def refit(summary: ResultSummary, plan: Plan, tracker: SweepTracker, best_cfg: C
         _log_history(tracker, run_id, history)
         with local_copy(out / "last") as heads:  # a local folder, or downloaded from s3://
             tracker.log_artifacts(run_id, heads, "checkpoints/final")
-            log_heads_model(tracker, run_id, heads)
+            log_model(summary, tracker, run_id, heads, plan.sweep.mlflow.register_model, cfg)
         tracker.client.set_terminated(run_id, "FINISHED")
     except Exception as exc:  # noqa: BLE001 - the search itself succeeded; record and go on
         _fail_run(summary, tracker, run_id, "refit", exc)
@@ -105,8 +105,9 @@ def refit(summary: ResultSummary, plan: Plan, tracker: SweepTracker, best_cfg: C
 
 
 def _refit_tags(best, cfg: Config) -> dict:
+    """``source_run_id``: the run of the trial whose configuration was refit."""
     return {"role": "refit", "trial_id": best.trial_id, "variant": best.variant or "", "seed": cfg.train.seed,
-            "protocol": "paper", "selected_with": "select"}
+            "protocol": "paper", "selected_with": "select", "source_run_id": best.run_id or ""}
 
 
 def _refit_task(cfg_dict: dict, out: str, use_gpu: bool) -> list[dict]:
@@ -143,7 +144,7 @@ def _remote(plan: Plan, fn: Callable):
 def _log_history(tracker: SweepTracker, run_id: str, history: list[dict]) -> None:
     from .tracking import mlflow_metric_name
 
-    for h in history:
+    for h in history:  # step = epoch: no separate ``epoch`` metric
         epoch = int(h.get("epoch", 0))
         tracker.log_metrics(run_id, {mlflow_metric_name(k): v for k, v in h.items() if k != "epoch"}, step=epoch)
     if history:
@@ -157,13 +158,30 @@ def _fail_run(summary: ResultSummary, tracker: SweepTracker, run_id: str, key: s
     summary.errors[key] = error_summary(str(exc))
 
 
-def log_heads_model(tracker: SweepTracker, run_id: str, heads: Path) -> None:
-    """The heads as an MLflow model under ``model/`` (registrable: ``runs:/<run>/model``)."""
-    from .mlflow_model import save_heads_model
+def log_model(summary: ResultSummary, tracker: SweepTracker, run_id: str, heads: Path, register_as: str,
+              cfg: Config) -> None:
+    """The heads as the MLflow LoggedModel ``model`` of the refit run (``runs:/<run>/model``), registered
+    as ``register_as`` when given (``models:/<name>/<version>``); the URIs go on the summary and the parent."""
+    from .mlflow_model import log_heads_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_heads_model(heads, Path(tmp) / "model")
-        tracker.log_artifacts(run_id, path, "model")
+    info = log_heads_model(heads, tracker.tracking_uri, run_id, register_as or None, example_image(cfg))
+    summary.model_uri = info.model_uri
+    tracker.client.set_tag(tracker.parent_run_id, "model_uri", info.model_uri)
+    version = getattr(info, "registered_model_version", None)
+    if register_as and version is not None:
+        summary.registered_model = f"models:/{register_as}/{version}"
+        tracker.client.set_tag(tracker.parent_run_id, "registered_model", summary.registered_model)
+
+
+def example_image(cfg: Config) -> str | None:
+    """One image of the first target (else the source) dataset: the model's input example."""
+    for spec in [*cfg.data.targets, cfg.data.source]:
+        root = Path(spec.partition(":")[2])
+        if root.is_dir():
+            for path in root.rglob("*"):
+                if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+                    return str(path)
+    return None
 
 
 # --------------------------------------------------------------------------- targets
@@ -173,7 +191,7 @@ def evaluate_targets(summary: ResultSummary, plan: Plan, tracker: SweepTracker, 
     if mode == "best" and (summary.refit_checkpoint or summary.best.checkpoint):
         _target_eval_run(summary, plan, tracker, best_cfg)
     elif mode == "all":
-        summary.target_metrics = {k: v for k, v in summary.best.metrics.items() if k.startswith("target_")}
+        summary.target_metrics = {k: v for k, v in summary.best.metrics.items() if k.startswith("target/")}
         summary.target_run_id = summary.best.run_id
 
 
@@ -200,7 +218,7 @@ def _target_eval_run(summary: ResultSummary, plan: Plan, tracker: SweepTracker, 
     existing = [r for r in tracker.children(role="target_eval") if r.data.tags.get("trial_id") == best.trial_id]
     if existing and existing[0].info.status == "FINISHED":  # a resumed sweep evaluated it already
         summary.target_run_id = existing[0].info.run_id
-        summary.target_metrics = {k: v for k, v in existing[0].data.metrics.items() if k.startswith("target_")}
+        summary.target_metrics = {k: v for k, v in existing[0].data.metrics.items() if k.startswith("target/")}
         return
     run_id = existing[0].info.run_id if existing else tracker.start_child(
         run_name=f"target-eval best={summary.best.label}",
@@ -218,6 +236,7 @@ def _target_eval_run(summary: ResultSummary, plan: Plan, tracker: SweepTracker, 
         summary.target_metrics = flatten_target_report(report)
         tracker.log_metrics(run_id, summary.target_metrics)
         tracker.log_dict(run_id, report, "target_report.json")
+        tracker.log_target_table(run_id, report)
         tracker.client.set_terminated(run_id, "FINISHED")
     except Exception as exc:  # noqa: BLE001 - the sweep itself succeeded; record and go on
         _fail_run(summary, tracker, run_id, "target_eval", exc)
@@ -226,10 +245,14 @@ def _target_eval_run(summary: ResultSummary, plan: Plan, tracker: SweepTracker, 
 
 
 def report_parent(summary: ResultSummary, tracker: SweepTracker, plan: Plan, started: float) -> None:
-    """Results table, plots, importance, best config, counts and best-trial tags on the parent run."""
+    """Results table, plots, importance, best config, counts and best-trial tags on the parent run.
+
+    An ablation grid's parent (``role_detail=ablation_grid``) gets only ``results.csv`` and the
+    counts: its tables are the grid's own (``ablation/``), and no cell is "best"."""
     run_id = tracker.parent_run_id
+    grid = is_grid(plan)
     with tempfile.TemporaryDirectory() as tmp:
-        for f in _write_report_files(summary, plan, Path(tmp)):
+        for f in _write_report_files(summary, plan, Path(tmp), grid):
             tracker.log_artifact(run_id, f)
     summary.table_path = f"{tracker.client.get_run(run_id).info.artifact_uri}/results.csv"
     trials = summary.trials
@@ -240,26 +263,70 @@ def report_parent(summary: ResultSummary, tracker: SweepTracker, plan: Plan, sta
         "n_failed": sum(t.status == "FAILED" for t in trials),
         "sweep_seconds": time.time() - started,
     }
-    if summary.best is not None:
+    if summary.best is not None and not grid:
         metrics[f"best_{summary.metric}"] = summary.best.objective
         _tag_best(summary, tracker)
     tracker.log_metrics(run_id, metrics)
+    if not grid:
+        tracker.describe_run(run_id, _overview(summary, plan))
 
 
-def _write_report_files(summary: ResultSummary, plan: Plan, tmp: Path) -> list[Path]:
-    from .report import param_importance, plot_importance, plot_objective, write_table
+def is_grid(plan: Plan) -> bool:
+    """An ablation grid (``ablations/grid.py``), not a search."""
+    return plan.sweep.mlflow.parent_tags.get("role_detail") == "ablation_grid"
 
-    objectives = [t.objective for t in summary.trials]
+
+def _overview(summary: ResultSummary, plan: Plan) -> str:
+    """The parent run's description (its Overview in the MLflow UI): the sweep's description and results."""
+    from .report import markdown_table
+
+    parts = [plan.sweep.description.strip()] if plan.sweep.description.strip() else []
+    parts.append(f"**{len(summary.trials)} trials**, objective `best_{summary.metric}` ({summary.mode}).")
+    parts.append(markdown_table(summary.rows(full=False)))
+    if summary.target_metrics:
+        model = "refit model" if summary.refit_checkpoint else "best heads"
+        parts.append(f"Target evaluation of the {model}:\n\n" + markdown_table(summary.target_rows()))
+    return "\n\n".join(parts)
+
+
+def _write_report_files(summary: ResultSummary, plan: Plan, tmp: Path, grid: bool = False) -> list[Path]:
+    from .report import write_table
+
     write_table(summary.rows(), tmp / "results.csv")
+    if grid:
+        return [tmp / "results.csv"]
     write_table(summary.rows(full=False), None, tmp / "results.md")
-    plot_objective(objectives, [t.label for t in summary.trials], summary.metric, summary.mode,
-                   tmp / "objective_vs_trial.png")
-    imp, method = param_importance([t.params for t in summary.trials], objectives, plan.space.params, summary.mode)
-    plot_importance(imp, method, tmp / "param_importance.png")
-    (tmp / "param_importance.json").write_text(json.dumps({"method": method, "importance": imp}, indent=2))
+    _write_importance(summary, plan, tmp)
     if summary.best is not None:
         (tmp / "best_config.json").write_text(json.dumps(summary.best_config, indent=2))
     return list(tmp.iterdir())
+
+
+def _write_importance(summary: ResultSummary, plan: Plan, tmp: Path) -> None:
+    """``objective_vs_trial.png``, ``param_importance.png`` / ``.json`` (Optuna's evaluator on the
+    sweep's study, else on the finished trials: :func:`tuning.report.param_importance`)."""
+    from .report import param_importance, plot_importance, plot_objective
+
+    objectives = [t.objective for t in summary.trials]
+    plot_objective(objectives, [t.label for t in summary.trials], f"best_{summary.metric}", summary.mode,
+                   tmp / "objective_vs_trial.png")
+    finished = [t for t in summary.trials if t.status == "FINISHED"]  # Optuna's COMPLETE trials
+    imp = param_importance([t.params for t in finished], [t.objective for t in finished], plan.space.params,
+                           summary.mode, study=_study(plan))
+    plot_importance(imp["importance"], imp["method"], tmp / "param_importance.png", imp.get("note", ""))
+    (tmp / "param_importance.json").write_text(json.dumps(imp, indent=2))
+
+
+def _study(plan: Plan):
+    """The sweep's Optuna study (None: not an Optuna sweep, or not in a store)."""
+    if plan.sweep.search.algorithm != "optuna" or not plan.optuna_url:
+        return None
+    try:
+        import optuna
+
+        return optuna.load_study(study_name=plan.name, storage=plan.optuna_url)
+    except Exception:  # noqa: BLE001 - the finished trials stand in for it
+        return None
 
 
 def _tag_best(summary: ResultSummary, tracker: SweepTracker) -> None:

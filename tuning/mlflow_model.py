@@ -1,15 +1,15 @@
 """The SSVP heads of a sweep as an MLflow model (``pyfunc`` flavour, "models from code").
 
-:func:`save_heads_model` writes an MLflow model folder (``MLmodel``, this file as the model
-code, the heads checkpoint and its ``config.json`` as artifacts) that the sweep logs under
-``model/`` of the ``role=refit`` run, so it can be registered::
+:func:`log_heads_model` logs the heads checkpoint of the ``role=refit`` run as an MLflow 3
+*LoggedModel* named ``model`` (``mlflow.pyfunc.log_model``: this file as the model code, the
+heads checkpoint and its ``config.json`` as artifacts, a signature and an input example), so
+it is in the experiment's Models tab, the run's outputs and, with ``register_model``
+(``sweep.py --register-model NAME``, ``mlflow: register_model: NAME``), the model registry::
 
-    mlflow.register_model("runs:/<refit run id>/model", "ssvp-heads")
-
-and scored::
-
-    model = mlflow.pyfunc.load_model("runs:/<run id>/model")
+    model = mlflow.pyfunc.load_model("models:/ssvp-heads/1")   # or runs:/<refit run id>/model
     model.predict(pandas.DataFrame({"path": ["a.png"], "class_name": ["bottle"]}))   # -> score column
+
+:func:`save_heads_model` writes the same model as a plain folder (no tracking store).
 
 No pickle is written: the model class is this file's code (``set_model``), the weights are
 the engine's own checkpoint (loaded ``weights_only``). The backbones are rebuilt from the
@@ -26,7 +26,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-__all__ = ["SSVPHeadsModel", "save_heads_model"]
+__all__ = ["SSVPHeadsModel", "save_heads_model", "log_heads_model"]
 
 HEADS = "heads"
 
@@ -58,12 +58,31 @@ class SSVPHeadsModel(mlflow.pyfunc.PythonModel):
 
 def save_heads_model(heads: str | Path, dest: str | Path) -> Path:
     """Write the MLflow model folder of the heads checkpoint ``heads`` (``head.pt`` + ``config.json``)."""
+    import mlflow
+
     heads, dest = Path(heads), Path(dest)
-    config = json.loads((heads / "config.json").read_text()) if (heads / "config.json").is_file() else {}
     with warnings.catch_warnings(), _no_progress_bar():
         warnings.simplefilter("ignore", UserWarning)  # save-time advice (pip requirements, signature)
-        _save(heads, dest, config)
+        mlflow.pyfunc.save_model(path=str(dest), **_model_args(heads))
     return dest
+
+
+def log_heads_model(heads: str | Path, tracking_uri: str, run_id: str, register_as: str | None = None,
+                    example_image: str | None = None):
+    """Log the heads checkpoint ``heads`` as the LoggedModel ``model`` of run ``run_id`` (in the store
+    ``tracking_uri``), registered as ``register_as`` when given; MLflow's ``ModelInfo``.
+
+    ``example_image`` (an image path) becomes the input example. The example is not scored
+    at log time (that would build the backbones in the sweep's driver)."""
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    example = pd.DataFrame({"path": [str(example_image or "image.png")], "class_name": ["object"]})
+    with warnings.catch_warnings(), _no_progress_bar(), _use_tracking_uri(tracking_uri):
+        warnings.simplefilter("ignore", UserWarning)
+        return Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+                         registered_model_name=register_as or None, input_example=example,
+                         validate_serving_input=False, **_model_args(Path(heads)))
 
 
 @contextlib.contextmanager
@@ -90,12 +109,13 @@ def _signature():
     )
 
 
-def _save(heads: Path, dest: Path, config: dict) -> None:
+def _model_args(heads: Path) -> dict:
+    """What the saved and the logged model share: code, artifacts, signature, requirements, metadata."""
     import mlflow
 
-    mlflow.pyfunc.save_model(
+    config = json.loads((heads / "config.json").read_text()) if (heads / "config.json").is_file() else {}
+    return dict(
         signature=_signature(),
-        path=str(dest),
         python_model=str(Path(__file__).resolve().with_name("mlflow_model_code.py")),
         artifacts={HEADS: str(heads)},
         pip_requirements=["ssvp-platform", f"mlflow=={mlflow.__version__}"],

@@ -76,6 +76,11 @@ def resolve_locations(*, tracking_uri: str | None = None, storage_path: str | No
     return Locations(track.value, track.origin, storage, store.origin, artifacts)
 
 
+def config_name(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> str:
+    """A config file as the user named it (``launch.json``, ``grid.json``; :func:`_config_name`)."""
+    return _config_name(Path(path), environ)
+
+
 def _config_name(path: Path, environ: Mapping[str, str] | None) -> str:
     """The config file as the user named it: relative to the repository when it is in it
     (also inside a job's working-directory copy), its absolute path elsewhere."""

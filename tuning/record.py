@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 from .plan import Plan, expected_trials
 from .results import ResultSummary, TrialSummary
-from .tracking import MLflowTrialCallback, SweepTracker, error_summary, normalize_tracking_uri, trial_error_text
+from .tracking import (MLflowTrialCallback, SweepTracker, TrialRecordSettings, error_summary, normalize_tracking_uri,
+                       trial_error_text)
 from .trial import VARIANT_KEY
 
 __all__ = ["open_parent", "trial_callback", "collect_trials", "close_interrupted", "settings_record", "log_artifacts"]
@@ -37,6 +38,9 @@ def open_parent(plan: Plan) -> SweepTracker:
             tracker.client.set_tag(tracker.parent_run_id, "interrupted", "false")  # until it is again
         else:
             _log_parent_setup(tracker, plan)
+            if plan.sweep.description.strip():  # the sweep file's description: the run's (and a new experiment's)
+                tracker.describe_run(tracker.parent_run_id, plan.sweep.description.strip())
+                tracker.describe_experiment(plan.sweep.description.strip())
         plan.paths.experiment.mkdir(parents=True, exist_ok=True)
         plan.paths.state_file.write_text(json.dumps({  # JSON only: a resume never unpickles project state
             "name": plan.name, "tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment,
@@ -127,11 +131,11 @@ def log_artifacts(tracker: SweepTracker, artifacts: Any, missing: str, dir_as_fo
 def trial_callback(plan: Plan, tracker: SweepTracker) -> MLflowTrialCallback:
     """The Tune callback that records each trial as a child run of the parent."""
     s = plan.sweep.search
-    return MLflowTrialCallback(
-        tracker, plan.base.to_dict(), plan.variants, epochs=plan.base.train.epochs, metric=s.metric, mode=s.mode,
+    return MLflowTrialCallback(tracker, TrialRecordSettings(
+        plan.base.to_dict(), plan.variants, epochs=plan.base.train.epochs, metric=s.metric, mode=s.mode,
         train_storage=str(plan.paths.train), run_labels=plan.sweep.mlflow.run_labels,
         number_offset=1 if s.algorithm == "optuna" else 0,
-    )
+    ))
 
 
 # --------------------------------------------------------------------------- after the run
@@ -201,7 +205,7 @@ def _trial_summary(plan: Plan, tracker: SweepTracker, trial, status: str, error:
     checkpoint = None
     if run is not None:
         metrics = {k: v for k, v in run.data.metrics.items()
-                   if k.startswith(("best_", "final_", "target_")) or k in ("epochs_done",)}
+                   if k.startswith(("best_", "final_", "target/")) or k in ("epochs_done",)}
         if run.data.tags.get("early_stopped") == "true" and status == "FINISHED":
             status = "EARLY_STOPPED"
         ckpt = run.data.tags.get("checkpoint_path")

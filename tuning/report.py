@@ -1,9 +1,8 @@
 """Sweep reports for the parent run: results table (CSV / Markdown), objective plot, importance.
 
-Parameter importance: Optuna's fANOVA evaluator (``optuna.importance``) on an
-in-memory study rebuilt from the completed trials when at least three trials with a
-finite objective exist; otherwise (or if it fails) the absolute Spearman rank
-correlation between each numeric parameter and the objective.
+Parameter importance: Optuna's own evaluator (``optuna.importance``; PED-ANOVA, as
+optuna-dashboard, else fANOVA seeded) on the sweep's study, or on an in-memory study of the
+finished trials; with the number of completed trials it rests on, "indicative" below 20.
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["write_table", "plot_objective", "param_importance", "plot_importance"]
+__all__ = ["write_table", "markdown_table", "plot_objective", "param_importance", "plot_importance"]
 
 
 def _fmt(value: Any) -> str:
@@ -37,11 +36,18 @@ def write_table(rows: Sequence[Mapping[str, Any]], csv_path: str | Path | None, 
             for row in rows:
                 writer.writerow({k: row.get(k, "") for k in columns})
     if md_path is not None:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for row in rows:
-            lines.append("| " + " | ".join(_fmt(row.get(k)).replace("|", "/") for k in columns) + " |")
-        Path(md_path).write_text("\n".join(lines) + "\n")
+        Path(md_path).write_text(markdown_table(rows, columns) + "\n")
     return columns
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """``rows`` (dicts) as a Markdown table, floats to 4 significant digits."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k)).replace("|", "/") for k in columns) + " |")
+    return "\n".join(lines)
 
 
 def plot_objective(values: Sequence[float | None], labels: Sequence[str], metric: str, mode: str, path: str | Path) -> Path:
@@ -76,15 +82,7 @@ def plot_objective(values: Sequence[float | None], labels: Sequence[str], metric
     return path
 
 
-def _spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    import numpy as np
-    from scipy.stats import rankdata
-
-    if len(set(xs)) < 2 or len(set(ys)) < 2:
-        return 0.0
-    rx, ry = rankdata(xs), rankdata(ys)
-    c = np.corrcoef(rx, ry)[0, 1]
-    return float(abs(c)) if math.isfinite(c) else 0.0
+INDICATIVE_BELOW = 20  # completed trials: fewer, and the importances are only indicative
 
 
 def param_importance(
@@ -92,54 +90,69 @@ def param_importance(
     values: Sequence[float | None],
     specs: Mapping[str, Any],
     mode: str = "max",
-) -> tuple[dict[str, float], str]:
-    """``({param: importance}, method)`` over trials with a finite objective.
+    study=None,
+) -> dict[str, Any]:
+    """Parameter importance by Optuna's own evaluator, as optuna-dashboard computes it.
 
-    ``specs`` maps searched keys to :class:`tuning.space.ParamSpec`.
+    ``study``: the sweep's Optuna study (its COMPLETE trials, what the dashboard reads); without
+    one an in-memory study is built from the finished trials (``params``, ``values``; ``specs``
+    maps searched keys to :class:`tuning.space.ParamSpec`). The evaluator is Optuna's
+    ``PedAnovaImportanceEvaluator`` (deterministic; optuna-dashboard's choice), else
+    ``FanovaImportanceEvaluator(seed=0)``. Returns ``{"method", "importance", "n_trials",
+    "indicative", "note"}``; ``indicative`` below :data:`INDICATIVE_BELOW` completed trials.
     """
-    rows = [(p, v) for p, v in zip(params, values) if v is not None and math.isfinite(v)]
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if study is None:
+        study = _study_of(params, values, specs, mode)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    out = {"method": "none", "importance": {}, "n_trials": len(done), "indicative": len(done) < INDICATIVE_BELOW}
+    if len(done) < 2 or not any(t.params for t in done):
+        return {**out, "note": f"{len(done)} completed trial(s): no importance"}
+    evaluator, method = _evaluator()
+    try:
+        imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except Exception as exc:  # noqa: BLE001 - e.g. every value equal: nothing to attribute
+        return {**out, "note": f"{method}: {exc}"}
+    note = f"{method} over {len(done)} completed trials" + (
+        f" (indicative: fewer than {INDICATIVE_BELOW})" if out["indicative"] else "")
+    return {**out, "method": method, "importance": {k: float(v) for k, v in imp.items()}, "note": note}
+
+
+def _evaluator():
+    import optuna.importance as imp
+
+    if hasattr(imp, "PedAnovaImportanceEvaluator"):
+        return imp.PedAnovaImportanceEvaluator(), "optuna-ped-anova"
+    return imp.FanovaImportanceEvaluator(seed=0), "optuna-fanova(seed=0)"
+
+
+def _study_of(params: Sequence[Mapping[str, Any]], values: Sequence[float | None], specs: Mapping[str, Any],
+              mode: str):
+    """An in-memory Optuna study of the trials with a finite value (COMPLETE), over the searched keys."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
     keys = [k for k, s in specs.items() if getattr(s, "searched", False) and s.kind != "grid"]
-    keys = [k for k in keys if len({repr(p.get(k)) for p, _ in rows}) > 1]
-    if len(rows) < 2 or not keys:
-        return {}, "none"
-    if len(rows) >= 3:
-        try:
-            import optuna
-            from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-            dists = {}
-            for k in keys:
-                s = specs[k]
-                if s.kind in ("uniform", "loguniform"):
-                    dists[k] = FloatDistribution(s.low, s.high, log=s.kind == "loguniform")
-                elif s.kind in ("int", "logint"):
-                    dists[k] = IntDistribution(int(s.low), int(s.high), log=s.kind == "logint")
-                else:
-                    dists[k] = CategoricalDistribution(list(s.values))
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-            for p, v in rows:
-                study.add_trial(
-                    optuna.trial.create_trial(params={k: p[k] for k in keys}, distributions=dists, value=float(v))
-                )
-            imp = optuna.importance.get_param_importances(study)
-            return {k: float(v) for k, v in imp.items()}, "optuna-fanova"
-        except Exception:  # noqa: BLE001 - fall back to correlation
-            pass
-    out = {}
-    ys = [float(v) for _, v in rows]
+    dists = {}
     for k in keys:
-        raw = [p.get(k) for p, _ in rows]
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
-            xs = [float(x) for x in raw]
+        s = specs[k]
+        if s.kind in ("uniform", "loguniform"):
+            dists[k] = FloatDistribution(s.low, s.high, log=s.kind == "loguniform")
+        elif s.kind in ("int", "logint"):
+            dists[k] = IntDistribution(int(s.low), int(s.high), log=s.kind == "logint")
         else:
-            cats = {repr(x): i for i, x in enumerate(dict.fromkeys(map(repr, raw)))}
-            xs = [float(cats[repr(x)]) for x in raw]
-        out[k] = _spearman(xs, ys)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])), "spearman-abs"
+            dists[k] = CategoricalDistribution(list(s.values))
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for p, v in zip(params, values):
+        if v is not None and math.isfinite(v) and all(k in p for k in keys):
+            study.add_trial(optuna.trial.create_trial(params={k: p[k] for k in keys}, distributions=dists,
+                                                      value=float(v)))
+    return study
 
 
-def plot_importance(importance: Mapping[str, float], method: str, path: str | Path) -> Path:
+def plot_importance(importance: Mapping[str, float], method: str, path: str | Path, note: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,8 +163,8 @@ def plot_importance(importance: Mapping[str, float], method: str, path: str | Pa
     if items:
         ax.barh([k for k, _ in items], [v for _, v in items])
     else:
-        ax.text(0.5, 0.5, "not enough completed trials", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"importance ({method})")
+        ax.text(0.5, 0.5, note or "not enough completed trials", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"importance ({note or method})")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -7,7 +7,7 @@ from typing import Any
 
 from .trial import VARIANT_KEY
 
-__all__ = ["ResultSummary", "TrialSummary", "mlflow_ui_command"]
+__all__ = ["ResultSummary", "TrialSummary", "mlflow_ui_command", "run_url", "text_table"]
 
 
 @dataclass
@@ -54,10 +54,25 @@ class ResultSummary:
     interrupted: bool = False
     optuna_storage: str | None = None
     table_path: str | None = None
+    model_uri: str | None = None  # the refit model (an MLflow LoggedModel): models:/<model id>
+    registered_model: str | None = None  # models:/<name>/<version> with register_model
 
     @property
     def mlflow_ui(self) -> str:
         return mlflow_ui_command(self.tracking_uri)
+
+    @property
+    def parent_url(self) -> str:
+        """The parent run in the MLflow UI's model-training view (:func:`run_url`)."""
+        return run_url(self.tracking_uri, self.experiment_id, self.parent_run_id)
+
+    def target_rows(self) -> list[dict[str, Any]]:
+        """``target/<dataset>/<metric>`` metrics as rows: one per dataset, a column per metric."""
+        rows: dict[str, dict[str, Any]] = {}
+        for key, value in sorted(self.target_metrics.items()):
+            _, dataset, metric = (key.split("/", 2) + ["", ""])[:3]
+            rows.setdefault(dataset, {"dataset": dataset})[metric] = value
+        return list(rows.values())
 
     def ranked(self) -> list[TrialSummary]:
         """The trials best objective first (trials without one last, in start order)."""
@@ -80,7 +95,7 @@ class ResultSummary:
                 row["variant"] = t.variant
             row.update({k: v for k, v in t.params.items() if k != VARIANT_KEY})
             shown = sorted(k for k in t.metrics if k not in (f"best_{self.metric}", "best_epoch"))
-            row.update({k: t.metrics[k] for k in shown if full or k.startswith("target_")})
+            row.update({k: t.metrics[k] for k in shown if full or k.startswith("target/")})
             if full:
                 row.update({"trial_id": t.trial_id, "run_id": t.run_id})
             if full or any(x.error for x in self.trials):
@@ -105,17 +120,47 @@ class ResultSummary:
                 lines.append(f"best heads (held-out source classes picked the epoch): {b.checkpoint}")
         if self.refit_checkpoint:
             lines.append(f"refit on all source classes, paper protocol (run {self.refit_run_id}): {self.refit_checkpoint}")
+        if self.model_uri:
+            lines.append(f"refit model: {self.registered_model or self.model_uri}   "
+                         "(mlflow.pyfunc.load_model(...).predict(DataFrame(path=[...], class_name=[...])))")
         if self.target_metrics:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.target_metrics.items()))
             model = "refit model" if self.refit_checkpoint else "best heads"
-            lines.append(f"target evaluation of the {model} (run {self.target_run_id}): {shown}")
+            lines.append(f"target evaluation of the {model} (run {self.target_run_id}):")
+            lines.extend("  " + ln for ln in text_table(self.target_rows()))
         for tid, err in self.errors.items():
             lines.append(f"failed {tid}: {err}")
         lines.append(f"MLflow parent run {self.parent_run_id} in experiment {self.experiment!r}")
-        lines.append(f"view: {self.mlflow_ui}")
+        if self.tracking_uri.startswith("sqlite:"):
+            lines.append(f"view: {self.mlflow_ui}   then open {self.parent_url}")
+        else:
+            lines.append(f"view: {self.parent_url}")
         if self.optuna_storage and self.optuna_storage.startswith("sqlite:"):
             lines.append(f"study: optuna-dashboard {self.optuna_storage}   (pip install optuna-dashboard)")
         return "\n".join(lines)
+
+
+def text_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows (dicts) as aligned text lines, floats to 4 decimals."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[f"{r.get(c):.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    return ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [columns, *cells]]
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in the model-training view (``workflowType=machine_learning``:
+    a fresh browser would otherwise open MLflow 3's GenAI view). On a tracking server its address
+    (without any user:password), else that of a local ``mlflow ui``."""
+    from urllib.parse import urlsplit
+
+    base = LOCAL_UI
+    if tracking_uri.startswith(("http://", "https://")):
+        parts = urlsplit(tracking_uri)
+        base = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + parts.path.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:

@@ -121,7 +121,7 @@ def run_tuner(plan: Plan, callback):
     s = plan.sweep.search
     search = make_search(plan)
     if hasattr(search, "observe"):  # Optuna records every result MLflow records (ASHA's last one too)
-        callback.searcher = search
+        callback.attach_searcher(search)
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(plan),

@@ -21,22 +21,30 @@ class ResumableOptunaSearch(OptunaSearch):
     no trial left RUNNING forever.
 
     What Optuna stores is what MLflow reports: every epoch's value is an intermediate value
-    at step = epoch, a trial's value is its *best* epoch (the heads it keeps), and a trial
-    that stopped before ``epochs`` (ASHA) is PRUNED (its intermediate values kept).
+    at step = epoch (MLflow's ``val/objective``), a trial's value is its *best* epoch (the
+    heads it keeps; MLflow's ``best_val_objective``, the study's metric name), and a trial
+    that stopped before ``epochs`` (ASHA) is PRUNED with that same best value (Optuna's own
+    ``tell`` would give it its *last* intermediate value), its intermediate values kept.
+    Each trial carries the user attributes ``ray_trial_id`` and ``mlflow_run_id``; the study
+    carries ``study_user_attrs`` (set by the MLflow callback: sweep name, parent run id).
     """
 
     def __init__(self, *args, epochs: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._epochs = epochs
         self._progress: dict[str, dict[int, float]] = {}  # trial_id -> {epoch: value}
+        self.study_user_attrs: dict[str, str] = {}
 
-    def observe(self, trial_id: str, result: dict | None) -> None:
+    def observe(self, trial_id: str, result: dict | None, run_id: str | None = None) -> None:
         """Record one epoch's value as an intermediate value (once per epoch).
 
         Tune calls :meth:`on_trial_result` only for results its scheduler lets continue; the
         result ASHA stops a trial on reaches this through :meth:`on_trial_complete`, and the
-        sweep's MLflow callback passes on every result it logs, so Optuna holds what MLflow holds.
+        sweep's MLflow callback passes on every result it logs (with the trial's MLflow
+        ``run_id``), so Optuna holds what MLflow holds.
         """
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and run_id:
+            self._ot_trials[trial_id].set_user_attr("mlflow_run_id", run_id)
         if (not result or trial_id in self._completed_trials or trial_id not in self._ot_trials
                 or result.get("target_eval_done") or self.metric not in result):
             return
@@ -60,13 +68,23 @@ class ResumableOptunaSearch(OptunaSearch):
         try:
             if error or not finite:
                 self._ot_study.tell(self._ot_trials[trial_id], state=state.FAIL)
-            elif self._epochs and max(values) < self._epochs:  # stopped early: its last value is kept
-                self._ot_study.tell(self._ot_trials[trial_id], state=state.PRUNED)
+            elif self._epochs and max(values) < self._epochs:  # stopped early: PRUNED, valued as MLflow values it
+                self._tell_pruned(self._ot_trials[trial_id], max(finite) if self._mode == "max" else min(finite))
             else:
                 self._ot_study.tell(self._ot_trials[trial_id], max(finite) if self._mode == "max" else min(finite))
         except Exception as exc:  # noqa: BLE001 - as Ray's OptunaSearch: never fail the sweep here
             logging.getLogger(__name__).warning(exc)
         self._completed_trials.add(trial_id)
+
+    def _tell_pruned(self, trial, value: float) -> None:
+        """End ``trial`` PRUNED with ``value`` (its best epoch) as its value.
+
+        ``study.tell(state=PRUNED)`` takes no value (it stores the last intermediate value), so the
+        state and value are written through the study's storage, as ``tell`` itself does."""
+        try:
+            self._ot_study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.PRUNED, [value])
+        except Exception:  # noqa: BLE001 - a storage without that call: Optuna's own (last value)
+            self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
     def _setup_study(self, mode):
         if self._storage is not None:
@@ -77,6 +95,16 @@ class ResumableOptunaSearch(OptunaSearch):
             except KeyError:
                 pass
         super()._setup_study(mode)
+        self._ot_study.set_metric_names([f"best_{self.metric}"])  # optuna-dashboard: not "Objective 0"
+        for key, value in self.study_user_attrs.items():
+            self._ot_study.set_user_attr(key, value)
+
+    def suggest(self, trial_id: str):
+        """Ray's suggestion, with the Ray trial id on the Optuna trial (``ray_trial_id``)."""
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
 
     def restore(self, checkpoint_path):
         super().restore(checkpoint_path)

@@ -143,13 +143,14 @@ class MlflowSettings:
     parent_params: dict = field(default_factory=dict)  # extra params of the parent run
     parent_artifacts: Any = field(default_factory=dict)  # {artifact_dir: path} or [path]
     run_labels: dict = field(default_factory=dict)  # variant -> run-name label, e.g. {"full": "E/full"}
+    register_model: str = ""  # "" = not registered; NAME = the refit model registered as models:/NAME/<version>
 
 
 # keys a sweep YAML may hold in each section (the parent_* fields are not file settings)
 _FILE_KEYS = {
     SearchSettings: {f.name for f in fields(SearchSettings)},
     ResourceSettings: {f.name for f in fields(ResourceSettings)},
-    MlflowSettings: {"tracking_uri", "artifact_location", "experiment"},
+    MlflowSettings: {"tracking_uri", "artifact_location", "experiment", "register_model"},
 }
 _TOP_KEYS = {"name", "description", "base", "space", "variants", "search", "resources", "mlflow",
              "storage_path", "target_eval", "refit"}

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the "
                    "config's mlflow.tracking_uri, else sqlite:////CWD/runs/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    p.add_argument("--register-model", default=None, metavar="NAME",
+                   help="register the refit model in the MLflow model registry as NAME "
+                        "(models:/NAME/<version>; default: the config's mlflow.register_model, else not registered)")
     p.add_argument("--storage-path", default=None,
                    help="Ray Tune/Train storage: a shared folder or s3://BUCKET/PATH (default: SSVP_STORAGE_PATH, "
                         "else the config's storage_path)")
@@ -146,6 +149,7 @@ def _latest_sweep(storage, prefix: str) -> str | None:
 # command-line flag -> (section, field) of the SweepConfig
 _FLAGS = (
     ("tracking_uri", "mlflow", "tracking_uri"), ("experiment", "mlflow", "experiment"),
+    ("register_model", "mlflow", "register_model"),
     ("num_samples", "search", "num_samples"), ("max_concurrent", "search", "max_concurrent_trials"),
     ("workers_per_trial", "resources", "workers_per_trial"), ("use_gpu", "resources", "use_gpu"),
     ("gpus_per_worker", "resources", "gpus_per_worker"), ("cpus_per_worker", "resources", "cpus_per_worker"),
@@ -253,9 +257,14 @@ def _remember_launch(sweep, argv: list[str]) -> None:
     exp = storage_path(sweep.storage_path) / sweep.name
     if (exp / "tuner.pkl").exists() or (exp / LAUNCH_FILE).exists():
         return
+    from ssvp.paths import launch_dir
+    from tuning.paths import config_name
+
     exp.mkdir(parents=True, exist_ok=True)
+    # cwd: where the user launched from (SSVP_LAUNCH_DIR under `ray job submit`, not the job's temporary copy)
     (exp / LAUNCH_FILE).write_text(json.dumps({"argv": [a for a in argv if a not in _NOT_REMEMBERED],
-                                               "cwd": os.getcwd(), "time": time.time()}, indent=2))
+                                               "cwd": str(launch_dir()), "config_file": config_name(sweep.source_file),
+                                               "time": time.time()}, indent=2))
 
 
 def resume_command(argv: list[str], name: str) -> str:

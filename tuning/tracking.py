@@ -28,6 +28,7 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,10 +49,12 @@ __all__ = [
     "trial_error_text",
     "SweepTracker",
     "MLflowTrialCallback",
+    "TrialRecordSettings",
     "TUNE_AUTO_KEYS",
 ]
 
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # a run's / an experiment's description in the MLflow UI
 # the MLflow UI opens an experiment with this tag in its model-training view (not the GenAI one)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # keys Tune adds to every result; everything else numeric in a result is a metric of the run
@@ -124,6 +127,24 @@ def filter_equals(key: str, value: str) -> str:
         return f'{key} = "{value}"'
     pattern = value.replace("'", "_").replace('"', "_")  # % and _ match themselves too
     return f"{key} LIKE '{pattern}'"
+
+
+def target_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``{spec: {"per_class": {cls: {...}}, "mean": {...}}}`` -> rows ``{dataset, class, metric: value}``."""
+    from tuning.trial import target_metric_name
+
+    rows = []
+    for spec, table in report.items():
+        if not isinstance(table, Mapping):
+            continue
+        dataset = target_metric_name(spec, "").split("/")[1]
+        classes = dict(table.get("per_class") or {})
+        classes["mean"] = table.get("mean") or {}
+        for cls, values in classes.items():
+            if isinstance(values, Mapping):
+                rows.append({"dataset": dataset, "class": cls,
+                             **{k: float(v) for k, v in values.items() if _finite(v) or isinstance(v, float)}})
+    return rows
 
 
 # --------------------------------------------------------------------------- locations
@@ -354,6 +375,16 @@ class SweepTracker:
         self.parent_run_id = run.info.run_id
         return self.parent_run_id
 
+    def describe_run(self, run_id: str, text: str) -> None:
+        """The run's description (``mlflow.note.content``: Markdown, its Overview in the MLflow UI)."""
+        self.client.set_tag(run_id, NOTE_TAG, redact_text(text))
+
+    def describe_experiment(self, text: str) -> None:
+        """The experiment's description, unless it has one (an experiment may hold many sweeps)."""
+        exp = self.client.get_experiment(self.ensure_experiment())
+        if text and not exp.tags.get(NOTE_TAG):
+            self.client.set_experiment_tag(exp.experiment_id, NOTE_TAG, redact_text(text))
+
     def end_parent(self, status: str = "FINISHED") -> None:
         self.stop_system_metrics()
         if self.parent_run_id:
@@ -407,6 +438,15 @@ class SweepTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, redact_text(text), artifact_file)
 
+    def log_target_table(self, run_id: str, report: Mapping[str, Any]) -> None:
+        """``evaluate()``'s per-class target report as the MLflow table ``target_per_class.json`` (one row
+        per dataset and class, the class mean included; the run's Artifacts tab and ``mlflow.load_table``)."""
+        rows = target_rows(report)
+        if rows:
+            import pandas as pd
+
+            self.client.log_table(run_id, pd.DataFrame(rows), "target_per_class.json")
+
     def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
@@ -455,7 +495,7 @@ class SweepTracker:
         except Exception:  # noqa: BLE001 - provenance only: never fail a sweep over it
             pass
 
-    def last_logged_step(self, run_id: str, key: str = "epoch") -> int:
+    def last_logged_step(self, run_id: str, key: str) -> int:
         history = self.client.get_metric_history(run_id, key)
         return max((m.step for m in history), default=0)
 
@@ -471,36 +511,44 @@ class SweepTracker:
 
 
 # --------------------------------------------------------------------------- Tune callback
-class MLflowTrialCallback(_TuneCallback):
-    """Tune callback (driver side) that records every trial as a child run of the sweep's parent.
+@dataclass
+class TrialRecordSettings:
+    """What :class:`MLflowTrialCallback` needs to know of the sweep (built by ``tuning.record.trial_callback``).
 
     ``base`` is the base config dict and ``variants`` the named override bundles, so the
-    callback can log each trial's fully resolved config. ``epochs`` tells an early-stopped
-    trial (ASHA) from a complete one.
+    callback can log each trial's fully resolved config; ``epochs`` tells an early-stopped
+    trial (ASHA) from a complete one; ``metric``/``mode`` the objective (``fit``'s key, e.g.
+    ``val_objective``); ``train_storage`` the Ray Train folder (checkpoints, placement);
+    ``run_labels`` variant -> run-name label (grid cells: ``E/full``); ``number_offset`` 1 with
+    Optuna (``t00`` = Optuna's trial 0).
     """
 
-    def __init__(
-        self,
-        tracker: SweepTracker,
-        base: Mapping[str, Any],
-        variants: Mapping[str, Any] | None = None,
-        epochs: int | None = None,
-        metric: str = "val_objective",
-        mode: str = "max",
-        train_storage: str | None = None,
-        run_labels: Mapping[str, str] | None = None,
-        number_offset: int = 0,
-    ):
-        self.number_offset = number_offset  # 1 with Optuna: t00 = Optuna's trial 0
+    base: Mapping[str, Any]
+    variants: Mapping[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    metric: str = "val_objective"
+    mode: str = "max"
+    train_storage: str | None = None
+    run_labels: Mapping[str, str] = field(default_factory=dict)
+    number_offset: int = 0
+
+
+class MLflowTrialCallback(_TuneCallback):
+    """Tune callback (driver side) that records every trial as a child run of the sweep's parent
+    (what it knows of the sweep: :class:`TrialRecordSettings`)."""
+
+    def __init__(self, tracker: SweepTracker, settings: TrialRecordSettings):
+        self.settings = settings
+        self.number_offset = settings.number_offset
         self.searcher = None  # set by the runner: the Optuna searcher sees every result logged here
-        self.train_storage = train_storage
-        self.run_labels = dict(run_labels or {})  # variant -> run-name label (grid cells: "E/full")
+        self.train_storage = settings.train_storage
+        self.run_labels = dict(settings.run_labels or {})
         self.tracker = tracker
-        self.base = dict(base)
-        self.variants = dict(variants or {})
-        self.epochs = epochs
-        self.metric = metric
-        self.mode = mode
+        self.base = dict(settings.base)
+        self.variants = dict(settings.variants or {})
+        self.epochs = settings.epochs
+        self.metric = settings.metric
+        self.mode = settings.mode
         self._runs: dict[str, str] = {}
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, int]] = {}
@@ -513,6 +561,15 @@ class MLflowTrialCallback(_TuneCallback):
         state["searcher"] = None
         state["_ended_ids"] = None
         return state
+
+    def attach_searcher(self, searcher) -> None:
+        """Pass every result logged here on to ``searcher`` (Optuna), and name the sweep and its MLflow
+        parent run on the study (``sweep_name``, ``mlflow_parent_run_id``, ``mlflow_experiment_id``)."""
+        self.searcher = searcher
+        attrs = getattr(searcher, "study_user_attrs", None)
+        if attrs is not None:
+            attrs.update({"sweep_name": self.tracker.sweep_id, "mlflow_parent_run_id": self.tracker.parent_run_id or "",
+                          "mlflow_experiment_id": self.tracker.experiment_id or ""})
 
     # Tune's own callback checkpointing: MLflow is the source of truth, keep nothing
     def get_state(self):
@@ -536,7 +593,7 @@ class MLflowTrialCallback(_TuneCallback):
             run_id = existing.info.run_id
             if existing.info.status != "RUNNING":
                 tr.client.update_run(run_id, status="RUNNING")
-            self._last_epoch[tid] = tr.last_logged_step(run_id)
+            self._last_epoch[tid] = tr.last_logged_step(run_id, mlflow_metric_name(self.metric))
             self._runs[tid] = run_id
             return run_id
         try:
@@ -602,7 +659,7 @@ class MLflowTrialCallback(_TuneCallback):
             if k not in TUNE_AUTO_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         if result.get("target_eval_done"):
-            target = {k: v for k, v in metrics.items() if k.startswith("target_")}
+            target = {k: v for k, v in metrics.items() if k.startswith("target/")}
             self.tracker.log_metrics(run_id, target)
             return
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -610,9 +667,9 @@ class MLflowTrialCallback(_TuneCallback):
             return  # already logged (resumed or restarted trial)
         self.backfill(trial, result.get("checkpoint_path"), before=epoch)
         named = {mlflow_metric_name(k): v for k, v in metrics.items()}
-        self.tracker.log_metrics(run_id, {**named, "epoch": epoch}, step=epoch)
+        self.tracker.log_metrics(run_id, named, step=epoch)  # step = epoch: no ``epoch`` metric
         if getattr(self, "searcher", None) is not None:
-            self.searcher.observe(tid, result)
+            self.searcher.observe(tid, result, run_id)
         self._last_epoch[tid] = epoch
 
     def backfill(self, trial, checkpoint: str | None, before: int | None = None) -> int:
@@ -633,9 +690,9 @@ class MLflowTrialCallback(_TuneCallback):
             if epoch <= self._last_epoch.get(tid, 0) or (before is not None and epoch >= before):
                 continue
             named = {mlflow_metric_name(k): v for k, v in row.items() if k not in TUNE_AUTO_KEYS}
-            self.tracker.log_metrics(run_id, {**named, "epoch": epoch}, step=epoch)
+            self.tracker.log_metrics(run_id, named, step=epoch)
             if getattr(self, "searcher", None) is not None:  # Optuna holds what MLflow holds
-                self.searcher.observe(tid, row)
+                self.searcher.observe(tid, row, run_id)
             self._last_epoch[tid] = epoch
             added += 1
         if added:
@@ -717,8 +774,10 @@ class MLflowTrialCallback(_TuneCallback):
             tr.log_metrics(run_id, summary)
             best_epoch = int(summary["best_epoch"]) if "best_epoch" in summary else None
             tr.log_dict(run_id, self.epoch_summary(run_id, best_epoch), "summary.json")
-            if self.epochs and summary.get("epochs_done", 0) < self.epochs and status == "FINISHED":
-                tr.client.set_tag(run_id, "early_stopped", "true")
+        # every trial says whether ASHA stopped it before its last epoch (a failed one: false)
+        done = (summary or {}).get("epochs_done", 0)
+        early = status == "FINISHED" and bool(summary) and bool(self.epochs) and done < self.epochs
+        tr.client.set_tag(run_id, "early_stopped", "true" if early else "false")
         from tuning.storage import as_uri, local_copy, storage_path
 
         ckpt = as_uri(ckpt, self.train_storage) if ckpt else None  # Ray reports s3 paths without the scheme

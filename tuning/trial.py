@@ -159,15 +159,17 @@ def resolve_trial_config(base: Mapping[str, Any], trial_config: Mapping[str, Any
 
 # --------------------------------------------------------------------------- target metrics
 def target_metric_name(spec: str, metric: str) -> str:
-    """MLflow-safe metric name for a target dataset: ``target_<dataset>_<metric>``."""
+    """The metric name of a target dataset: ``target/<dataset>/<metric>`` (the MLflow UI groups
+    ``target/…`` in one chart section)."""
     fmt, _, root = spec.partition(":")
     name = Path(root.rstrip("/")).name or fmt
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-    return f"target_{name}_{metric}"
+    return f"target/{name}/{metric}"
 
 
 def flatten_target_report(report: Mapping[str, Any]) -> dict[str, float]:
-    """``evaluate()``'s ``{spec: {"mean": {...}}}`` -> flat ``target_<ds>_<metric>`` floats (+ means over targets)."""
+    """``evaluate()``'s ``{spec: {"mean": {...}}}`` -> flat ``target/<ds>/<metric>`` floats (+ ``target/mean/…``
+    over the targets)."""
     out: dict[str, float] = {}
     per_metric: dict[str, list[float]] = {}
     for spec, table in report.items():
@@ -179,7 +181,7 @@ def flatten_target_report(report: Mapping[str, Any]) -> dict[str, float]:
     if len(report) > 1:
         for metric, values in per_metric.items():
             finite = [v for v in values if math.isfinite(v)]
-            out[f"target_mean_{metric}"] = float(sum(finite) / len(finite)) if finite else float("nan")
+            out[f"target/mean/{metric}"] = float(sum(finite) / len(finite)) if finite else float("nan")
     return out
 
 
