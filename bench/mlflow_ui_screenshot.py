@@ -2,10 +2,13 @@
 
 Starts ``mlflow ui`` on 127.0.0.1 (a free port) over the SQLite store, loads the experiment's
 runs table, its chart view and the best trial's and refit's metric pages in headless Chromium,
-writes PNGs to ``--out`` (outside the repository by default) and checks the rendered pages:
-the run names of the sweep (``t00 γ=…``, ``refit best=…``, ``target-eval best=…``) must
-appear in the runs table, and the per-epoch metric names (``val/objective``, ``train/loss``)
-on the chart view. Exit status 1 when a check fails::
+writes PNGs to ``--out`` (outside the repository by default) and checks the rendered pages
+(:func:`check_pages`): every run name of the sweep (``t00 γ=…``, ``refit best=…``,
+``target-eval best=…``) on the runs table and the parent's name on its page; on each run's
+metrics page every chart section it must have (a trial ``train``, ``val``, ``lr``; the refit
+``train``; the target evaluation ``target``) with at least one chart, and none empty; the
+per-epoch metric names (``val/objective``, ``train/loss``) on the chart view. Exit status 1
+when a check fails::
 
     apt-get install -y chromium        # once
     python bench/mlflow_ui_screenshot.py --tracking-uri sqlite:///$PWD/runs/mlflow.db \\
@@ -115,6 +118,36 @@ class Browser:
                 return text.get("result", {}).get("value", "")
 
 
+# chart sections a run's metrics page must show, by page (the UI groups metrics by the part before "/")
+SECTIONS = {"best_trial_metrics": ("train", "val", "lr"), "refit_run": ("train",), "target_eval_run": ("target",)}
+EMPTY = ("No chart data", "No metrics", "No data available", "No runs", "No results")  # the UI's empty states
+
+
+def expected_sections(pages: dict) -> dict[str, tuple[str, ...]]:
+    return {name: SECTIONS[name] for name in pages if name in SECTIONS} | {"chart_view": ()}
+
+
+def check_pages(doms: dict[str, str], names: dict[str, list[str]], sections: dict[str, tuple[str, ...]]) -> list[str]:
+    """What is wrong with the rendered pages (their visible text): a run name missing from a page,
+    a chart section missing or showing ``(0)`` charts, an empty state, no per-epoch metric on the
+    chart view. Empty list: all there."""
+    failures = []
+    for page, wanted in names.items():
+        failures += [f"run name {n!r} not on the {page} page" for n in wanted if n not in doms.get(page, "")]
+    for page, wanted in sections.items():
+        text = doms.get(page, "")
+        for section in wanted:
+            counts = [int(c) for c in re.findall(rf"(?:^|\s){re.escape(section)}\s*\((\d+)\)", text)]
+            if not counts:
+                failures.append(f"no {section!r} chart section on the {page} page")
+            elif max(counts) == 0:
+                failures.append(f"the {section!r} chart section on the {page} page is empty")
+        failures += [f"{page} page shows {e!r}" for e in EMPTY if e.lower() in text.lower()]
+    chart = doms.get("chart_view", "")
+    failures += [f"no {m} chart on the chart view" for m in ("val/objective", "train/loss") if m not in chart]
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'runs' / 'mlflow.db'}")
@@ -167,15 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             browser.close()
         if client.get_experiment(exp.experiment_id).tags.get("mlflow.experimentKind") != "custom_model_development":
             failures.append("the experiment has no mlflow.experimentKind=custom_model_development tag")
-        table = doms["runs_table"]
-        for r in [*trials[:3], *others]:
-            if r.info.run_name not in table:
-                failures.append(f"run name {r.info.run_name!r} not on the runs table")
-        # the run page groups the per-epoch charts by namespace: "train (8)", "val (…)", "lr (1)"
-        page = doms.get("best_trial_metrics", "")
-        for section in ("train", "val", "lr"):
-            if not re.search(rf"(^|\s){section}\s*\(\d+\)", page):
-                failures.append(f"no {section!r} chart section on the best trial's metrics page")
+        names = {"runs_table": [r.info.run_name for r in [*trials, *others]], "parent_run": [parent.info.run_name]}
+        failures += check_pages(doms, names, expected_sections(pages))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

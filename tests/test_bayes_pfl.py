@@ -292,6 +292,15 @@ def test_runs_as_a_variant_of_the_quick_ablation_grid(tmp_path, synthetic_root):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    # the grid's parent carries the grid's artifacts, none of a search's ("best" cell, objective plot, importance)
+    state = json.loads((out / "grid.json").read_text())
+    assert state["grid_file"] == str(grid_file) and state["launch_dir"] == str(REPO)  # as named, not resolved copies
+    parent = client.get_run(state["parent_run_id"])
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "ablation" in top and "results.csv" in top
+    assert not top & {"best_config.json", "objective_vs_trial.png", "param_importance.json", "param_importance.png",
+                      "results.md"}, top
+    assert "best_trial_id" not in parent.data.tags and "best_val_objective" not in parent.data.metrics
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     trial = [r for r in runs if r.data.params.get("prompting")]
     # the switch is an MLflow param of every trial run: Bayes-PFL next to the reference (full SSVP, vcpg)

@@ -79,3 +79,24 @@ def test_per_class_target_report_rows():
     assert target_rows(report) == [{"dataset": "domain_b", "class": "a", "image_auroc": 0.5},
                                    {"dataset": "domain_b", "class": "b", "image_auroc": 1.0},
                                    {"dataset": "domain_b", "class": "mean", "image_auroc": 0.75}]
+
+
+def test_ui_check_fails_on_an_empty_chart_section_or_a_missing_run_name():
+    """bench/mlflow_ui_screenshot.py's check of the rendered pages can fail (it printed ok on an empty chart view)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ui_check", REPO / "bench" / "mlflow_ui_screenshot.py")
+    ui = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ui)
+    names = {"runs_table": ["t00 γ=0.5", "refit best=t00"]}
+    sections = {"best_trial_metrics": ("train", "val", "lr"), "chart_view": ()}
+    good = {"runs_table": "Run Name\nt00 γ=0.5\nrefit best=t00", "best_trial_metrics": "train (8)\nval (7)\nlr (1)",
+            "chart_view": "val/objective\ntrain/loss"}
+    assert ui.check_pages(good, names, sections) == []
+    assert ui.check_pages({**good, "runs_table": "Run Name\nt00 γ=0.5"}, names, sections) == [
+        "run name 'refit best=t00' not on the runs_table page"]
+    assert ui.check_pages({**good, "best_trial_metrics": "train (8)\nval (0)\nlr (1)"}, names, sections) == [
+        "the 'val' chart section on the best_trial_metrics page is empty"]
+    assert ui.check_pages({**good, "chart_view": "No chart data"}, names, sections) == [
+        "chart_view page shows 'No chart data'", "no val/objective chart on the chart view",
+        "no train/loss chart on the chart view"]

@@ -193,6 +193,9 @@ def test_submitted_sweep_records_on_the_server_and_s3_and_a_second_job_reuses_th
     logs = submit(cluster, "sweep-1", "python", "tuning/sweep.py", "--config", "tuning/configs/quick.yaml",
                   "--name", "s1", *small)
     assert "best trial" in logs
+    # MLflow's own "View run … at <URL>" lines are silenced; the summary links the parent run on the server
+    assert "View run" not in logs and PASSWORD not in logs
+    assert f"view: {cluster['tracking_uri'].rstrip('/')}/#/experiments/" in logs and "workflowType=machine_learning" in logs
 
     client = authed_client(cluster)
     exp = client.get_experiment_by_name("ssvp-quick")
@@ -257,6 +260,8 @@ def test_submitted_grid_records_on_the_server_and_a_resume_reads_the_checkpoints
            "--variants", "full,concat", "--out", str(out), "--max-concurrent", "1", "--quiet"]
     submit(cluster, "grid-1", *cmd)
     state = json.loads((out / "grid.json").read_text())
+    # where the user launched from and the grid file as they named it, not the job's temporary copy
+    assert state["grid_file"] == "ablations/configs/quick.yaml" and state["launch_dir"] == str(REPO)
     client = authed_client(cluster)
     parent = client.get_run(state["parent_run_id"])
     assert parent.data.tags["git_commit"] == head_commit()

@@ -111,6 +111,17 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     note = client.get_run(summary.parent_run_id).data.tags["mlflow.note.content"]
     assert note.startswith(sweep.description) and "| trial | best_val_objective |" in note and "| domain_b |" in note
 
+    # Ray's own API reads the same sweep back (README "Results outside this project")
+    from ray import tune
+
+    from tuning.trial import trial_driver
+
+    restored = tune.Tuner.restore(summary.experiment_path, trainable=trial_driver).get_results()
+    assert len(restored) == 3 and not restored.errors
+    ray_best = restored.get_best_result("val_objective", "max", scope="all")
+    assert ray_best.metrics["trial_id"] == summary.best.trial_id
+    assert ray_best.metrics_dataframe["val_objective"].max() == pytest.approx(summary.best.objective)
+
     # artifacts go beside the SQLite file, never into the working directory
     assert client.get_experiment(summary.experiment_id).artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     parent = client.get_run(summary.parent_run_id)

@@ -276,13 +276,18 @@ def is_grid(plan: Plan) -> bool:
     return plan.sweep.mlflow.parent_tags.get("role_detail") == "ablation_grid"
 
 
+OVERVIEW_ROWS = 25  # trials in the parent's overview table (a run description holds at most 8000 characters)
+
+
 def _overview(summary: ResultSummary, plan: Plan) -> str:
     """The parent run's description (its Overview in the MLflow UI): the sweep's description and results."""
     from .report import markdown_table
 
     parts = [plan.sweep.description.strip()] if plan.sweep.description.strip() else []
-    parts.append(f"**{len(summary.trials)} trials**, objective `best_{summary.metric}` ({summary.mode}).")
-    parts.append(markdown_table(summary.rows(full=False)))
+    rows = summary.rows(full=False)
+    shown = f"best {OVERVIEW_ROWS} shown; all in `results.csv`" if len(rows) > OVERVIEW_ROWS else "best first"
+    parts.append(f"**{len(summary.trials)} trials**, objective `best_{summary.metric}` ({summary.mode}), {shown}.")
+    parts.append(markdown_table(rows[:OVERVIEW_ROWS]))
     if summary.target_metrics:
         model = "refit model" if summary.refit_checkpoint else "best heads"
         parts.append(f"Target evaluation of the {model}:\n\n" + markdown_table(summary.target_rows()))

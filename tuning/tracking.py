@@ -55,6 +55,7 @@ __all__ = [
 
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's / an experiment's description in the MLflow UI
+NOTE_LIMIT = 8000  # MLflow's longest tag value
 # the MLflow UI opens an experiment with this tag in its model-training view (not the GenAI one)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # keys Tune adds to every result; everything else numeric in a result is a metric of the run
@@ -377,7 +378,7 @@ class SweepTracker:
 
     def describe_run(self, run_id: str, text: str) -> None:
         """The run's description (``mlflow.note.content``: Markdown, its Overview in the MLflow UI)."""
-        self.client.set_tag(run_id, NOTE_TAG, redact_text(text))
+        self.client.set_tag(run_id, NOTE_TAG, redact_text(text)[:NOTE_LIMIT])
 
     def describe_experiment(self, text: str) -> None:
         """The experiment's description, unless it has one (an experiment may hold many sweeps)."""
