@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact-location", default=None,
                    help="artifact root for a new experiment on a SQLite store (default: mlartifacts/ beside the .db)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument("--register-model", default="", metavar="NAME",
+                   help="register each finished variant-seed's best heads as a version of the MLflow model NAME "
+                        "(tagged variant, seed; models:/NAME/<version>)")
     p.add_argument("--storage-path", default=None,
                    help="Ray Tune/Train storage, a shared folder or s3://BUCKET/PATH (default: SSVP_STORAGE_PATH, else runs/ray)")
     p.add_argument("--data-root", default=None, help="folder that data/ in dataset paths stands for "
@@ -399,6 +402,7 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
                            "grid.reference": grid.reference},
             parent_artifacts={"ablation": str(grid_copy)},
             run_labels={v.name: f"{v.letter}/{v.name}" if v.letter else v.name for v in grid.variants},
+            register_model=getattr(args, "register_model", "") or "",
         ),
         storage_path=where.storage_path,
         target_eval="all",

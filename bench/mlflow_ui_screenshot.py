@@ -118,6 +118,28 @@ class Browser:
                 return text.get("result", {}).get("value", "")
 
 
+def page_urls(root: str, parent, others) -> dict[str, str]:
+    """The pages to open: experiment, runs table (the sweep's children, best first), chart view,
+    parent run, and the metrics pages of the best trial, the refit and the target evaluation."""
+    ml = "workflowType=machine_learning"
+    # the sweep's child runs (the table folds them under the parent otherwise), best first
+    children = quote(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    order = quote("metrics.`best_val_objective`")
+    pages = {
+        # a direct link without workflowType opens the browser's last workspace (GenAI in a fresh one)
+        "experiment": root,
+        "runs_table": f"{root}/runs?{ml}&searchFilter={children}&orderByKey={order}&orderByAsc=false",
+        "chart_view": f"{root}/runs?{ml}&searchFilter={children}&compareRunsMode=CHART",
+        "parent_run": f"{root}/runs/{parent.info.run_id}?{ml}",
+    }
+    best = parent.data.tags.get("best_run_id")
+    if best:
+        pages["best_trial_metrics"] = f"{root}/runs/{best}/model-metrics?{ml}"
+    for r in others:
+        pages[f"{r.data.tags['role']}_run"] = f"{root}/runs/{r.info.run_id}/model-metrics?{ml}"
+    return pages
+
+
 # chart sections a run's metrics page must show, by page (the UI groups metrics by the part before "/")
 SECTIONS = {"best_trial_metrics": ("train", "val", "lr"), "refit_run": ("train",), "target_eval_run": ("target",)}
 EMPTY = ("No chart data", "No metrics", "No data available", "No runs", "No results")  # the UI's empty states
@@ -173,23 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_ui(args.tracking_uri, port)
     failures = []
     try:
-        root = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
-        ml = "workflowType=machine_learning"
-        # the sweep's child runs (the table folds them under the parent otherwise), best first
-        children = quote(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        order = quote("metrics.`best_val_objective`")
-        pages = {
-            # a direct link without workflowType opens the browser's last workspace (GenAI in a fresh one)
-            "experiment": root,
-            "runs_table": f"{root}/runs?{ml}&searchFilter={children}&orderByKey={order}&orderByAsc=false",
-            "chart_view": f"{root}/runs?{ml}&searchFilter={children}&compareRunsMode=CHART",
-            "parent_run": f"{root}/runs/{parent.info.run_id}?{ml}",
-        }
-        best = parent.data.tags.get("best_run_id")
-        if best:
-            pages["best_trial_metrics"] = f"{root}/runs/{best}/model-metrics?{ml}"
-        for r in others:
-            pages[f"{r.data.tags['role']}_run"] = f"{root}/runs/{r.info.run_id}/model-metrics?{ml}"
+        pages = page_urls(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}", parent, others)
         doms = {}
         browser = Browser()
         try:

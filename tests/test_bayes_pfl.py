@@ -276,7 +276,7 @@ def test_runs_as_a_variant_of_the_quick_ablation_grid(tmp_path, synthetic_root):
     proc = subprocess.run(
         [sys.executable, "ablations/grid.py", "--grid", str(grid_file), "--variants", "bayes_pfl", "--seeds", "1",
          "--local", "--num-cpus", "2", "--out", str(out), "--tracking-uri", f"sqlite:///{db}",
-         "--storage-path", str(tmp_path / "ray"), "--quiet"],
+         "--storage-path", str(tmp_path / "ray"), "--quiet", "--register-model", "grid-heads"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
@@ -301,6 +301,10 @@ def test_runs_as_a_variant_of_the_quick_ablation_grid(tmp_path, synthetic_root):
     assert not top & {"best_config.json", "objective_vs_trial.png", "param_importance.json", "param_importance.png",
                       "results.md"}, top
     assert "best_trial_id" not in parent.data.tags and "best_val_objective" not in parent.data.metrics
+    # --register-model: each finished cell's heads, one registered version per variant-seed
+    versions = client.search_model_versions("name = 'grid-heads'")
+    assert sorted(v.tags["variant"] for v in versions) == ["bayes_pfl", "full"]
+    assert len({v.tags["seed"] for v in versions}) == 1  # one seed, both variants
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     trial = [r for r in runs if r.data.params.get("prompting")]
     # the switch is an MLflow param of every trial run: Bayes-PFL next to the reference (full SSVP, vcpg)

@@ -220,7 +220,7 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
 
     mlflow.set_tracking_uri(uri)
     image = sorted((synthetic_root / "domain_b").rglob("test/*/*.png"))[0]
-    for model_uri in ("models:/ssvp-test-heads/1", f"runs:/{refit_run.info.run_id}/model"):
+    for model_uri in ("models:/ssvp-test-heads/1", summary.model_uri):
         scorer = mlflow.pyfunc.load_model(model_uri)
         scored = scorer.predict(pd.DataFrame({"path": [str(image)], "class_name": [image.parts[-4]]}))
         assert 0.0 <= float(scored["score"][0]) <= 1.0

@@ -46,6 +46,8 @@ def finish(summary: ResultSummary, plan: Plan, tracker: SweepTracker, started: f
     if best_cfg is not None:
         model_cfg = refit(summary, plan, tracker, best_cfg)
         evaluate_targets(summary, plan, tracker, model_cfg or best_cfg)
+    if is_grid(plan) and plan.sweep.mlflow.register_model:
+        register_cells(summary, plan, tracker)
     report_parent(summary, tracker, plan, started)
     call_hook(summary, tracker, on_results)
     tracker.end_parent("FINISHED")
@@ -160,7 +162,7 @@ def _fail_run(summary: ResultSummary, tracker: SweepTracker, run_id: str, key: s
 
 def log_model(summary: ResultSummary, tracker: SweepTracker, run_id: str, heads: Path, register_as: str,
               cfg: Config) -> None:
-    """The heads as the MLflow LoggedModel ``model`` of the refit run (``runs:/<run>/model``), registered
+    """The heads as the MLflow LoggedModel ``model`` of the refit run (``models:/<model id>``), registered
     as ``register_as`` when given (``models:/<name>/<version>``); the URIs go on the summary and the parent."""
     from .mlflow_model import log_heads_model
 
@@ -173,13 +175,33 @@ def log_model(summary: ResultSummary, tracker: SweepTracker, run_id: str, heads:
         tracker.client.set_tag(tracker.parent_run_id, "registered_model", summary.registered_model)
 
 
+def register_cells(summary: ResultSummary, plan: Plan, tracker: SweepTracker) -> None:
+    """An ablation grid (no refit): each finished cell's best heads as the LoggedModel ``model`` of its
+    trial run, registered as a version of ``register_model`` tagged with the cell's variant and seed."""
+    from .mlflow_model import log_heads_model
+    from .storage import local_copy
+
+    name = plan.sweep.mlflow.register_model
+    for t in summary.trials:
+        if t.status != "FINISHED" or not t.checkpoint or not t.run_id:
+            continue
+        cfg, _ = resolve_trial_config(plan.base.to_dict(), t.params, plan.variants)
+        with local_copy(t.checkpoint) as heads:
+            info = log_heads_model(heads, tracker.tracking_uri, t.run_id, name, example_image(cfg))
+        version = getattr(info, "registered_model_version", None)
+        if version is not None:
+            for key, value in (("variant", t.variant or ""), ("seed", cfg.train.seed), ("trial", t.label)):
+                tracker.client.set_model_version_tag(name, str(version), key, str(value))
+
+
 def example_image(cfg: Config) -> str | None:
     """One image of the first target (else the source) dataset: the model's input example."""
     for spec in [*cfg.data.targets, cfg.data.source]:
         root = Path(spec.partition(":")[2])
         if root.is_dir():
             for path in root.rglob("*"):
-                if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+                masks = {"ground_truth", "masks", "mask"} & set(path.parts)
+                if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") and not masks:
                     return str(path)
     return None
 

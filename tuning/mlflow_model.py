@@ -6,7 +6,7 @@ heads checkpoint and its ``config.json`` as artifacts, a signature and an input 
 it is in the experiment's Models tab, the run's outputs and, with ``register_model``
 (``sweep.py --register-model NAME``, ``mlflow: register_model: NAME``), the model registry::
 
-    model = mlflow.pyfunc.load_model("models:/ssvp-heads/1")   # or runs:/<refit run id>/model
+    model = mlflow.pyfunc.load_model("models:/ssvp-heads/1")   # or models:/<model id> (the summary prints it)
     model.predict(pandas.DataFrame({"path": ["a.png"], "class_name": ["bottle"]}))   # -> score column
 
 :func:`save_heads_model` writes the same model as a plain folder (no tracking store).
@@ -72,17 +72,20 @@ def log_heads_model(heads: str | Path, tracking_uri: str, run_id: str, register_
     """Log the heads checkpoint ``heads`` as the LoggedModel ``model`` of run ``run_id`` (in the store
     ``tracking_uri``), registered as ``register_as`` when given; MLflow's ``ModelInfo``.
 
-    ``example_image`` (an image path) becomes the input example. The example is not scored
-    at log time (that would build the backbones in the sweep's driver)."""
+    ``example_image`` (an image path the logging process can read) becomes the input example,
+    which MLflow scores once at log time (the model is loaded: its backbones are built here);
+    without one the model has its signature only."""
     from mlflow.models import Model
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    example = pd.DataFrame({"path": [str(example_image or "image.png")], "class_name": ["object"]})
+    example = None
+    if example_image and Path(example_image).is_file():
+        example = pd.DataFrame({"path": [str(example_image)], "class_name": ["object"]})
     with warnings.catch_warnings(), _no_progress_bar(), _use_tracking_uri(tracking_uri):
         warnings.simplefilter("ignore", UserWarning)
         return Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
                          registered_model_name=register_as or None, input_example=example,
-                         validate_serving_input=False, **_model_args(Path(heads)))
+                         **_model_args(Path(heads)))
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
@@ -43,7 +44,7 @@ class ResumableOptunaSearch(OptunaSearch):
         sweep's MLflow callback passes on every result it logs (with the trial's MLflow
         ``run_id``), so Optuna holds what MLflow holds.
         """
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials and run_id:
+        if run_id and trial_id in self._ot_trials and self._ot_trials[trial_id].user_attrs.get("mlflow_run_id") != run_id:
             self._ot_trials[trial_id].set_user_attr("mlflow_run_id", run_id)
         if (not result or trial_id in self._completed_trials or trial_id not in self._ot_trials
                 or result.get("target_eval_done") or self.metric not in result):
@@ -95,7 +96,9 @@ class ResumableOptunaSearch(OptunaSearch):
             except KeyError:
                 pass
         super()._setup_study(mode)
-        self._ot_study.set_metric_names([f"best_{self.metric}"])  # optuna-dashboard: not "Objective 0"
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names([f"best_{self.metric}"])  # optuna-dashboard: not "Objective 0"
         for key, value in self.study_user_attrs.items():
             self._ot_study.set_user_attr(key, value)
 
