@@ -465,7 +465,7 @@ def write_outputs(run: GridRun, summary, args: argparse.Namespace, started: floa
     _log_to_parent(summary, out, [out / GRID_STATE, out / "records.jsonl", *written.values()])
     print((out / "results.md").read_text(), flush=True)
     print(f"[ablations] tables and plots in {out}; MLflow parent run {summary.parent_run_id} "
-          f"(experiment {summary.experiment!r}, {summary.mlflow_ui})", flush=True)
+          f"(experiment {summary.experiment!r}): {summary.how_to_view()}", flush=True)
     return {"summary": summary, "records": records, "out": out, "written": written, "state": state}
 
 

@@ -66,6 +66,12 @@ class ResultSummary:
         """The parent run in the MLflow UI's model-training view (:func:`run_url`)."""
         return run_url(self.tracking_uri, self.experiment_id, self.parent_run_id)
 
+    def how_to_view(self) -> str:
+        """The parent run's page; on a SQLite store after the ``mlflow ui`` command that serves it."""
+        if self.tracking_uri.startswith("sqlite:"):
+            return f"{self.mlflow_ui}   then open {self.parent_url}"
+        return self.parent_url
+
     def target_rows(self) -> list[dict[str, Any]]:
         """``target/<dataset>/<metric>`` metrics as rows: one per dataset, a column per metric."""
         rows: dict[str, dict[str, Any]] = {}
@@ -130,10 +136,7 @@ class ResultSummary:
         for tid, err in self.errors.items():
             lines.append(f"failed {tid}: {err}")
         lines.append(f"MLflow parent run {self.parent_run_id} in experiment {self.experiment!r}")
-        if self.tracking_uri.startswith("sqlite:"):
-            lines.append(f"view: {self.mlflow_ui}   then open {self.parent_url}")
-        else:
-            lines.append(f"view: {self.parent_url}")
+        lines.append(f"view: {self.how_to_view()}")
         if self.optuna_storage and self.optuna_storage.startswith("sqlite:"):
             lines.append(f"study: optuna-dashboard {self.optuna_storage}   (pip install optuna-dashboard)")
         return "\n".join(lines)
