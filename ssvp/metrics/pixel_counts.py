@@ -233,57 +233,52 @@ _DENSE_FRACTION = 0.8  # above this share of normal pixels in flagged buckets: s
 _TOP_MARGIN = 0.05  # top_fraction: also sort this share of normal pixels below the sample's quantile
 
 
-def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int | None = None,
-                    with_counts: bool = True, probes=None, top_fraction: float | None = None) -> _Pixels:
-    """Two threaded passes over image chunks. ``probes(lo, hi) -> float32 array`` names
-    extra values whose counts must be exact (their buckets get refined too).
-    ``top_fraction``: only values at or above the normal score of descending rank
-    ``floor(top_fraction * n_neg)`` need exact counts (AUPRO alone); lower buckets are
-    not sorted, and counts there are those of the lower buckets (see ``count_lt_le``)."""
-    from scipy import ndimage
-
-    m, s = _pair(masks, maps)
-    structure = _region_structure(connectivity)
+def _chunk_ranges(m, threads: int) -> tuple[list[tuple[int, int]], int]:
+    """Image ranges ``[(a, b)]`` of about equal pixel counts (at least one per thread, at most
+    ``_CHUNK_PIXELS`` each), and the total pixel count."""
     n_img = len(m)
     sizes = np.array([x.size for x in m], np.int64)
     n_px = int(sizes.sum())
-    threads = _n_threads(n_threads)
     n_chunks = int(min(n_img, max(threads, -(-n_px // _CHUNK_PIXELS))))
     bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, n_px, n_chunks + 1)[1:-1])
-    ranges = [(int(a), int(b)) for a, b in zip(np.r_[0, bounds], np.r_[bounds, n_img]) if b > a]
+    return [(int(a), int(b)) for a, b in zip(np.r_[0, bounds], np.r_[bounds, n_img]) if b > a], n_px
 
-    def normal_scores(a, b):
-        if isinstance(m, np.ndarray):
-            return s[a:b][~m[a:b]]
-        return np.concatenate([s[i][~m[i]] for i in range(a, b)])
 
-    def pass1(r):  # validate, range, anomalous pixels with their region weights
-        a, b = r
-        mk, sk = m[a:b], s[a:b]  # array slices or list slices
-        lo, hi = np.float32(np.inf), np.float32(-np.inf)
-        pos_s, pos_w, n_reg = [], [], 0
-        for i in range(b - a):
-            mi, si = mk[i], sk[i]
-            lo_i, hi_i = si.min(), si.max()  # NaN and +-inf show up here
-            if not (np.isfinite(lo_i) and np.isfinite(hi_i)):
-                y, x = np.argwhere(~np.isfinite(si))[0]
-                raise MetricInputError(f"maps: non-finite value at image {a + i}, pixel ({y}, {x})")
-            lo, hi = min(lo, lo_i), max(hi, hi_i)
-            rows = np.flatnonzero(mi.any(axis=1))
-            if rows.size == 0:
-                continue
-            cols = np.flatnonzero(mi.any(axis=0))
-            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-            mb = mi[box]
-            lab, n = ndimage.label(mb, structure=structure)  # labelling the box is enough
-            lab_p = lab[mb]
-            size = np.bincount(lab_p)
-            pos_s.append(si[box][mb])
-            pos_w.append(1.0 / size[lab_p])
-            n_reg += n
-        return lo, hi, pos_s, pos_w, n_reg
+def _scan_chunk(m, s, r: tuple[int, int], structure: np.ndarray):
+    """Pass 1 on images ``r = (a, b)``: validate the maps, their range, and the anomalous pixels
+    with their region weights ``1 / |region|`` (``ndimage.label`` on each mask's bounding box)."""
+    from scipy import ndimage
 
-    r1 = _run(pass1, ranges, threads)
+    a, b = r
+    mk, sk = m[a:b], s[a:b]  # array slices or list slices
+    lo, hi = np.float32(np.inf), np.float32(-np.inf)
+    pos_s, pos_w, n_reg = [], [], 0
+    for i in range(b - a):
+        mi, si = mk[i], sk[i]
+        lo_i, hi_i = si.min(), si.max()  # NaN and +-inf show up here
+        if not (np.isfinite(lo_i) and np.isfinite(hi_i)):
+            y, x = np.argwhere(~np.isfinite(si))[0]
+            raise MetricInputError(f"maps: non-finite value at image {a + i}, pixel ({y}, {x})")
+        lo, hi = min(lo, lo_i), max(hi, hi_i)
+        rows = np.flatnonzero(mi.any(axis=1))
+        if rows.size == 0:
+            continue
+        cols = np.flatnonzero(mi.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        mb = mi[box]
+        lab, n = ndimage.label(mb, structure=structure)  # labelling the box is enough
+        lab_p = lab[mb]
+        size = np.bincount(lab_p)
+        pos_s.append(si[box][mb])
+        pos_w.append(1.0 / size[lab_p])
+        n_reg += n
+    return lo, hi, pos_s, pos_w, n_reg
+
+
+def _anomalous_pixels(m, s, ranges: list, structure: np.ndarray, threads: int) -> tuple[_Pixels, np.float32, np.float32]:
+    """Pass 1 over every chunk: a ``_Pixels`` holding the sorted anomalous scores and their PRO
+    weights ``1 / (|region| * n_regions)``, and the range ``(lo, hi)`` of all scores."""
+    r1 = _run(lambda r: _scan_chunk(m, s, r, structure), ranges, threads)
     lo = np.float32(min(r[0] for r in r1))
     hi = np.float32(max(r[1] for r in r1))
     pos_s = [x for r in r1 for x in r[2]]
@@ -295,17 +290,23 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
         w = w / n_regions
     order = np.argsort(pos)  # the order inside tie groups does not matter
     pos, w = pos[order], w[order]
-    px = _Pixels(pos=pos, w=w, cw=np.cumsum(w), n_neg=0, n_regions=n_regions)
+    return _Pixels(pos=pos, w=w, cw=np.cumsum(w), n_neg=0, n_regions=n_regions), lo, hi
 
-    # bucket layout: about one bucket per 2 pixels, at most 2^22 (a 32 MB histogram)
-    n_buckets = int(min(1 << 22, max(1 << 8, 1 << int(np.ceil(np.log2(max(n_px, 2) / 2))))))
-    sample = None
-    if n_buckets > 1 and n_px > (1 << 18):  # every k-th row and column: ~2^18 pixels
-        k = max(1, int(math.sqrt(n_px / (1 << 18))))
-        if isinstance(m, np.ndarray):
-            sample = s[:, ::k, ::k][~m[:, ::k, ::k]]
-        else:
-            sample = np.concatenate([si[::k, ::k][~mi[::k, ::k]] for mi, si in zip(m, s)])
+
+def _normal_sample(m, s, n_px: int, n_buckets: int) -> np.ndarray | None:
+    """Normal scores of every k-th row and column (~2^18 pixels); None for small inputs."""
+    if not (n_buckets > 1 and n_px > (1 << 18)):
+        return None
+    k = max(1, int(math.sqrt(n_px / (1 << 18))))
+    if isinstance(m, np.ndarray):
+        return s[:, ::k, ::k][~m[:, ::k, ::k]]
+    return np.concatenate([si[::k, ::k][~mi[::k, ::k]] for mi, si in zip(m, s)])
+
+
+def _bucket_layout(px: _Pixels, sample: np.ndarray | None, lo, hi, probes, top_fraction: float | None) -> None:
+    """Set ``px``'s buckets: ``lo``, ``scale``, ``n_buckets`` (already the planned count),
+    ``exact_from``, ``flagged`` (buckets holding an anomalous score or a probe) and ``bpos``."""
+    n_buckets = px.n_buckets
     base, exact_from = lo, 0
     if top_fraction is not None and sample is not None and sample.size:
         # Only the top `top_fraction` of the normal scores need exact counts (AUPRO): the
@@ -314,56 +315,60 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
         q = np.float32(np.quantile(sample, max(0.0, 1.0 - top_fraction - _TOP_MARGIN)))
         if lo < q < hi:
             base, exact_from = q, 1
-    px.lo, px.n_buckets = base, n_buckets
+    px.lo, px.exact_from = base, exact_from
     # (n_buckets - 2) keeps float32 rounding of (hi - base) * scale below n_buckets
     px.scale = np.float32((n_buckets - 2) / float(hi - base)) if hi > base else np.float32(0)
     flagged = np.zeros(n_buckets, bool)
-    flagged[px.bucket(pos)] = True
-    probe_values = np.asarray(probes(lo, hi), np.float32) if probes is not None else None
-    if probe_values is not None:
-        flagged[px.bucket(probe_values)] = True
+    flagged[px.bucket(px.pos)] = True
+    if probes is not None:
+        flagged[px.bucket(np.asarray(probes(lo, hi), np.float32))] = True
     flagged[:exact_from] = False
     # Dense anomalous scores flag most buckets: then the histogram saves nothing and one
     # bucket (a plain sort of the normal scores) is cheaper. Decide on the sample.
     if exact_from == 0 and sample is not None and sample.size and flagged[px.bucket(sample)].mean() > _DENSE_FRACTION:
-        n_buckets = px.n_buckets = 1
+        px.n_buckets = 1
         px.scale = np.float32(0)
         flagged = np.ones(1, bool)
-    px.bpos = px.bucket(pos)
+    px.flagged = flagged
+    px.bpos = px.bucket(px.pos)
 
-    n_pieces = max(1, min(threads, len(ranges)))  # one sorted piece per thread
+
+def _histogram_normals(px: _Pixels, m, s, ranges: list) -> tuple[list, list, list]:
+    """Pass 2 over every chunk: per sorted piece (one per thread), the histogram of the normal
+    scores over ``px``'s buckets; per chunk, its normal scores in flagged buckets (unsorted).
+    Returns ``(hists, keeps, groups)``, ``groups[g]`` the chunks of piece ``g``."""
+    n_buckets, flagged = px.n_buckets, px.flagged
+    n_pieces = max(1, min(px.threads, len(ranges)))  # one sorted piece per thread
     groups = [g.tolist() for g in np.array_split(np.arange(len(ranges)), n_pieces)]
     piece_of = {c: gi for gi, g in enumerate(groups) for c in g}
     hists = [np.zeros(n_buckets, np.int64) for _ in groups]  # normal pixels per bucket and piece
     locks = [threading.Lock() for _ in groups]
 
     def pass2(c):  # histogram of normal scores; keep those in flagged buckets
-        neg = normal_scores(*ranges[c])
+        a, b = ranges[c]
+        neg = s[a:b][~m[a:b]] if isinstance(m, np.ndarray) else np.concatenate([s[i][~m[i]] for i in range(a, b)])
         if n_buckets == 1:
             with locks[piece_of[c]]:
                 hists[piece_of[c]][0] += neg.size
             return neg
         f = neg - px.lo
         f *= px.scale
-        if exact_from:
+        if px.exact_from:
             np.maximum(f, 0, out=f)  # scores below the base go to bucket 0
-        b = f.astype(np.intp)  # == px.bucket(neg): the scores lie in [lo, hi]
+        bk = f.astype(np.intp)  # == px.bucket(neg): the scores lie in [lo, hi]
         del f
-        h = np.bincount(b, minlength=n_buckets)
-        keep = neg[flagged[b]]
+        h = np.bincount(bk, minlength=n_buckets)
+        keep = neg[flagged[bk]]
         with locks[piece_of[c]]:
             hists[piece_of[c]] += h
         return keep
 
-    keeps = _run(pass2, list(range(len(ranges))), threads)
-    hist = np.sum(hists, axis=0)
-    px.cum_incl = np.cumsum(hist)
-    px.cum_excl = px.cum_incl - hist
-    px.n_neg = int(px.cum_incl[-1])
-    if exact_from and px.cum_excl[exact_from] > px.n_neg - math.floor(top_fraction * px.n_neg) - 1:
-        # the sample missed: the top scores reach below the skipped buckets; redo in full
-        return _prepare_pixels(masks, maps, connectivity, n_threads, with_counts, probes, None)
+    return hists, _run(pass2, list(range(len(ranges))), px.threads), groups
 
+
+def _sort_pieces(keeps: list, groups: list, threads: int) -> list[np.ndarray]:
+    """Each group's kept normal scores merged and sorted, one piece per thread; ``keeps`` is
+    emptied on the way (each chunk's copy freed as soon as it is merged)."""
     def sort_piece(gi):
         idx = groups[gi]
         if len(idx) == 1:
@@ -375,10 +380,36 @@ def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int
         a.sort()
         return a
 
-    px.subs = _run(sort_piece, list(range(len(groups))), threads)
+    return _run(sort_piece, list(range(len(groups))), threads)
+
+
+def _prepare_pixels(masks: Any, maps: Any, connectivity: int = 2, n_threads: int | None = None,
+                    with_counts: bool = True, probes=None, top_fraction: float | None = None) -> _Pixels:
+    """Two threaded passes over image chunks. ``probes(lo, hi) -> float32 array`` names
+    extra values whose counts must be exact (their buckets get refined too).
+    ``top_fraction``: only values at or above the normal score of descending rank
+    ``floor(top_fraction * n_neg)`` need exact counts (AUPRO alone); lower buckets are
+    not sorted, and counts there are those of the lower buckets (see ``count_lt_le``)."""
+    m, s = _pair(masks, maps)
+    structure = _region_structure(connectivity)
+    threads = _n_threads(n_threads)
+    ranges, n_px = _chunk_ranges(m, threads)
+    px, lo, hi = _anomalous_pixels(m, s, ranges, structure, threads)  # pass 1
+    px.threads = threads
+    # bucket layout: about one bucket per 2 pixels, at most 2^22 (a 32 MB histogram)
+    px.n_buckets = int(min(1 << 22, max(1 << 8, 1 << int(np.ceil(np.log2(max(n_px, 2) / 2))))))
+    _bucket_layout(px, _normal_sample(m, s, n_px, px.n_buckets), lo, hi, probes, top_fraction)
+    hists, keeps, groups = _histogram_normals(px, m, s, ranges)  # pass 2
+    hist = np.sum(hists, axis=0)
+    px.cum_incl = np.cumsum(hist)
+    px.cum_excl = px.cum_incl - hist
+    px.n_neg = int(px.cum_incl[-1])
+    if px.exact_from and px.cum_excl[px.exact_from] > px.n_neg - math.floor(top_fraction * px.n_neg) - 1:
+        # the sample missed: the top scores reach below the skipped buckets; redo in full
+        return _prepare_pixels(masks, maps, connectivity, n_threads, with_counts, probes, None)
+    px.subs = _sort_pieces(keeps, groups, threads)
     del keeps
-    px.starts = [np.r_[0, np.cumsum(np.where(flagged, h, 0))] for h in hists]
-    px.flagged, px.threads, px.exact_from = flagged, threads, exact_from
+    px.starts = [np.r_[0, np.cumsum(np.where(px.flagged, h, 0))] for h in hists]
     if with_counts and px.n_pos and px.n_neg:
         px.lt, px.le = px.count_lt_le(px.pos)
     return px
