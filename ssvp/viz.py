@@ -169,37 +169,22 @@ def save_panel(image: Any, amap: np.ndarray, path: str | Path, **kwargs: Any) ->
     return path
 
 
-def render_panel(
-    image: Any,
-    amap: np.ndarray,
-    *,
-    score: float,
-    threshold: float | None,
-    pixel_threshold: float | None = None,
-    mask: np.ndarray | str | Path | None = None,
-    title: str = "",
-    max_side: int = PANEL_MAX_SIDE,
-    min_side: int = PANEL_MIN_SIDE,
-) -> tuple[Image.Image, dict[str, tuple[int, int, int, int]]]:
-    """``image | ground truth | heatmap + colour bar | predicted mask`` as one picture, and the
-    box (x0, y0, x1, y1) of each tile by kind: ``image``, ``truth``, ``map``, ``pred``.
+def _panel_scale(h: int, w: int) -> float:
+    """Tiles at most ``PANEL_MAX_SIDE`` on their long side; photos under ``PANEL_MIN_SIDE`` scaled up."""
+    return min(1.0, PANEL_MAX_SIDE / max(h, w)) if max(h, w) >= PANEL_MIN_SIDE else PANEL_MIN_SIDE / max(h, w)
 
-    ``image``: a path, PIL image, tensor or array at the photo's own size; ``amap``: the
-    anomaly map in [0, 1] at any size (resized to the photo); ``mask``: the ground truth
-    (path or array; the tile is left out when None); ``threshold``: the image-score threshold
-    (label); ``pixel_threshold``: the map threshold of the predicted mask (default: ``threshold``).
-    """
-    rgb = _rgb_array(image)
+
+def _panel_tiles(rgb: np.ndarray, amap: np.ndarray, mask, px_t: float | None) -> tuple[list, np.ndarray]:
+    """``[(kind, title, tile)]``: the photo at tile size, the ground truth (when ``mask`` is given),
+    the heatmap and the predicted mask (when there is a pixel threshold); and the map at tile size."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, max_side / max(h, w)) if max(h, w) >= min_side else min_side / max(h, w)
+    scale = _panel_scale(h, w)
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     base_img = Image.fromarray((rgb * 255).astype(np.uint8))
     if scale != 1.0:
         base_img = base_img.resize((tw, th), Image.BILINEAR)
     base = np.asarray(base_img, dtype=np.float32)
     amap_t = resize_map(amap, (tw, th))
-    px_t = threshold if pixel_threshold is None else pixel_threshold
-
     tiles: list[tuple[str, str, Image.Image]] = [("image", "Image", base_img)]
     if mask is not None:
         if isinstance(mask, (str, Path)):
@@ -216,18 +201,28 @@ def render_panel(
     if px_t is not None:
         pred = amap_t >= px_t
         tiles.append(("pred", f"Predicted mask (>= {px_t:.2f})", _mask_tile(base, pred, (255, 40, 40))))
+    return tiles, amap_t
 
+
+def _panel_lines(score: float, threshold: float | None, map_max: float, title: str) -> tuple[list[str], str | None]:
+    """The text under the tiles (score, label and threshold, map maximum; then ``title``) and the label."""
+    label = None if threshold is None else ("anomalous" if score >= threshold else "normal")
+    lines = [f"score {score:.4f}" + (f"  ->  {label.upper()}  (threshold {threshold:.4f})" if label else
+                                      "  (no threshold: no label)") + f"  |  map max {map_max:.2f}"]
+    if title:
+        lines.append(title)
+    return lines, label
+
+
+def _compose_panel(tiles: list, lines: list[str], label: str | None, px_t: float | None):
+    """Tiles side by side with their titles (the colour bar right of the map) and the text below."""
+    tw, th = tiles[0][2].size
     font_px = max(12, min(28, round(th / 22)))
     font = _font(font_px)
     small = _font(max(11, font_px - 2))
     gap = max(6, tw // 40)
     bar = colour_bar(th, tw, small, {f"t={px_t:.2f}": px_t} if px_t is not None else None)
     head_h = font_px + 2 * gap
-    label = None if threshold is None else ("anomalous" if score >= threshold else "normal")
-    lines = [f"score {score:.4f}" + (f"  ->  {label.upper()}  (threshold {threshold:.4f})" if label else
-                                      "  (no threshold: no label)") + f"  |  map max {float(np.max(amap_t)):.2f}"]
-    if title:
-        lines.append(title)
     foot_h = (font_px + 6) * len(lines) + gap
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title_font = {name: next((f for f in (font, small, _font(10)) if _text_size(probe, name, f)[0] <= tw),
@@ -253,3 +248,28 @@ def render_panel(
         draw.text((gap, y), line, fill=colour, font=font if i == 0 else small)
         y += font_px + 6
     return canvas.crop((0, 0, max(x, text_w), canvas.height)), boxes
+
+
+def render_panel(
+    image: Any,
+    amap: np.ndarray,
+    *,
+    score: float,
+    threshold: float | None,
+    pixel_threshold: float | None = None,
+    mask: np.ndarray | str | Path | None = None,
+    title: str = "",
+) -> tuple[Image.Image, dict[str, tuple[int, int, int, int]]]:
+    """``image | ground truth | heatmap + colour bar | predicted mask`` as one picture, and the
+    box (x0, y0, x1, y1) of each tile by kind: ``image``, ``truth``, ``map``, ``pred``.
+
+    ``image``: a path, PIL image, tensor or array at the photo's own size; ``amap``: the
+    anomaly map in [0, 1] at any size (resized to the photo); ``mask``: the ground truth
+    (path or array; the tile is left out when None); ``threshold``: the image-score threshold
+    (label); ``pixel_threshold``: the map threshold of the predicted mask (default: ``threshold``).
+    Tiles are scaled to ``PANEL_MIN_SIDE``..``PANEL_MAX_SIDE`` on their long side.
+    """
+    px_t = threshold if pixel_threshold is None else pixel_threshold
+    tiles, amap_t = _panel_tiles(_rgb_array(image), amap, mask, px_t)
+    lines, label = _panel_lines(score, threshold, float(np.max(amap_t)), title)
+    return _compose_panel(tiles, lines, label, px_t)

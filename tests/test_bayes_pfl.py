@@ -220,6 +220,7 @@ def _ssvp(*args, cwd):
     return subprocess.run([sys.executable, "-m", "ssvp.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_train_eval_predict_through_the_cli_and_rebuild_from_checkpoint(tmp_path, synthetic_root):
     from ssvp.engine import build_model, config_from_checkpoint, load_head
 
@@ -264,6 +265,7 @@ def test_train_eval_predict_through_the_cli_and_rebuild_from_checkpoint(tmp_path
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in scores)
 
 
+@pytest.mark.slow
 def test_runs_as_a_variant_of_the_quick_ablation_grid(tmp_path, synthetic_root):
     """`python ablations/grid.py --grid <quick> --variants bayes_pfl --local`, as a user runs it."""
     grid = yaml.safe_load((REPO / "ablations" / "configs" / "quick.yaml").read_text())

@@ -39,6 +39,7 @@ def _assert_recorded_in_mlflow(store: str, history: list) -> None:
     assert len(table) == 6 and "mean" in set(table["class"])  # five classes + mean
 
 
+@pytest.mark.slow
 def test_train_eval_predict(tmp_path, synthetic_root):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(

@@ -52,6 +52,8 @@ from ssvp.config import Config
 from ssvp.data import make_synthetic
 from ssvp.engine import evaluate, fit
 
+pytestmark = pytest.mark.slow  # 3 seeds x (30 + 8) epochs: learning, measured
+
 SEEDS = (0, 1, 2)
 MIN_MEAN_RISE_IN_DOMAIN = 0.05
 # the tiny in-domain preset (paper options, not the paper defaults; see the module docstring)

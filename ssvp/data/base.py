@@ -241,8 +241,9 @@ def mask_is_empty(path: str) -> bool:
 class AnomalyDataset(Dataset):
     """A list of :class:`Record` served as :class:`Sample` items.
 
-    ``image_size`` None keeps each image's own size (then masks must match it);
-    ``ds.transform(S)`` returns a view that resizes to ``S x S``.
+    Items keep each image's own size (then masks must match it); ``ds.transform(S)``
+    returns a view that resizes to ``S x S``, ``ds.with_dino_size(S_d)`` one that also
+    carries ``image_dino``.
     With ``skip_bad_files`` the construction also reads every header (image and
     mask sizes must agree); files that fail are dropped and listed in ``.skipped``
     as ``(path, reason)`` with a warning. A file that only fails when decoded during
@@ -256,23 +257,17 @@ class AnomalyDataset(Dataset):
         name: str = "",
         root: str = "",
         split: str = "test",
-        image_size: int | None = None,
         skip_bad_files: bool = False,
         skipped: list[tuple[str, str]] | None = None,
-        check_files: bool = True,
-        dino_image_size: int | None = None,
     ):
         self.name = name
         self.root = root
         self.split = split
-        self.image_size = int(image_size) if image_size else None
-        self.dino_image_size = int(dino_image_size) if dino_image_size else None
+        self.image_size: int | None = None  # native size; views: transform(S), with_dino_size(S_d)
+        self.dino_image_size: int | None = None
         self.skip_bad_files = bool(skip_bad_files)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
-        records = list(records)
-        if check_files:
-            records = self._check(records)
-        self.records: list[Record] = records
+        self.records: list[Record] = self._check(list(records))
         if self.skipped:
             shown = "; ".join(f"{p}: {r}" for p, r in self.skipped[:5])
             more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""

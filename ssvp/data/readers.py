@@ -387,10 +387,9 @@ def open_dataset(
         name=spec,
         root=str(Path(parse_spec(spec)[1]).expanduser().absolute()),
         split=split,
-        image_size=image_size,
         skip_bad_files=skip_bad_files,
         skipped=skipped,
     )
     if len(ds) == 0:
         raise DatasetError(f"{spec}: the {split} split has no usable images" + (" (all skipped)" if ds.skipped else ""))
-    return ds.cap_per_class(max_per_class)
+    return ds.transform(image_size).cap_per_class(max_per_class)
