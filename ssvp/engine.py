@@ -510,26 +510,28 @@ def training_splits(cfg: Config, image_size: int | None = None):
     return train_ds, val_ds
 
 
-def fit(
-    cfg: Config,
-    on_epoch: EpochCallback | None = None,
-    checkpoint_dir: str | Path | None = None,
-    resume_from: str | Path | None = None,
-    splits: tuple | None = None,
-) -> FitResult:
-    """Train the SSVP heads (Algorithm 3).
+@dataclass
+class _Training:
+    """What one ``fit`` trains with, built once by ``_setup_training``."""
 
-    ``train.protocol``: ``paper`` (default, §4.1-4.2) trains on all source classes and the model
-    is the last epoch (``best/`` = ``last/``, no selection); ``select`` holds out source classes
-    (``data.val_classes`` / ``val_fraction``), reports ``val_*`` metrics every epoch and keeps the
-    best epoch in ``best/`` (what sweeps optimise; targets are never seen either way).
-    ``on_epoch(epoch, metrics, checkpoint_path)`` is called after every epoch (on every
-    rank under DDP; ``checkpoint_path`` is the epoch's checkpoint directory, written by
-    rank 0 only, else None). ``resume_from`` continues from a checkpoint directory.
-    ``splits`` = (train_ds, val_ds) overrides the datasets built from ``cfg.data``.
-    """
-    from .losses import total_loss
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: Any
+    head: Any  # model.head, wrapped in DistributedDataParallel under DDP
+    features: "FeatureSource"
+    train_source: Dataset  # the training split as the feature source serves it
+    val_ds: Dataset | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: Any  # DistributedSampler under DDP, else None
+    steps_per_epoch: int
 
+
+def _setup_training(cfg: Config, splits: tuple | None) -> _Training:
+    """Seed, datasets, model, feature source, optimizer, sampler and cosine schedule, in this order
+    (the order fixes what the seeded random streams give each part)."""
     rank, world = _dist()
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -563,87 +565,133 @@ def fit(
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.train.epochs * steps_per_epoch))
+    return _Training(cfg, rank, world, device, model, head, features, train_source, val_ds, optimizer, scheduler,
+                     sampler, steps_per_epoch)
 
+
+def _resume(t: _Training, resume_from: str | Path, result: FitResult) -> int:
+    """Heads, optimizer, schedule, history, best epoch and random state from a checkpoint
+    directory; returns the epoch (0-based) to continue from."""
+    state = load_head(t.model, resume_from)
+    if state.get("optimizer"):
+        t.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scheduler"):
+        t.scheduler.load_state_dict(state["scheduler"])
+    result.history = list(state.get("history", []))
+    result.best_epoch = int(state.get("best_epoch", -1))
+    result.best_metrics = dict(state.get("best_metrics", {}))
+    _set_rng_state(state.get("rng") or {})
+    start_epoch = int(state["epoch"]) + 1
+    log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    return start_epoch
+
+
+def _train_epoch(t: _Training, epoch: int, show: bool) -> dict:
+    """One pass over the training split (at most ``steps_per_epoch`` steps); returns the mean
+    of the loss and of each of its parts as ``train_*`` metrics."""
+    from .losses import total_loss
+
+    cfg = t.cfg
+    if t.sampler is not None:
+        t.sampler.set_epoch(epoch)
+    loader = _loader(t.train_source, cfg.train.batch_size, True, cfg, cfg.train.seed + epoch, t.sampler)
+    t.model.head.train()
+    sums: dict[str, float] = {}
+    n_steps = 0
+    bar = _progress(loader, show, total=t.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+    for step, batch in enumerate(bar):
+        if step >= t.steps_per_epoch:
+            break
+        masks = batch["mask"].to(t.device, non_blocking=True)
+        labels = batch["label"].to(t.device, non_blocking=True)
+        feats = t.features.batch(batch)  # backbones, or the cache (cached images are not even decoded)
+        with _autocast(t.device, cfg.model.bf16):
+            out = t.head(feats, list(batch["cls_name"]), masks.shape[-1])
+        loss, parts = total_loss(out, masks, labels, cfg.model)
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            raise NonFiniteLossError(
+                f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({detail}); "
+                "lower the learning rates or check the data"
+            )
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(t.model.head.parameters(), cfg.train.grad_clip)
+        t.optimizer.step()
+        t.scheduler.step()
+        n_steps += 1
+        sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+        for k, v in parts.items():
+            sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + float(v)
+        if show and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return {k: v / max(1, n_steps) for k, v in sums.items()}
+
+
+def _validate(t: _Training, metrics: dict) -> dict:
+    """``val_*`` metrics and ``val_objective`` (mean of OBJECTIVE_KEYS) on the held-out source
+    classes, added to ``metrics``; returns the validation thresholds (empty without validation)."""
+    val_thresholds: dict = {}
+    if t.val_ds is not None and len(t.val_ds):
+        report = evaluate_dataset(t.cfg, t.model, t.val_ds, t.device, t.features, thresholds=val_thresholds)
+        for k, v in report["mean"].items():
+            if isinstance(v, (int, float)):
+                metrics[f"val_{k}"] = float(v)
+        vals = [metrics.get(f"val_{k}") for k in OBJECTIVE_KEYS]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        metrics["val_objective"] = float(np.mean(vals)) if vals else float("nan")
+    return val_thresholds
+
+
+def _save_epoch(t: _Training, checkpoint_dir: str | Path, epoch: int, result: FitResult, improved: bool,
+                thresholds: dict) -> str:
+    """``last/`` (heads, optimizer, schedule, history), copied to ``best/`` when ``improved``;
+    returns the ``last/`` path."""
+    extra = {"history": result.history, "best_epoch": result.best_epoch, "best_metrics": result.best_metrics,
+             "protocol": t.cfg.train.protocol,
+             "thresholds": dict(thresholds, epoch=epoch + 1)}  # for `ssvp predict`
+    ckpt_path = save_checkpoint(Path(checkpoint_dir) / "last", t.cfg, t.model, t.optimizer, t.scheduler, epoch, extra)
+    if improved:
+        _write_dir_atomic(Path(checkpoint_dir) / "best", lambda tmp: shutil.copytree(ckpt_path, tmp, dirs_exist_ok=True))
+    return str(ckpt_path)
+
+
+def fit(
+    cfg: Config,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    splits: tuple | None = None,
+) -> FitResult:
+    """Train the SSVP heads (Algorithm 3).
+
+    ``train.protocol``: ``paper`` (default, §4.1-4.2) trains on all source classes and the model
+    is the last epoch (``best/`` = ``last/``, no selection); ``select`` holds out source classes
+    (``data.val_classes`` / ``val_fraction``), reports ``val_*`` metrics every epoch and keeps the
+    best epoch in ``best/`` (what sweeps optimise; targets are never seen either way).
+    ``on_epoch(epoch, metrics, checkpoint_path)`` is called after every epoch (on every
+    rank under DDP; ``checkpoint_path`` is the epoch's checkpoint directory, written by
+    rank 0 only, else None). ``resume_from`` continues from a checkpoint directory.
+    ``splits`` = (train_ds, val_ds) overrides the datasets built from ``cfg.data``.
+    """
+    t = _setup_training(cfg, splits)
     result = FitResult(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
-    start_epoch = 0
-    if resume_from:
-        state = load_head(model, resume_from)
-        if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        result.history = list(state.get("history", []))
-        result.best_epoch = int(state.get("best_epoch", -1))
-        result.best_metrics = dict(state.get("best_metrics", {}))
-        _set_rng_state(state.get("rng") or {})
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
-
-    show = cfg.train.progress and rank == 0
+    start_epoch = _resume(t, resume_from, result) if resume_from else 0
+    show = cfg.train.progress and t.rank == 0
     for epoch in range(start_epoch, cfg.train.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = _loader(train_source, cfg.train.batch_size, True, cfg, cfg.train.seed + epoch, sampler)
-        model.head.train()
-        sums: dict[str, float] = {}
-        n_steps = 0
-        bar = _progress(loader, show, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-        for step, batch in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            masks = batch["mask"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            feats = features.batch(batch)  # backbones, or the cache (cached images are not even decoded)
-            with _autocast(device, cfg.model.bf16):
-                out = head(feats, list(batch["cls_name"]), masks.shape[-1])
-            loss, parts = total_loss(out, masks, labels, cfg.model)
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-                raise NonFiniteLossError(
-                    f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({detail}); "
-                    "lower the learning rates or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.head.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            n_steps += 1
-            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
-            for k, v in parts.items():
-                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + float(v)
-            if show and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-
-        metrics = {k: v / max(1, n_steps) for k, v in sums.items()}
+        metrics = _train_epoch(t, epoch, show)
         metrics["epoch"] = epoch + 1
-        metrics["lr_prompt"] = optimizer.param_groups[0]["lr"]
-        val_thresholds: dict = {}
-        if val_ds is not None and len(val_ds):
-            report = evaluate_dataset(cfg, model, val_ds, device, features, thresholds=val_thresholds)
-            for k, v in report["mean"].items():
-                if isinstance(v, (int, float)):
-                    metrics[f"val_{k}"] = float(v)
-            vals = [metrics.get(f"val_{k}") for k in OBJECTIVE_KEYS]
-            vals = [v for v in vals if v is not None and math.isfinite(v)]
-            metrics["val_objective"] = float(np.mean(vals)) if vals else float("nan")
+        metrics["lr_prompt"] = t.optimizer.param_groups[0]["lr"]
+        val_thresholds = _validate(t, metrics)
         result.history.append(metrics)
         # paper protocol: no model selection, the reported model is the last epoch
         improved = cfg.train.protocol == "paper" or result.best_epoch < 0 or _better(metrics, result.best_metrics)
         if improved:
             result.best_epoch, result.best_metrics = epoch + 1, dict(metrics)
-
         ckpt_path = None
-        if checkpoint_dir is not None and rank == 0:
-            extra = {"history": result.history, "best_epoch": result.best_epoch, "best_metrics": result.best_metrics,
-                     "protocol": cfg.train.protocol,
-                     "thresholds": dict(val_thresholds, epoch=epoch + 1)}  # for `ssvp predict`
-            ckpt_path = save_checkpoint(Path(checkpoint_dir) / "last", cfg, model, optimizer, scheduler, epoch, extra)
-            if improved:
-                src = ckpt_path
-                _write_dir_atomic(Path(checkpoint_dir) / "best", lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
-            ckpt_path = str(ckpt_path)
+        if checkpoint_dir is not None and t.rank == 0:
+            ckpt_path = _save_epoch(t, checkpoint_dir, epoch, result, improved, val_thresholds)
         if show:
             shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
             log.info("epoch %d: %s", epoch + 1, shown)
