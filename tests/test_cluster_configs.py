@@ -334,6 +334,27 @@ def test_kuberay_resources_match_crd_fields_and_pod_templates_are_valid():
         jsonschema.validate(rc["spec"], _RAYCLUSTER_SPEC)
 
 
+def test_ray_pods_take_traffic_only_from_the_namespace_and_the_operator():
+    """The head binds its dashboard to 0.0.0.0 in the pod network: a NetworkPolicy selects every Ray pod
+    of the cluster (KubeRay's ``ray.io/cluster`` label) and admits this namespace's pods, and the KubeRay
+    operator's namespace only on the dashboard/job port."""
+    docs = [d for _, d in _all_k8s()]
+    rc = next(d for d in docs if d["kind"] == "RayCluster")
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    ray_policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+                    and d["spec"]["podSelector"].get("matchLabels") == {"ray.io/cluster": rc["metadata"]["name"]}]
+    assert len(ray_policies) == 1
+    spec = ray_policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and ray_policies[0]["metadata"]["namespace"] == rc["metadata"]["namespace"]
+    sources = [(rule["from"], rule.get("ports")) for rule in spec["ingress"]]
+    assert ([{"podSelector": {}}], None) in sources  # the namespace's own pods, every port
+    outside = [(f, p) for f, p in sources if f != [{"podSelector": {}}]]
+    assert outside == [([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}],
+                        [{"protocol": "TCP", "port": 8265}])]
+    assert "--namespace kuberay-system" in (CLUSTER / "README.md").read_text()  # where the operator is installed
+    assert all("ipBlock" not in src for rule in spec["ingress"] for src in rule["from"])  # no address range
+
+
 def test_raycluster_shape():
     rc = next(d for _, d in _all_k8s() if d["kind"] == "RayCluster")
     spec = rc["spec"]
