@@ -182,11 +182,50 @@ def audit(uri: str, sweep: str, expect_trials: int) -> dict[str, Any]:
         if int(r.data.metrics.get("best_epoch", -1)) != ck_epoch or logged is None or abs(logged - ck_value) > 1e-9:
             out["best_mismatch"] += 1
         best[r.data.tags["trial_id"]] = ck_value
+    out.update(audit_optuna(c, runs, study_db(uri, sweep), sweep))
     parent = parents[0] if parents else None
     out["parent"] = parent.info.status if parent else "none"
     true_best = max(best, key=best.get) if best else None
     out["best_is_true_best"] = (parent is not None and true_best is not None
                                 and parent.data.tags.get("best_trial_id") == true_best)
+    return out
+
+
+def study_db(uri: str, sweep: str) -> Path:
+    """The sweep's Optuna study: ``<storage>/<sweep>/optuna.db`` beside the work folder's MLflow store."""
+    return Path(uri.removeprefix("sqlite:///")).parent / "ray" / sweep / "optuna.db"
+
+
+def audit_optuna(c, runs: list, db: Path, sweep: str) -> dict[str, int]:
+    """Each MLflow trial against its Optuna trial (``trial_number`` tag = Optuna's number): the same
+    state (FINISHED = COMPLETE, or PRUNED when stopped early; FAILED = FAIL), value (the run's
+    ``best_val_objective``) and intermediate values (the run's per-epoch history)."""
+    import optuna
+
+    out = {"optuna_trials": 0, "optuna_state_mismatch": 0, "optuna_value_mismatch": 0,
+           "optuna_steps_mismatch": 0, "optuna_running": 0}
+    if not db.is_file():
+        return out
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=sweep, storage=f"sqlite:///{db}")
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    out["optuna_trials"] = len(trials)
+    out["optuna_running"] = sum(t.state.name == "RUNNING" for t in trials.values())
+    want = {"FINISHED": ("COMPLETE", "PRUNED"), "FAILED": ("FAIL",), "KILLED": ("FAIL",)}
+    for r in runs:
+        t = trials.get(int(r.data.tags.get("trial_number", -1) or -1))
+        if t is None:
+            out["optuna_state_mismatch"] += 1
+            continue
+        history = {m.step: m.value for m in c.get_metric_history(r.info.run_id, val_key())}
+        if t.state.name not in want.get(r.info.status, ()) or (t.state.name == "PRUNED") != (
+                r.data.tags.get("early_stopped") == "true"):
+            out["optuna_state_mismatch"] += 1
+        if t.intermediate_values != history:
+            out["optuna_steps_mismatch"] += 1
+        best = r.data.metrics.get("best_val_objective")
+        if t.state.name == "COMPLETE" and (best is None or t.value is None or abs(t.value - best) > 1e-9):
+            out["optuna_value_mismatch"] += 1
     return out
 
 
@@ -315,7 +354,8 @@ SCENARIOS = {"driver-sigkill": driver_sigkill, "sigint": sigint, "worker-kill": 
              "tracking-down": tracking_down, "bad-storage": bad_storage, "missing-data": missing_data}
 COLUMNS = ("faults", "exit_fault", "exit_resume", "seconds", "trials_lost", "epochs_lost", "epochs_duplicated",
            "running_after_fault", "running", "best_mismatch", "best_is_true_best", "parent", "restarts",
-           "backfilled", "attempts", "stderr_lines")
+           "backfilled", "optuna_trials", "optuna_state_mismatch", "optuna_value_mismatch", "optuna_steps_mismatch",
+           "optuna_running", "attempts", "stderr_lines")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | " + " | ".join(str(res.get(c, "")) for c in COLUMNS) + " |")
     lost = sum(r.get("trials_lost", 0) for r in results.values() if r.get("exit_resume", r.get("exit_fault")) == 0)
     bad = sum(r.get("epochs_lost", 0) + r.get("epochs_duplicated", 0) + r.get("running", 0) + r.get("best_mismatch", 0)
+              + sum(v for k, v in r.items() if k.startswith("optuna_") and k != "optuna_trials")
               for r in results.values())
     print(f"\ntotal: {len(results)} scenarios, trials lost in completed sweeps {lost}, "
           f"epochs lost/duplicated + runs RUNNING + best mismatches {bad}")

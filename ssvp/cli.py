@@ -304,6 +304,13 @@ def _thresholds(args: argparse.Namespace) -> tuple[float | None, float | None, s
     return image, (None if pixel is None else float(pixel)), source
 
 
+def _class_word(text: str) -> str:
+    """``--class-name``: the word the prompts are built from; an empty one would prompt about nothing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (the object's class word, e.g. tire)")
+    return text.strip()
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -458,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "  ssvp predict --checkpoint CKPT --input mvtec/tire/test --class-name tire --threshold 0.62 --out preds/")
     _checkpoint_args(p)
     p.add_argument("--input", required=True, metavar="PATH", help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--class-name", required=True, metavar="WORD", help="object class word used in the prompts (e.g. tire, bottle)")
+    p.add_argument("--class-name", required=True, metavar="WORD", type=_class_word,
+                   help="object class word used in the prompts (e.g. tire, bottle)")
     p.add_argument("--out", default="predictions", metavar="DIR", help="output folder for scores.csv, overlays and panels "
                                                         "(default: predictions)")
     p.add_argument("--threshold", type=float, metavar="T",

@@ -31,6 +31,7 @@ log = logging.getLogger("ssvp.engine")
 EpochCallback = Callable[[int, dict, "str | None"], None]
 CHECKPOINT_FILE = "head.pt"
 CONFIG_FILE = "config.json"
+CHECKSUM_FILE = "checksums.json"  # SHA-256 of head.pt and config.json, written with them
 OBJECTIVE_KEYS = ("image_auroc", "pixel_auroc")  # val_objective = their mean on source-val classes
 
 
@@ -39,7 +40,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory is missing, unreadable or from an incompatible config."""
+    """A checkpoint directory is missing, unreadable, corrupt or from an incompatible config."""
+
+
+class NonFiniteOutputError(ValueError):
+    """The model scored an image NaN or infinite: no label is given for such a score."""
 
 
 @dataclass
@@ -384,6 +389,8 @@ def save_checkpoint(path: str | Path, cfg: Config, model, optimizer, scheduler, 
     def write(tmp: Path) -> None:
         torch.save(state, tmp / CHECKPOINT_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        sums = {name: _sha256(tmp / name) for name in (CHECKPOINT_FILE, CONFIG_FILE)}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps({"sha256": sums}, indent=2))
 
     return _write_dir_atomic(Path(path), write)
 
@@ -443,15 +450,69 @@ def _numpy_array_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+def _sha256(file: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_checksum(file: Path) -> None:
+    """``file`` (``head.pt`` / ``config.json``) against the SHA-256 ``save_checkpoint`` recorded beside it
+    (torch does not check its zip's CRCs: flipped bytes would load as other weights). Checkpoints
+    written before checksums were kept have no ``checksums.json`` and are not checked."""
+    sums_file = file.parent / CHECKSUM_FILE
+    if not sums_file.is_file():
+        return
+    try:
+        want = json.loads(sums_file.read_text())["sha256"][file.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {sums_file} is unreadable or lists no checksum of {file.name}") from None
+    if _sha256(file) != want:
+        raise CheckpointError(f"checkpoint file {file} is corrupt: its SHA-256 differs from the one recorded in "
+                              f"{sums_file} when it was written")
+
+
+def _unreadable(file: Path, exc: BaseException) -> CheckpointError:
+    """A file torch cannot load: what it is and what was expected, never torch's advice to load unsafely."""
+    with open(file, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+        what = "a safetensors file"
+    elif head.startswith(b"PK"):
+        what = f"a damaged torch zip ({_first_line(exc)})" if "weights_only" not in str(exc) else "a damaged torch zip"
+    else:
+        what = "not a torch file"
+    return CheckpointError(f"cannot read checkpoint {file}: {what}; expected {CHECKPOINT_FILE} as ssvp writes it "
+                           "(torch.save of a dict of tensors with a 'head' state dict)")
+
+
+def _check_head_state(file: Path, state: Any) -> None:
+    """``state['head']`` is a state dict of finite tensors (a list or NaN weights give a clear error)."""
+    head = state.get("head")
+    if not isinstance(head, Mapping) or not all(isinstance(v, torch.Tensor) for v in head.values()):
+        kind = type(head).__name__ if not isinstance(head, Mapping) else "a mapping with non-tensor values"
+        raise CheckpointError(f"checkpoint {file}: 'head' is {kind}; expected a state dict (parameter name -> tensor)")
+    for name, value in head.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"checkpoint {file}: head weight {name!r} holds {bad} NaN/infinite value(s)")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """The state ``save_checkpoint`` wrote, loaded with ``weights_only=True``: a file that
-    asks for anything beyond tensors and plain data is refused, and nothing in it runs."""
+    asks for anything beyond tensors and plain data is refused, and nothing in it runs; its
+    checksum is checked first, and its head must be a state dict of finite tensors."""
     import pickle
 
     path = Path(path)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {file} (expected a directory holding {CHECKPOINT_FILE})")
+    check_checksum(file)
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -463,11 +524,14 @@ def load_checkpoint(path: str | Path) -> dict:
                 f"plain data ({detail.split('. ')[0]}); nothing in it was run. Checkpoints written by ssvp never "
                 "do: check where this file came from"
             ) from None
+        raise _unreadable(file, exc) from None
+    except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {file}: {_first_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file, I/O error)
-        raise CheckpointError(f"cannot read checkpoint {file}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file)
+        raise _unreadable(file, exc) from None
     if not isinstance(state, dict) or "head" not in state:
         raise CheckpointError(f"checkpoint {file} holds no SSVP head state (expected a dict with 'head')")
+    _check_head_state(file, state)
     return state
 
 
@@ -481,6 +545,7 @@ def config_from_checkpoint(path: str | Path) -> Config:
     file = (path if path.is_dir() else path.parent) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}")
+    check_checksum(file)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -860,6 +925,17 @@ def evaluate(
     return out
 
 
+def _check_finite_output(out, paths: list[Path], checkpoint) -> None:
+    """NaN / infinite scores or maps are an error (``nan >= t`` is False: it would read as 'normal')."""
+    score = out.score.float().reshape(len(paths), -1)
+    amap = out.anomaly_map.float().reshape(len(paths), -1)
+    bad = ~(torch.isfinite(score).all(1) & torch.isfinite(amap).all(1))
+    if bool(bad.any()):
+        first = paths[int(bad.nonzero()[0])]
+        raise NonFiniteOutputError(f"non-finite anomaly score or map for {first} ({int(bad.sum())} of {len(paths)} "
+                                   f"image(s) in this batch) with checkpoint {checkpoint}: no label is given")
+
+
 @torch.no_grad()
 def predict_paths(cfg: Config, checkpoint: str | Path | None, paths: list[Path], class_name: str, model=None) -> list[dict]:
     """Score image files: ``[{path, score, map (HxW numpy at the model's input size)}]``."""
@@ -885,6 +961,7 @@ def predict_paths(cfg: Config, checkpoint: str | Path | None, paths: list[Path],
         feats = features(images, images_dino)
         with _autocast(device, cfg.model.bf16):
             out = model.head(feats, [class_name] * len(chunk), size)
+        _check_finite_output(out, chunk, checkpoint)
         for i, p in enumerate(chunk):
             results.append(
                 {

@@ -558,3 +558,67 @@ def test_single_category_root(tmp_path):
     root = make_mvtec(tmp_path / "mvtec")
     ds = open_dataset(f"mvtec:{root / 'bottle'}", "test")
     assert ds.classes == ["bottle"] and len(ds) == 5
+
+
+# --------------------------------------------------------------------------- issue 25: one rule for every reader
+def test_visa_csv_paths_that_leave_the_root_are_refused(tmp_path):
+    """VisA's ``split_csv/1cls.csv`` paths were joined unchecked: ``../..`` images and ``/etc/hostname`` as a
+    mask were read. Now refused naming the csv line and the column, unless allowed explicitly."""
+    root = make_visa(tmp_path / "visa")
+    outside = tmp_path / "outside.png"
+    img(outside)
+    csv_file = root / "split_csv" / "1cls.csv"
+    rows = csv_file.read_text().splitlines()
+    for column, row in (("image", "candle,test,normal,../outside.png,"),
+                        ("mask", f"candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,{outside}")):
+        csv_file.write_text("\n".join(rows + [row]) + "\n")
+        for skip in (False, True):
+            with pytest.raises(DatasetError) as err:
+                open_dataset(f"visa:{root}", "test", skip_bad_files=skip)
+            msg = str(err.value)
+            assert f"{csv_file} line {len(rows) + 1}: {column}" in msg and "outside the dataset root" in msg, msg
+        ds = open_dataset(f"visa:{root}", "test", allow_outside_root=True)
+        assert str(outside) in {r.image_path for r in ds.records} | {r.mask_path for r in ds.records}
+
+
+@pytest.mark.parametrize("fmt", ["meta", "mvtec"])
+def test_symlinks_leading_out_of_the_root_are_refused(tmp_path, fmt):
+    """The meta.json check was lexical (a symlink inside the root was followed) and the folder readers had
+    none: real paths are compared now, for every format."""
+    root = make_mvtec(tmp_path / "mvtec")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    img(outside / "secret.png")
+    link = root / "bottle" / "test" / "good" / "zz_link.png"
+    if fmt == "meta":
+        write_meta(f"mvtec:{root}")
+    os.symlink(outside / "secret.png", link)
+    if fmt == "meta":
+        meta = root / "meta.json"
+        data = json.loads(meta.read_text())
+        data["test"]["bottle"].append({"img_path": "bottle/test/good/zz_link.png", "mask_path": "",
+                                       "cls_name": "bottle", "specie_name": "good", "anomaly": 0})
+        meta.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"zz_link\.png.* resolves to .*elsewhere/secret\.png, outside the "
+                                           r"dataset root .* \(a symlink\)"):
+        open_dataset(f"{fmt}:{root}", "test")
+    ds = open_dataset(f"{fmt}:{root}", "test", allow_outside_root=True)
+    assert str(link) in {r.image_path for r in ds.records}
+    inner = root / "bottle" / "test" / "good" / "zz_inner.png"  # a symlink that stays inside is fine
+    link.unlink()
+    os.symlink(root / "bottle" / "test" / "good" / "000.png", inner)
+    if fmt == "meta":
+        data["test"]["bottle"][-1]["img_path"] = "bottle/test/good/zz_inner.png"
+        meta.write_text(json.dumps(data))
+    assert str(inner) in {r.image_path for r in open_dataset(f"{fmt}:{root}", "test").records}
+
+
+def test_meta_infinite_anomaly_names_file_entry_and_key(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec")
+    meta = write_meta(f"mvtec:{root}")
+    text = meta.read_text()
+    data = json.loads(text)
+    data["test"]["bottle"][1]["anomaly"] = "@INF@"
+    meta.write_text(json.dumps(data).replace('"@INF@"', "Infinity"))
+    with pytest.raises(DatasetError, match=rf"meta file {meta}, test/bottle\[1\]: 'anomaly' must be 0 or 1, got inf"):
+        open_dataset(f"meta:{root}", "test")

@@ -142,16 +142,44 @@ def test_preflight_fails_in_seconds_with_one_line(tmp_path, synthetic_root, caps
         "storage_path": ["--storage-path", str(tmp_path / "file" / "ray")],
         "does not exist": ["--set", f"source=synthetic:{tmp_path / 'nowhere'}"],
         "unknown dataset format": ["--set", "source=nosuchformat:/data"],
+        # issue 25: each of these was a traceback, a hang or a silent new sweep
+        "resources.cpus_per_worker must be a finite number > 0, got -1.0": ["--cpus-per-worker", "-1"],
+        "resources.cpus_per_worker must be a finite number > 0, got nan": ["--cpus-per-worker", "nan"],
+        "resources.gpus_per_worker must be a finite number >= 0, got inf": ["--gpus-per-worker", "inf"],
+        "--num-cpus must be >= 1, got -2": ["--num-cpus", "-2"],
+        "clip_layers must be a list (a,b or a JSON list); got '[1,2'": ["--set", "clip_layers=[1,2"],
+        "search.optuna_storage postgresql://u:***@127.0.0.1:": [
+            "--set-search", f"optuna_storage=postgresql://u:pw5309@127.0.0.1:{free_port()}/o"],
+        "search.optuna_storage notadb://h/x cannot be opened": ["--set-search", "optuna_storage=notadb://h/x"],
     }
     for expected, extra in cases.items():
+        if extra[0] == "--set-search":  # a search setting: in the sweep file
+            cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n"
+                           f"search: {{{extra[1].replace('=', ': ', 1)}}}\n")
+            extra = []
+        else:
+            cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n")
         t0 = time.time()
         code = main(common + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and expected in err[0], (expected, err)
         assert time.time() - t0 < 30
+    assert "pw5309" not in capsys.readouterr().err
+    cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}, n_trian: 3}}\n")
+    assert main(common) == 2  # a misspelt synthetic option, whether or not the data exists
+    err = capsys.readouterr().err.strip()
+    assert "base.synthetic: unknown option(s) ['n_trian']; known: root, seed, size, n_train" in err, err
     import ray
 
     assert not ray.is_initialized()  # nothing of it needed Ray
+
+
+def test_empty_class_name_is_refused(capsys):
+    from ssvp.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--checkpoint", "c", "--input", "i", "--class-name", " "])
+    assert exc.value.code == 2 and "--class-name: must not be empty" in capsys.readouterr().err
 
 
 def test_print_config_redacts_secrets(tmp_path, synthetic_root, capsys):
@@ -178,6 +206,9 @@ def _assert_clean(res: dict, trials: int) -> None:
     assert res["epochs_lost"] == 0 and res["epochs_duplicated"] == 0, res
     assert res["running"] == 0 and res["best_mismatch"] == 0 and res["best_is_true_best"], res
     assert res["parent"] == "FINISHED", res
+    # issue 25: the Optuna study is as exact as MLflow (state, value, every intermediate value)
+    assert res["optuna_trials"] == trials and res["optuna_running"] == 0, res
+    assert res["optuna_state_mismatch"] == res["optuna_value_mismatch"] == res["optuna_steps_mismatch"] == 0, res
 
 
 @pytest.mark.slow
@@ -225,3 +256,44 @@ def test_same_seed_same_metrics_whatever_the_flags_and_a_nan_trial_fails_once(wo
         a = [(m.step, m.value) for m in sorted(c.get_metric_history(runs["plain"].info.run_id, key), key=lambda m: m.step)]
         b = [(m.step, m.value) for m in sorted(c.get_metric_history(runs["bars"].info.run_id, key), key=lambda m: m.step)]
         assert a == b, key
+
+
+def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path, monkeypatch):
+    """Issue 25: after a driver kill, ``Tuner.restore`` brought back the *pickled* MLflow callback, with no
+    searcher (its ``__getstate__`` drops it), so epochs back-filled on resume never reached Optuna.
+    ``reattach`` puts this run's callbacks in and attaches the restored searcher. The study's URL is
+    pickled without its secret, which comes back from this process's config, not from the pickle.
+    A real ``Tuner`` / ``Tuner.restore`` (no Ray cluster needed for either)."""
+    from ray import tune
+
+    from tuning import search as search_mod
+    from tuning.integrity import SigningCallback, StateSigner, verify_sweep_state
+    from tuning.runner import reattach
+    from tuning.tracking import MLflowTrialCallback, SweepTracker
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    url = f"sqlite:///file:{tmp_path}/o.db?mode=rwc&token=tok8812&uri=true"
+
+    def trainable(config):
+        return {"x": 1.0}
+
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/m.db", "e", sweep_id="s")
+    signer = StateSigner(tmp_path / "s")
+    tune.Tuner(trainable, param_space={"g": tune.uniform(0, 1)},
+               tune_config=tune.TuneConfig(metric="x", mode="max", num_samples=1,
+                                           search_alg=search_mod.make_optuna_search("s", url, 0, None, epochs=2)),
+               run_config=tune.RunConfig(name="s", storage_path=str(tmp_path),
+                                         callbacks=[MLflowTrialCallback(tracker, {}, epochs=2), SigningCallback(signer)]))
+    signer.sign_storage()
+    assert set(verify_sweep_state(tmp_path / "s")) == {"tuner.pkl"}
+    assert b"tok8812" not in (tmp_path / "s" / "tuner.pkl").read_bytes()
+    monkeypatch.setattr(search_mod, "_REAL_URLS", {})  # a new driver process: only its config knows the URL
+    search_mod.remember_storage_url(url)
+    restored = tune.Tuner.restore(str(tmp_path / "s"), trainable=trainable)
+    fresh = [MLflowTrialCallback(tracker, {}, epochs=2), SigningCallback(signer)]
+    reattach(restored, fresh)
+    callbacks = restored._local_tuner.get_run_config().callbacks
+    searcher = restored._local_tuner._tune_config.search_alg
+    assert callbacks[0] is fresh[0] and callbacks[1] is fresh[1] and len(callbacks) == 2
+    assert fresh[0].searcher is searcher and isinstance(searcher, search_mod.ResumableOptunaSearch)
+    assert searcher._storage.url == url  # the secret put back from this process, not from the pickle

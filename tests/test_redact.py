@@ -25,6 +25,13 @@ from tuning.redact import REDACTED, is_secret_name, redact, redact_text
     ("trial failed: could not connect to mysql://root:toor@10.0.0.5/optuna (timeout)",
      "trial failed: could not connect to mysql://root:***@10.0.0.5/optuna (timeout)"),
     ("nothing secret here: lr=0.001, gamma=0.5", "nothing secret here: lr=0.001, gamma=0.5"),
+    # issue 25: a password holding '/' (and '@'), and the 'https:/' form pathlib.Path makes of a URL
+    ("optuna_storage: postgresql://u:pa/ss@db/o", "optuna_storage: postgresql://u:***@db/o"),
+    ("'mysql://u:p@ss/x@h/db'", "'mysql://u:***@h/db'"),
+    ("FileNotFoundError: https:/u:tok3n@h.example/w.pt", "FileNotFoundError: https:/u:***@h.example/w.pt"),
+    ("View run t00 at: http://admin:PW1@127.0.0.1:5000/#/experiments/1",
+     "View run t00 at: http://admin:***@127.0.0.1:5000/#/experiments/1"),
+    ("C:/x:y", "C:/x:y"),
 ])
 def test_redact_text(text, expected):
     assert redact_text(text) == expected
@@ -83,3 +90,78 @@ def test_sweep_tracker_records_no_secret(tmp_path):
     assert settings == {"optuna_storage": "postgresql://optuna:***@db.example/optuna", "token": REDACTED}
     text = (tmp_path / "dl" / "log.txt").read_text()
     assert "hunter2" not in text and "hunter2" not in json.dumps(settings) and local
+
+
+def test_redacting_client_redacts_error_tags_and_texts(tmp_path):
+    """Trial ``error`` / ``retry_N_error`` tags and error texts go through the tracker's client, which
+    redacts whatever it writes (issue 25: they reached MLflow in clear text)."""
+    from mlflow import MlflowClient
+
+    from tuning.redact import RedactingClient
+
+    raw = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    client = RedactingClient(raw)
+    run = client.create_run(client.create_experiment("e"))  # passes through
+    client.set_tag(run.info.run_id, "retry_1_error", "OSError: https:/u:s3cr/et@h/w.pt unreachable")
+    client.set_tag(run.info.run_id, "api_token", "abc")
+    client.log_text(run.info.run_id, "connect postgresql://u:pa/ss@db/o failed", "error.txt")
+    tags = raw.get_run(run.info.run_id).data.tags
+    assert tags["retry_1_error"] == "OSError: https:/u:***@h/w.pt unreachable" and tags["api_token"] == REDACTED
+    text = raw.download_artifacts(run.info.run_id, "error.txt", str(tmp_path / "dl"))
+    assert open(text).read() == "connect postgresql://u:***@db/o failed"
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
+    """Issue 25: one tiny sweep with a distinct secret in each carrier: the tracking URI's password (an
+    MLflow server behind a login), the Optuna storage URL, a weights URL in the sweep file and a ``--set``
+    value (both with '/' in the password; the trial fails on them, so its error text carries them,
+    through ``Path`` as ``https:/``). Nothing of the record holds any of them: stdout, stderr, the MLflow
+    server's database and artifacts, the storage folder (Tune's pickles, launch.json, ssvp_sweep.json)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from cluster_services import clean_env, mlflow_server
+
+    repo = Path(__file__).resolve().parents[1]
+    secrets = {"tracking": "trkPW_71c4", "optuna": "optTOK_93b1", "weights": "wtsPW/58e2", "set": "setPW/26d0"}
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "sec",
+        "base": {"preset": "tiny", "overrides": {
+            "source": f"synthetic:{synthetic_root}/domain_a", "targets": [f"synthetic:{synthetic_root}/domain_b"],
+            "epochs": 1, "max_steps_per_epoch": 1, "max_per_class": 2, "batch_size": 4, "progress": False,
+            "dino_weights": f"https://u:{secrets['weights']}@127.0.0.1:9/dino.pt"}},
+        "space": {"gamma": {"type": "uniform", "low": 0.0, "high": 1.0}},
+        "search": {"algorithm": "optuna", "num_samples": 1, "seed": 0, "scheduler": "none",
+                   "points_to_evaluate": "none",
+                   "optuna_storage": f"sqlite:///file:{tmp_path}/optuna.db?mode=rwc&token={secrets['optuna']}&uri=true"},
+        "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
+        "target_eval": "none", "refit": False,
+    }))
+    (tmp_path / "art").mkdir()
+    env = clean_env(PYTHONPATH=str(repo), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    with mlflow_server(tmp_path, str(tmp_path / "art"), env, password=secrets["tracking"]) as uri:
+        login = uri.replace("http://", f"http://admin:{secrets['tracking']}@")
+        proc = subprocess.run(
+            [sys.executable, str(repo / "tuning" / "sweep.py"), "--config", str(cfg), "--local", "--num-cpus", "2",
+             "--name", "sec", "--storage-path", str(tmp_path / "ray"), "--tracking-uri", login, "--experiment", "sec",
+             "--set", f"clip_pretrained=https://u:{secrets['set']}@127.0.0.1:9/clip.pt"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "no trial finished" in out, out[-4000:]  # the trial failed on its weights
+    assert "https:/u:***@127.0.0.1:9/" in out or "https://u:***@127.0.0.1:9/" in out, out[-4000:]
+    found = {name: [] for name in secrets}
+    for path in [p for p in tmp_path.rglob("*") if p.is_file()] + [None]:
+        data = out.encode() if path is None else path.read_bytes()
+        for name, secret in secrets.items():
+            if secret.encode() in data and path != cfg:
+                found[name].append(str(path or "console"))
+    assert not any(found.values()), found
+    # the record is there (the greps above looked at something): Tune's state, MLflow's database with the
+    # failed trial's redacted weights URL
+    assert (tmp_path / "ray" / "sec" / "tuner.pkl").is_file() and (tmp_path / "optuna.db").is_file()
+    assert b"u:***@127.0.0.1:9" in (tmp_path / "mlflow.db").read_bytes()

@@ -299,3 +299,148 @@ def test_cli_disk_full_while_writing_the_report(tmp_path, synthetic_root):
     line = one_clean_line(proc.stderr)
     assert line.startswith("ssvp eval: error: cannot write") and str(out) in line and "too large" in line.lower()
     assert list(out.parent.iterdir()) == []  # no report, no temporary file
+
+
+# --------------------------------------------------------------------------- issue 25: nothing from the storage path runs
+def _sweep_yaml(tmp_path: Path, synthetic_root: Path) -> Path:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n")
+    return cfg
+
+
+def _resume_args(cfg: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--config", str(cfg), "--storage-path", str(tmp_path / "ray"), "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db", "--local", "--resume", *extra]
+
+
+@pytest.fixture()
+def own_key(tmp_path, monkeypatch):
+    """This user's signing key lives outside the storage path (here: a private config folder)."""
+    monkeypatch.delenv("SSVP_STATE_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+def test_planted_tuner_pkl_is_refused_and_its_payload_never_runs(tmp_path, synthetic_root, own_key, capsys):
+    """A ``tuner.pkl`` someone else wrote under the shared storage path (whose payload would create a
+    marker file) is refused by ``--resume`` before anything is unpickled: exit 2, one line naming it."""
+    import pickle
+
+    from tuning.sweep import main
+
+    planted = tmp_path / "ray" / "s-29990101-000000"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (planted / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    (planted / "launch.json").write_text(json.dumps({"argv": ["--set", "epochs=1"]}))
+    cfg = _sweep_yaml(tmp_path, synthetic_root)
+    assert main(_resume_args(cfg, tmp_path, "--name", planted.name)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "untrusted sweep state" in err and "has no signature" in err, err
+    assert str(planted / "launch.json") in err or str(planted / "tuner.pkl") in err
+    assert not marker.exists()
+    # signed with another user's key: refused too, naming the file that does not match
+    from tuning.integrity import StateSigner, state_key, verify_sweep_state
+
+    state_key()  # this user's key (created on first use, mode 0600)
+    assert oct((tmp_path / "config" / "ssvp" / "state.key").stat().st_mode & 0o777) == "0o600"
+    os.environ["SSVP_STATE_KEY"] = "someone-else"
+    try:
+        StateSigner(str(planted)).sign_storage()
+    finally:
+        del os.environ["SSVP_STATE_KEY"]
+    assert main(_resume_args(cfg, tmp_path, "--name", planted.name)) == 2
+    err = capsys.readouterr().err
+    assert "does not match its signature" in err and "launch.json" in err, err
+    assert not marker.exists()
+    # this user's own signatures pass; a byte changed afterwards in a searcher state is named
+    StateSigner(str(planted)).sign_storage()
+    signer = StateSigner(str(planted), verify_sweep_state(planted))
+    (planted / "searcher-state-x.pkl").write_bytes(b"\x80\x04K\x01.")
+    signer.sign_staging(str(planted))
+    assert set(verify_sweep_state(planted)) == {"tuner.pkl", "launch.json", "searcher-state-x.pkl"}
+    (planted / "searcher-state-x.pkl").write_bytes(b"\x80\x04K\x02.")
+    with pytest.raises(ValueError, match=r"searcher-state-x\.pkl does not match"):
+        verify_sweep_state(planted)
+    assert not marker.exists()
+
+
+def test_resume_never_picks_a_sweep_by_itself(tmp_path, synthetic_root, own_key, capsys):
+    """``--resume`` without ``--name`` lists the sweeps of that config and starts none; a misspelt
+    ``--name`` is refused with the sweeps that exist (it used to start a new sweep silently)."""
+    from tuning.sweep import main
+
+    for name in ("s-20260101-000000", "s-20260202-000000", "other-1"):
+        (tmp_path / "ray" / name).mkdir(parents=True)
+        (tmp_path / "ray" / name / "launch.json").write_text('{"argv": []}')
+        time.sleep(0.01)
+    cfg = _sweep_yaml(tmp_path, synthetic_root)
+    assert main(_resume_args(cfg, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume needs --name") and "s-20260202-000000, s-20260101-000000" in err, err
+    assert "other-1" not in err
+    assert main(_resume_args(cfg, tmp_path, "--name", "s-2026010-000000")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume --name 's-2026010-000000': no such sweep") and "other-1" in err, err
+    assert not (tmp_path / "ray" / "s-2026010-000000").exists()
+
+
+# --------------------------------------------------------------------------- issue 25: corrupt checkpoints are never quiet
+def test_flipped_bytes_in_a_checkpoint_are_one_checkpoint_error_naming_the_file(tmp_path):
+    """torch does not check its zip's CRCs: bytes flipped in a tensor's storage load as other weights.
+    ``save_checkpoint`` records each file's SHA-256 (``checksums.json``) and loading checks it."""
+    model = _Model()
+    path = engine.save_checkpoint(tmp_path / "last", Config(), model, None, None, 1, {})
+    file = path / engine.CHECKPOINT_FILE
+    data = bytearray(file.read_bytes())
+    raw = model.head.lin.weight.detach().numpy().astype("<f4").tobytes()
+    at = bytes(data).find(raw[:16])
+    assert at > 0  # the weight's storage, uncompressed in the zip
+    data[at + 3] ^= 0x7F  # one exponent byte: a weight becomes huge, the zip still loads
+    file.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(file, weights_only=True)["head"]["lin.weight"], model.head.lin.weight)
+    for load in (engine.load_checkpoint, lambda p: engine.load_head(_Model(), p)):
+        with pytest.raises(engine.CheckpointError, match=rf"checkpoint file {file} is corrupt: its SHA-256 differs"):
+            load(path)
+    (path / engine.CONFIG_FILE).write_text((path / engine.CONFIG_FILE).read_text().replace('"gamma"', ' "gamma"'))
+    with pytest.raises(engine.CheckpointError, match="config.json is corrupt"):
+        engine.config_from_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["list_head", "safetensors", "nan_weights"])
+def test_malformed_heads_get_a_message_naming_the_file_and_never_unsafe_advice(tmp_path, kind):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    file = folder / engine.CHECKPOINT_FILE
+    if kind == "list_head":
+        torch.save({"head": [1, 2, 3]}, file)
+        expect = "'head' is list; expected a state dict"
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(_Head().state_dict(), str(file))
+        expect = "a safetensors file; expected head.pt as ssvp writes it"
+    else:
+        state = _Head().state_dict()
+        state["lin.weight"][0, 0] = float("nan")
+        torch.save({"head": state, "epoch": 0}, file)
+        expect = "head weight 'lin.weight' holds 1 NaN/infinite value(s)"
+    for load in (engine.load_checkpoint, lambda p: engine.load_head(_Model(), p)):
+        with pytest.raises(engine.CheckpointError) as err:
+            load(folder)
+        msg = str(err.value)
+        assert str(file) in msg and expect in msg and "weights_only" not in msg and "\n" not in msg, msg
+
+
+def test_non_finite_scores_or_maps_are_an_error_not_a_label():
+    """``nan >= threshold`` is False: ``ssvp predict`` printed 'nan  normal' and exited 0. A non-finite
+    score or map is now an error naming the image (a ValueError: the CLI's one line, exit 2)."""
+    from types import SimpleNamespace
+
+    paths = [Path("a.png"), Path("b.png")]
+    ok = SimpleNamespace(score=torch.tensor([0.1, 0.2]), anomaly_map=torch.zeros(2, 1, 4, 4))
+    engine._check_finite_output(ok, paths, "ck")
+    for score, amap in ((torch.tensor([0.1, float("nan")]), torch.zeros(2, 1, 4, 4)),
+                        (torch.tensor([0.1, 0.2]), torch.zeros(2, 1, 4, 4).index_fill_(0, torch.tensor([1]), float("inf")))):
+        with pytest.raises(engine.NonFiniteOutputError, match=r"non-finite anomaly score or map for b\.png \(1 of 2"):
+            engine._check_finite_output(SimpleNamespace(score=score, anomaly_map=amap), paths, "ck")
+    assert issubclass(engine.NonFiniteOutputError, ValueError)

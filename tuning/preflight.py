@@ -4,6 +4,9 @@
 
 * every dataset spec of the base config and of each variant: known format, root folder exists;
 * the storage path (local folder): can be created and written;
+* the resource numbers: CPUs per worker finite and > 0, GPUs and custom resources finite and >= 0;
+* the Optuna study store (``search.optuna_storage``): a SQLite file's folder can be written, a
+  database answers with its driver installed;
 * the MLflow tracking store: a SQLite file's folder can be written; a tracking server answers
   ``/health`` within a few seconds (an unreachable one fails here in seconds, with one line,
   instead of MLflow's retries taking minutes).
@@ -16,6 +19,7 @@ Each failure raises :class:`PreflightError` (a ``ValueError``) naming the field 
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -28,7 +32,7 @@ from urllib.parse import urlsplit
 from .redact import redact_text
 
 __all__ = ["PreflightError", "check_before_ray", "check_writable", "check_data", "check_storage", "check_tracking",
-           "check_resources"]
+           "check_resources", "check_resource_numbers", "check_optuna_storage"]
 
 TRACKING_TIMEOUT_S = 5.0
 
@@ -38,10 +42,61 @@ class PreflightError(ValueError):
 
 
 def check_before_ray(sweep) -> None:
-    """Data specs, storage path and tracking store of ``sweep`` (a :class:`~tuning.settings.SweepConfig`)."""
+    """Resource numbers, data specs, storage path, tracking store and Optuna study store of ``sweep``
+    (a :class:`~tuning.settings.SweepConfig`)."""
+    check_resource_numbers(sweep.resources)
     check_data(sweep.base, sweep.variants)
     check_storage(sweep.storage_path)
     check_tracking(sweep.mlflow.tracking_uri)
+    if sweep.search.algorithm == "optuna":
+        check_optuna_storage(sweep.search.optuna_storage)
+
+
+def check_resource_numbers(res) -> None:
+    """CPUs per worker finite and > 0, GPUs and custom resources finite and >= 0: a negative amount fails
+    deep inside Ray, a NaN one leaves the trial pending forever."""
+    amounts = [("cpus_per_worker", res.cpus_per_worker, False), ("gpus_per_worker", res.gpus_per_worker, True)]
+    amounts += [(f"extra.{k}", v, True) for k, v in (res.extra or {}).items()]
+    for name, value, zero_ok in amounts:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+            need = ">= 0" if zero_ok else "> 0"
+            raise PreflightError(f"resources.{name} must be a finite number {need}, got {value!r}")
+
+
+def check_optuna_storage(url: str | None, timeout: float = TRACKING_TIMEOUT_S) -> None:
+    """The Optuna study store opens: a SQLite file's folder is writable, a database answers within
+    ``timeout`` s, its driver is installed (else the sweep would fail after its parent run opened)."""
+    if not url:
+        return
+    shown = redact_text(url)
+    try:
+        import sqlalchemy
+
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy.exc.ArgumentError: not a database URL
+        raise PreflightError(f"search.optuna_storage {shown} is not a database URL ({type(exc).__name__})") from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        if db.startswith("file:"):
+            db = db[len("file:"):]
+        if db and db != ":memory:":
+            check_writable(Path(db).expanduser().absolute().parent, "search.optuna_storage folder")
+        return
+    try:
+        args = {"connect_timeout": int(timeout)} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+        engine = sqlalchemy.create_engine(parsed, connect_args=args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as exc:
+        raise PreflightError(f"search.optuna_storage {shown}: its database driver is not installed ({exc.name or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - OperationalError: unreachable, refused, bad login
+        first = redact_text((str(exc) or type(exc).__name__).splitlines()[0])[:300]
+        raise PreflightError(f"search.optuna_storage {shown} cannot be opened ({type(exc).__name__}: {first})") from None
 
 
 def check_data(base, variants: Mapping[str, Mapping[str, Any]] | None = None) -> None:

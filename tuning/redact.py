@@ -9,7 +9,8 @@ Pure functions, no I/O::
 
 What counts as a secret:
 
-* the password of a URL's user info (``scheme://user:PASSWORD@host``), any scheme;
+* the password of a URL's user info (``scheme://user:PASSWORD@host``), any scheme, also when it
+  holds ``/`` or ``@`` and in the ``scheme:/user:PASSWORD@host`` form ``pathlib.Path`` makes of a URL;
 * the value of a query-string parameter, ``NAME=value`` / ``--name value`` pair on a command
   line, or mapping entry whose name is a secret name (``is_secret_name``): it contains
   password / passwd / secret / token / credential / passphrase, or one of its words is
@@ -25,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["REDACTED", "is_secret_name", "redact_text", "redact"]
+__all__ = ["REDACTED", "is_secret_name", "redact_text", "redact", "RedactingClient", "split_userinfo"]
 
 REDACTED = "***"
 
@@ -57,9 +58,10 @@ def is_secret_name(name: Any) -> bool:
     return False
 
 
-# scheme://[user][:password]@host: the password runs to the last '@' before the host
+# scheme://[user][:password]@host: the password runs to the last '@' of the URL and may hold '/', ':'
+# or '@'; "scheme:/user:pw@host" too (pathlib.Path collapses '//' in a URL it is handed)
 _URL_USERINFO = re.compile(
-    r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)(?P<pw>[^\s/]*)(?=@[^\s@/?#]*(?:[/?#\s'\"]|$))"
+    r"(?P<head>\b(?:[a-zA-Z][a-zA-Z0-9+.\-]*://|[a-zA-Z][a-zA-Z0-9+.\-]+:/)[^/\s:@'\"]*:)(?P<pw>[^\s'\"]*)(?=@[^\s@/?#'\"]*(?:[/?#\s'\"]|$))"
 )
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#\s;]+)=(?P<value>[^&#\s;'\"]*)")
 # NAME=value, name: value, "name": "value", --name=value
@@ -102,3 +104,43 @@ def redact(obj: Any, name: Any = None) -> Any:
     if isinstance(obj, str):
         return redact_text(obj)
     return obj
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user info, user, password)`` of an ``http(s)://user:password@host/...`` URI
+    (a redacted password counts as none); any other URI comes back unchanged with ``None, None``."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if not isinstance(uri, str) or not uri.startswith(("http://", "https://")) or "@" not in uri.split("/", 3)[2]:
+        return uri, None, None
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password and parts.password != REDACTED else None
+    return urlunsplit(parts._replace(netloc=host)), user, password
+
+
+class RedactingClient:
+    """An MLflow client whose every written text is redacted: tags (a trial's ``error``,
+    ``retry_N_error``), params, text and dict artifacts. Reads and everything else pass through."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def set_tag(self, run_id: str, key: str, value: Any, *args, **kwargs):
+        return self._client.set_tag(run_id, key, redact(value, key), *args, **kwargs)
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: Any):
+        return self._client.set_experiment_tag(experiment_id, key, redact(value, key))
+
+    def log_param(self, run_id: str, key: str, value: Any, *args, **kwargs):
+        return self._client.log_param(run_id, key, redact(value, key), *args, **kwargs)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str):
+        return self._client.log_text(run_id, redact_text(text), artifact_file)
+
+    def log_dict(self, run_id: str, dictionary: Any, artifact_file: str):
+        return self._client.log_dict(run_id, redact(dictionary), artifact_file)

@@ -30,6 +30,7 @@ import time
 from typing import Callable, Mapping
 
 from .finish import finish
+from .integrity import SigningCallback, StateSigner, verify_sweep_state
 from .plan import STATE_FILE, Plan, SweepExistsError, absolutize_paths, make_plan
 from .ray_session import free_port, init_ray
 from .record import close_interrupted, collect_trials, open_parent, trial_callback
@@ -63,11 +64,13 @@ def run_trials(sweep: SweepConfig, *, resume: bool = False, on_results: OnResult
     any trial starts.
     """
     plan = make_plan(sweep, resume=resume)  # plan
+    # a resume loads Ray's pickled state: only when this user's key signed it (tuning.integrity)
+    signer = StateSigner(plan.paths.experiment, verify_sweep_state(plan.paths.experiment) if plan.restoring else None)
     tracker = open_parent(plan)  # record: parent run
     callback = trial_callback(plan, tracker)
     started = time.time()
     try:
-        results = run_tuner(plan, callback)  # run
+        results = run_tuner(plan, callback, signer)  # run
         summary = collect_trials(plan, tracker, callback, results)  # record: trials
         if summary.interrupted:
             close_interrupted(summary, tracker, sweep.verbose)
@@ -101,8 +104,11 @@ def close_on_error(tracker, exc: BaseException) -> None:
             pass
 
 
-def run_tuner(plan: Plan, callback):
-    """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``."""
+def run_tuner(plan: Plan, callback, signer: StateSigner | None = None):
+    """Build the Tuner (or restore it) and run every trial; Tune's ``ResultGrid``.
+
+    ``signer`` signs what Tune pickles (``tuner.pkl``, searcher and experiment state) so that a later
+    resume can check it was this user's sweep that wrote it (:mod:`tuning.integrity`)."""
     from ray import tune
 
     from .plan import TRIAL_DRIVER_CPU, make_scheduler, make_search, make_trial_settings, tune_space
@@ -114,8 +120,12 @@ def run_tuner(plan: Plan, callback):
     resources = settings.resources_per_worker() if settings.reuse_processes else {"cpu": TRIAL_DRIVER_CPU}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), resources)
     if plan.restoring:
+        from .search import remember_storage_url
+
+        remember_storage_url(plan.optuna_url)  # the study's password comes from the config, not the pickle
         tuner = tune.Tuner.restore(str(plan.paths.experiment), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
+        reattach(tuner, [callback, SigningCallback(signer)] if signer else [callback])
         with _tune_output(plan.sweep.verbose):
             return tuner.fit()
     s = plan.sweep.search
@@ -140,13 +150,32 @@ def run_tuner(plan: Plan, callback):
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=str(plan.paths.storage),
-            callbacks=[callback, *console_callbacks(plan)],
+            callbacks=[callback, *console_callbacks(plan), *([SigningCallback(signer)] if signer else [])],
             failure_config=tune.FailureConfig(max_failures=plan.sweep.resources.trial_max_failures),
             verbose=max(0, plan.sweep.verbose - 1),  # Tune's own table only with --verbose
         ),
     )
+    if signer is not None:
+        signer.sign_storage()  # the Tuner has just written tuner.pkl
     with _tune_output(plan.sweep.verbose):
         return tuner.fit()
+
+
+def reattach(tuner, fresh: list) -> None:
+    """After ``Tuner.restore``: this run's callbacks (``fresh``, the MLflow callback first) replace the
+    unpickled copies of the same classes in the restored run config, and the restored Optuna searcher
+    is attached to the MLflow callback again, so every epoch MLflow logs (back-filled ones included)
+    reaches the study as on a first run. Tune restores the searcher's state into this same object
+    when ``fit`` starts."""
+    internal = tuner._local_tuner  # Ray keeps the restored configs there (no public accessor)
+    run_config = internal.get_run_config()
+    kinds = {type(c): c for c in fresh}
+    callbacks = [kinds.pop(type(c), c) for c in (run_config.callbacks or [])]
+    run_config.callbacks = [*callbacks, *kinds.values()]
+    search = internal._tune_config.search_alg
+    searcher = getattr(search, "searcher", search)  # a ConcurrencyLimiter wraps it
+    if hasattr(searcher, "observe"):
+        fresh[0].searcher = searcher
 
 
 @contextlib.contextmanager
@@ -161,13 +190,17 @@ def _tune_output(verbose: int):
 
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    tune_log = logging.getLogger("ray.tune")  # "Wrote the latest version of all result files ..." at the end
-    level = tune_log.level
-    tune_log.setLevel(max(level, logging.WARNING))
+    # "Wrote the latest version of all result files ..." at the end; with --quiet (verbose 0) also the
+    # failed trials' tracebacks (their causes are in the summary and in MLflow)
+    logs = [logging.getLogger(name) for name in ("ray.tune", "ray.train")]
+    levels = [log.level for log in logs]
+    for log, level in zip(logs, levels):
+        log.setLevel(max(level, logging.WARNING if verbose >= 1 else logging.CRITICAL))
     try:
         yield
     finally:
-        tune_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:

@@ -8,7 +8,37 @@ import warnings
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["ResumableOptunaSearch", "make_optuna_search"]
+__all__ = ["ResumableOptunaSearch", "make_optuna_search", "SecretFreeRDBStorage", "remember_storage_url"]
+
+_REAL_URLS: dict[str, str] = {}  # redacted URL -> URL, in this (driver) process only
+
+
+def remember_storage_url(url: str | None) -> None:
+    """Make the study's real URL known to this process before a pickled searcher is loaded (resume)."""
+    from .redact import redact_text
+
+    if url:
+        _REAL_URLS[redact_text(url)] = url
+
+
+class SecretFreeRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB store whose pickles (Tune's ``tuner.pkl`` and searcher state) hold its URL with the
+    password redacted; unpickled in a driver that knows the real URL (the sweep's ``optuna_storage``,
+    see :func:`remember_storage_url`), the password is put back from there, never from the storage path."""
+
+    def __init__(self, url: str, **kwargs):
+        super().__init__(url, **kwargs)
+        remember_storage_url(url)
+
+    def __getstate__(self) -> dict:
+        from .redact import redact_text
+
+        state = super().__getstate__()
+        state["url"] = redact_text(state["url"])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "url": _REAL_URLS.get(state["url"], state["url"])})
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -128,6 +158,6 @@ def make_optuna_search(study_name: str, storage_url: str | None, seed: int, poin
         points_to_evaluate=list(points or []) or None,
         sampler=optuna.samplers.TPESampler(seed=seed),
         study_name=study_name,
-        storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,  # None: kept in Tune's state
+        storage=SecretFreeRDBStorage(storage_url) if storage_url else None,  # None: kept in Tune's state
         epochs=epochs,
     )

@@ -382,12 +382,27 @@ def build_base_config(base: Mapping[str, Any], source_file: str = "", base_dir: 
                 from ssvp.paths import resolve_data_path
 
                 root = base_dir / root if explicit_dir else resolve_data_path(root)
-            ensure_synthetic(root, int(synthetic.get("seed", 0)), {k: v for k, v in synthetic.items() if k not in ("root", "seed")})
+            options = {k: v for k, v in synthetic.items() if k not in ("root", "seed")}
+            _check_synthetic_options(options, source_file)
+            ensure_synthetic(root, int(synthetic.get("seed", 0)), options)
             overrides.setdefault("source", f"synthetic:{root / 'domain_a'}")
             overrides.setdefault("targets", [f"synthetic:{root / 'domain_b'}"])
         return cfg.override(overrides)
     except ConfigError as exc:
         raise SweepConfigError(f"{source_file or 'sweep config'}: base: {exc}") from None
+
+
+def _check_synthetic_options(options: Mapping[str, Any], source_file: str) -> None:
+    """``base.synthetic`` options are ``make_synthetic``'s: a misspelt one is refused, data there or not."""
+    import inspect
+
+    from ssvp.data import make_synthetic
+
+    known = [k for k in inspect.signature(make_synthetic).parameters if k not in ("out_dir", "seed", "verbose")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SweepConfigError(f"{source_file or 'sweep config'}: base.synthetic: unknown option(s) {unknown}; "
+                               f"known: root, seed, {', '.join(known)}")
 
 
 def _preset_config(preset: Any, source_file: str, base_dir: Path) -> Config:

@@ -20,8 +20,9 @@ on from their last checkpoint; MLflow runs are reopened, not duplicated)::
 
     python tuning/sweep.py --config tuning/configs/quick.yaml --local --resume [--name NAME]
 
-Without ``--name`` a new sweep is named ``<config name>-<YYYYmmdd-HHMMSS>`` and
-``--resume`` picks the newest sweep of that config under the storage path.
+Without ``--name`` a new sweep is named ``<config name>-<YYYYmmdd-HHMMSS>``. ``--resume`` needs
+``--name`` (without it, it lists the sweeps of that config and starts none), and loads Tune's
+pickled state only when this user's key signed it (:mod:`tuning.integrity`).
 
 See the results (parent run = the sweep, child runs = its trials, plus the
 ``role=target_eval`` run of the best configuration on the target datasets)::
@@ -134,16 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _latest_sweep(storage, prefix: str) -> str | None:
-    from tuning.storage import storage_path
+def _sweeps_under(storage, prefix: str = "") -> list[str]:
+    """The sweeps under the storage path (folders with Tune's ``tuner.pkl`` or a ``launch.json``), newest first."""
+    from tuning.storage import exists, join, list_dirs
 
-    storage = storage_path(storage)
-    if not storage.is_dir():
-        return None
-    cands = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith(prefix) and (d / "tuner.pkl").is_file()]
-    if not cands:
-        return None
-    return max(cands, key=lambda d: d.stat().st_mtime).name
+    found = [(mtime, name) for name, mtime in list_dirs(storage) if name.startswith(prefix)
+             and (exists(join(storage, name, "tuner.pkl")) or exists(join(storage, name, LAUNCH_FILE)))]
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+def _resume_name(storage, name: str | None, config_name: str) -> str:
+    """``--resume`` continues the sweep named with ``--name`` and never picks one by itself: a folder
+    anyone could write under a shared storage path must not be chosen for the user."""
+    from tuning.settings import SweepConfigError
+
+    def listing(sweeps: list[str]) -> str:
+        return ", ".join(sweeps[:10]) + (f" (+{len(sweeps) - 10} more)" if len(sweeps) > 10 else "") or "none"
+
+    if not name:
+        raise SweepConfigError(f"--resume needs --name (it never picks a sweep by itself); sweeps of config "
+                               f"{config_name!r} under {storage}, newest first: {listing(_sweeps_under(storage, config_name + '-'))}")
+    if name not in _sweeps_under(storage):
+        raise SweepConfigError(f"--resume --name {name!r}: no such sweep under {storage}; sweeps there, newest first: "
+                               f"{listing(_sweeps_under(storage))}")
+    return name
 
 
 # command-line flag -> (section, field) of the SweepConfig
@@ -155,6 +170,20 @@ _FLAGS = (
     ("gpus_per_worker", "resources", "gpus_per_worker"), ("cpus_per_worker", "resources", "cpus_per_worker"),
     ("reuse_processes", "resources", "reuse_processes"),
 )
+
+
+def _login_to_env(tracking_uri: str | None) -> str | None:
+    """An ``http(s)://user:password@host`` tracking URI without its login, which goes to MLflow's
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (unless already set): no copy of the
+    sweep (``launch.json``, ``ssvp_sweep.json``, ``tuner.pkl``, MLflow tags) then holds the password."""
+    from tuning.redact import split_userinfo
+
+    uri, user, password = split_userinfo(tracking_uri)
+    if user and not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password and not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return uri
 
 
 def sweep_from_args(args: argparse.Namespace):
@@ -177,18 +206,15 @@ def sweep_from_args(args: argparse.Namespace):
                               config_tracking_uri=config_tracking_uri, config_storage_path=sweep.storage_path,
                               config_artifact_location=sweep.mlflow.artifact_location)
     storage = sweep.storage_path = where.storage_path
-    sweep.mlflow.tracking_uri, sweep.mlflow.artifact_location = where.tracking_uri, where.artifact_location
+    sweep.mlflow.tracking_uri, sweep.mlflow.artifact_location = _login_to_env(where.tracking_uri), where.artifact_location
     sweep.target_eval = args.target_eval or sweep.target_eval
     sweep.verbose = 0 if args.quiet else 2 if getattr(args, "verbose", False) else 1
     sweep.mlflow.parent_tags = {**source_tags(sweep.source_file), "launcher": "tuning/sweep.py"}
     sweep.mlflow.parent_artifacts = {"sweep_config": sweep.source_file}
-    if args.name:
+    if args.resume:
+        sweep.name = _resume_name(storage, args.name, sweep.name)
+    elif args.name:
         sweep.name = args.name
-    elif args.resume:
-        latest = _latest_sweep(storage, f"{sweep.name}-")
-        if latest is None:
-            raise SweepConfigError(f"--resume: no sweep of config {sweep.name!r} under {storage}; pass --name")
-        sweep.name = latest
     else:
         sweep.name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep.validate()  # the flags too, before Ray starts
@@ -238,6 +264,10 @@ def _remembered_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         if args.name:
             return args, None
         raise
+    from tuning.integrity import verify_sweep_state
+    from tuning.storage import join
+
+    verify_sweep_state(join(sweep.storage_path, sweep.name))  # launch.json and Tune's pickles: this user's
     try:
         stored = json.loads(_launch_file(sweep.storage_path, sweep.name).read_text())["argv"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -258,13 +288,17 @@ def _remember_launch(sweep, argv: list[str]) -> None:
     if (exp / "tuner.pkl").exists() or (exp / LAUNCH_FILE).exists():
         return
     from ssvp.paths import launch_dir
+    from tuning.integrity import StateSigner
     from tuning.paths import config_name
+    from tuning.redact import redact_text
 
     exp.mkdir(parents=True, exist_ok=True)
-    # cwd: where the user launched from (SSVP_LAUNCH_DIR under `ray job submit`, not the job's temporary copy)
-    (exp / LAUNCH_FILE).write_text(json.dumps({"argv": [a for a in argv if a not in _NOT_REMEMBERED],
+    # cwd: where the user launched from (SSVP_LAUNCH_DIR under `ray job submit`, not the job's temporary copy);
+    # no password in the storage folder: a resume takes it from the environment or a flag given again
+    (exp / LAUNCH_FILE).write_text(json.dumps({"argv": [redact_text(a) for a in argv if a not in _NOT_REMEMBERED],
                                                "cwd": str(launch_dir()), "config_file": config_name(sweep.source_file),
                                                "time": time.time()}, indent=2))
+    StateSigner(str(exp)).sign_storage()
 
 
 def resume_command(argv: list[str], name: str) -> str:
@@ -303,20 +337,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: loopback only
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # MLflow's "View run ... at URL" lines
     _ensure_importable()
 
     from ssvp.config import ConfigError
     from ssvp.paths import PathError
+    from tuning.integrity import UntrustedStateError
     from tuning.settings import SweepConfigError
     from tuning.space import SpaceError
 
     started_with = argv
+    if args.num_cpus is not None and args.num_cpus < 1:
+        return _error(f"--num-cpus must be >= 1, got {args.num_cpus}", 2)
     try:
         if args.resume:
             args, stored = _remembered_args(parser, args, argv)
             started_with = stored or argv
         sweep = sweep_from_args(args)
-    except (SweepConfigError, SpaceError, ConfigError, PathError) as exc:
+    except (SweepConfigError, SpaceError, ConfigError, PathError, UntrustedStateError) as exc:
         return _error(exc, 2)
     if args.print_config:
         from tuning.redact import redact_text
@@ -359,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if summary.trials and not any(t.status in ("FINISHED", "EARLY_STOPPED") for t in summary.trials):
         print("\nno trial finished (causes above)", file=sys.stderr, flush=True)
+        return 1
+    if not any(t.objective is not None or t.metrics.get("epochs_done") for t in summary.trials):
+        print("\nno trial finished an epoch (search.time_budget_s too short?)", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .redact import redact, redact_text
+from .redact import RedactingClient, redact, redact_text
 
 try:  # the callback base class; tracking helpers also work without a Ray session
     from ray.tune import Callback as _TuneCallback
@@ -307,7 +307,7 @@ class SweepTracker:
             from mlflow import MlflowClient
 
             _ensure_sqlite_dir(self.tracking_uri)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = RedactingClient(MlflowClient(tracking_uri=self.tracking_uri))  # every tag/text redacted
         return self._client
 
     def source_tags(self) -> dict[str, str]:

@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 
 from .base import DatasetError, Record
 
-__all__ = ["FORMATS", "ALIASES", "SPLITS", "Problems", "register", "parse_spec", "dataset_root", "read_records"]
+__all__ = ["FORMATS", "ALIASES", "SPLITS", "Problems", "register", "parse_spec", "dataset_root", "read_records",
+           "inside_root"]
 
 SPLITS = ("train", "test")
 
@@ -25,8 +26,8 @@ class Problems:
     """The context of one read: collects bad files (raises at once, or with ``skip``
     records ``(path, reason)`` and goes on) and carries the read's options.
 
-    ``allow_outside_root``: files a listing names (``meta.json``) may lie outside the
-    dataset root (absolute or ``../`` paths); off by default.
+    ``allow_outside_root``: files a dataset names (a listing's entries, a folder's files) may lie
+    outside the dataset root (absolute or ``../`` paths, symlinks leading out); off by default.
     """
 
     def __init__(self, skip: bool, allow_outside_root: bool = False):
@@ -38,6 +39,32 @@ class Problems:
         if not self.skip:
             raise DatasetError(message)
         self.items.append((str(path), message))
+
+
+def inside_root(root: Path, path: str | os.PathLike, at: str, key: str, problems: Problems) -> str:
+    """``path`` (absolute, or relative to ``root``), normalised, when its *real* path (symlinks and ``..``
+    resolved) lies under the real ``root``; else a ``DatasetError`` naming ``at`` and ``key`` (also with
+    ``skip_bad_files``: a listing that leads out is not a bad file but a bad dataset). The one rule of every
+    reader (listings and folders alike), unless the read allows paths outside the root
+    (``data.allow_paths_outside_root``)."""
+    full = os.path.normpath(os.path.join(root, path))
+    if problems.allow_outside_root:
+        return full
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(full)
+    if os.path.commonpath([real, real_root]) == real_root:
+        return full
+    via = "a symlink" if os.path.normpath(full).startswith(os.path.normpath(str(root)) + os.sep) else "an absolute or '..' path"
+    raise DatasetError(f"{at}: {key} {str(path)!r} resolves to {real}, outside the dataset root {real_root} ({via}); "
+                       "set data.allow_paths_outside_root=true to allow it")
+
+
+def _check_inside(records: list[Record], root: Path, spec: str, problems: Problems) -> None:
+    """Every record's image and mask lie under ``root`` (:func:`inside_root`), whatever the format."""
+    for r in records:
+        inside_root(root, r.image_path, spec, "image", problems)
+        if r.mask_path:
+            inside_root(root, r.mask_path, spec, "mask", problems)
 
 
 Reader = Callable[[Path, str, "set[str] | None", Problems], "tuple[list[Record], list[str]]"]
@@ -103,6 +130,7 @@ def read_records(
     wanted = None if classes is None else {str(c) for c in classes}
     problems = Problems(skip_bad_files, allow_outside_root)
     records, available = FORMATS[fmt](root, split, wanted, problems)
+    _check_inside(records, root.parent if root.is_file() else root, spec, problems)
     if wanted is not None:
         unknown = sorted(wanted - set(available))
         if unknown:

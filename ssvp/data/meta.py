@@ -11,10 +11,11 @@ Read it with the ``meta`` format (``open_dataset("meta:ROOT", ...)``, ROOT the f
 holding ``meta.json`` or the file itself); write it for any dataset with
 :func:`write_meta` so users can move between this platform and those projects.
 
-Every path in the file must stay inside the folder holding it: an absolute path or one
-that climbs out with ``..`` is refused (a ``DatasetError`` naming the file and the
-entry), unless the read allows it (``open_dataset(..., allow_outside_root=True)``,
-config ``data.allow_paths_outside_root: true``).
+Every path in the file must stay inside the folder holding it: an absolute path, one that
+climbs out with ``..`` or one through a symlink leading out (real paths are compared) is
+refused (a ``DatasetError`` naming the file, the entry and the key), unless the read allows
+it (``open_dataset(..., allow_outside_root=True)``, config ``data.allow_paths_outside_root:
+true``). The same rule holds for every other format (``formats.inside_root``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .base import DatasetError, Record
-from .formats import Problems, dataset_root, parse_spec, read_records, register
+from .formats import Problems, dataset_root, inside_root, parse_spec, read_records, register
 
 __all__ = ["read_meta_records", "write_meta", "META_FILE"]
 
@@ -41,18 +42,6 @@ def _meta_file(root: Path) -> Path:
     return root
 
 
-def _inside(base: Path, rel: str, at: str, key: str, problems: Problems) -> str:
-    """``base / rel`` normalised; refuses a path that leaves ``base`` unless the read allows it."""
-    path = os.path.normpath(base / rel)
-    if not problems.allow_outside_root:
-        inside = os.path.commonpath([path, os.path.normpath(base)]) == os.path.normpath(base)
-        if os.path.isabs(rel) or not inside:
-            raise DatasetError(
-                f"{at}: {key} {rel!r} points outside the dataset root {base} "
-                "(absolute or '..' paths are refused; set data.allow_paths_outside_root=true "
-                "to allow them)"
-            )
-    return path
 
 
 @register("meta")
@@ -89,12 +78,12 @@ def read_meta_records(root: Path, split: str, classes: set[str] | None, problems
                 continue
             try:
                 label = int(entry["anomaly"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
                 label = -1
             if label not in (0, 1):
                 problems.report(file, f"{at}: 'anomaly' must be 0 or 1, got {entry['anomaly']!r}")
                 continue
-            image = _inside(base, str(entry["img_path"]), at, "img_path", problems)
+            image = inside_root(base, str(entry["img_path"]), at, "img_path", problems)
             if not os.path.isfile(image):
                 problems.report(image, f"{at}: img_path points nowhere: {image} does not exist")
                 continue
@@ -104,7 +93,7 @@ def read_meta_records(root: Path, split: str, classes: set[str] | None, problems
                 if not mask_rel:
                     problems.report(image, f"{at}: anomalous image {image} has an empty mask_path")
                     continue
-                mask = _inside(base, mask_rel, at, "mask_path", problems)
+                mask = inside_root(base, mask_rel, at, "mask_path", problems)
                 if not os.path.isfile(mask):
                     problems.report(mask, f"{at}: mask_path points nowhere: {mask} does not exist")
                     continue

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .base import IMAGE_EXTS, AnomalyDataset, DatasetError, Record, mask_is_empty
-from .formats import FORMATS, SPLITS, Problems, dataset_root, parse_spec, read_records, register
+from .formats import FORMATS, SPLITS, Problems, dataset_root, inside_root, parse_spec, read_records, register
 
 __all__ = [
     "FORMATS",
@@ -228,15 +228,16 @@ def read_visa(root: Path, split: str, classes: set[str] | None, problems: Proble
         if label not in ("normal", "anomaly", "0", "1"):
             problems.report(csv_path, f"{csv_path} line {line}: label must be normal or anomaly, got {row['label']!r}")
             continue
-        image = str(root / row["image"])
+        image = inside_root(root, row["image"], f"{csv_path} line {line}", "image", problems)
         if label in ("normal", "0"):
             records.append(Record(image, None, 0, obj, "good"))
             continue
         if not row.get("mask"):
             problems.report(image, f"{csv_path} line {line}: anomalous image {image} has no mask path")
             continue
+        mask = inside_root(root, row["mask"], f"{csv_path} line {line}", "mask", problems)
         defect = _visa_defects(root, obj, defects).get(os.path.normpath(row["image"]), "anomaly")
-        records.append(Record(image, str(root / row["mask"]), 1, obj, defect))
+        records.append(Record(image, mask, 1, obj, defect))
     for obj in sorted(classes or available):
         if obj in available and not any(r.cls_name == obj for r in records):
             problems.report(csv_path, f"VisA category {obj!r} has no {split} rows in {csv_path} (empty category)")
