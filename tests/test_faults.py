@@ -147,7 +147,7 @@ def test_preflight_fails_in_seconds_with_one_line(tmp_path, synthetic_root, caps
         "resources.cpus_per_worker must be a finite number > 0, got nan": ["--cpus-per-worker", "nan"],
         "resources.gpus_per_worker must be a finite number >= 0, got inf": ["--gpus-per-worker", "inf"],
         "--num-cpus must be >= 1, got -2": ["--num-cpus", "-2"],
-        "clip_layers must be a list (a,b or a JSON list); got '[1,2'": ["--set", "clip_layers=[1,2"],
+        "model.clip_layers: unbalanced brackets in '[1,2'": ["--set", "clip_layers=[1,2"],
         "search.optuna_storage postgresql://u:***@127.0.0.1:": [
             "--set-search", f"optuna_storage=postgresql://u:pw5309@127.0.0.1:{free_port()}/o"],
         "search.optuna_storage notadb://h/x cannot be opened": ["--set-search", "optuna_storage=notadb://h/x"],

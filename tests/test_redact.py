@@ -109,6 +109,11 @@ def test_redacting_client_redacts_error_tags_and_texts(tmp_path):
     assert tags["retry_1_error"] == "OSError: https:/u:***@h/w.pt unreachable" and tags["api_token"] == REDACTED
     text = raw.download_artifacts(run.info.run_id, "error.txt", str(tmp_path / "dl"))
     assert open(text).read() == "connect postgresql://u:***@db/o failed"
+    # the one-line cause (tags, results.md, the console) is redacted where it is made
+    from tuning.tracking import error_summary
+
+    trace = "Traceback (most recent call last):\n  ...\nFileNotFoundError: weights https:/u:pw/9x@h/w.pt missing"
+    assert error_summary(trace) == "FileNotFoundError: weights https:/u:***@h/w.pt missing"
 
 
 @pytest.mark.slow

@@ -207,10 +207,11 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
 
 
 def error_summary(trace: str | None) -> str:
-    """The most telling ``SomeError: message`` line of a (nested Ray) traceback."""
+    """The most telling ``SomeError: message`` line of a (nested Ray) traceback, secrets redacted
+    (it reaches tags, ``results.md`` and the console)."""
     if not trace:
         return "unknown error"
-    lines = [ln.strip() for ln in str(trace).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in redact_text(str(trace)).splitlines() if ln.strip()]
     pattern = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))(?:\([^)]*\))?: (.+)$")
     hits = [(m.group(1).rsplit(".", 1)[-1], ln) for ln in lines if (m := pattern.match(ln))]
     # the last non-wrapper exception is the one the user code raised (earlier ones are its causes)
