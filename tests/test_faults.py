@@ -269,9 +269,10 @@ def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path
     from tuning import search as search_mod
     from tuning.integrity import SigningCallback, StateSigner, verify_sweep_state
     from tuning.runner import reattach
-    from tuning.tracking import MLflowTrialCallback, SweepTracker
+    from tuning.tracking import MLflowTrialCallback, SweepTracker, TrialRecordSettings
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    record = TrialRecordSettings(base={}, epochs=2)
     url = f"sqlite:///file:{tmp_path}/o.db?mode=rwc&token=tok8812&uri=true"
 
     def trainable(config):
@@ -283,14 +284,14 @@ def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path
                tune_config=tune.TuneConfig(metric="x", mode="max", num_samples=1,
                                            search_alg=search_mod.make_optuna_search("s", url, 0, None, epochs=2)),
                run_config=tune.RunConfig(name="s", storage_path=str(tmp_path),
-                                         callbacks=[MLflowTrialCallback(tracker, {}, epochs=2), SigningCallback(signer)]))
+                                         callbacks=[MLflowTrialCallback(tracker, record), SigningCallback(signer)]))
     signer.sign_storage()
     assert set(verify_sweep_state(tmp_path / "s")) == {"tuner.pkl"}
     assert b"tok8812" not in (tmp_path / "s" / "tuner.pkl").read_bytes()
     monkeypatch.setattr(search_mod, "_REAL_URLS", {})  # a new driver process: only its config knows the URL
     search_mod.remember_storage_url(url)
     restored = tune.Tuner.restore(str(tmp_path / "s"), trainable=trainable)
-    fresh = [MLflowTrialCallback(tracker, {}, epochs=2), SigningCallback(signer)]
+    fresh = [MLflowTrialCallback(tracker, record), SigningCallback(signer)]
     reattach(restored, fresh)
     callbacks = restored._local_tuner.get_run_config().callbacks
     searcher = restored._local_tuner._tune_config.search_alg
