@@ -629,3 +629,23 @@ def test_readme_submits_with_the_captured_commit_and_flags_the_launchers_accept(
     assert starts and all("--node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1" in c for c in starts)
     assert any(c.startswith("kubectl -n ssvp create secret generic ssvp-secrets --from-env-file=cluster/secrets.env")
                for c in cmds)
+
+
+def _one_machine_block() -> list[str]:
+    """The shell lines of the README's "Trying the cluster path on one machine" block, continuations joined."""
+    text = (CLUSTER / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "ray start --head --block" in b)
+    return [ln.strip() for ln in re.sub(r"\\\n\s*", " ", block).splitlines() if ln.strip()]
+
+
+def test_readme_stops_only_what_it_started():
+    """No `ray stop` (it signals every Ray process on the host) and no `kill %1` (no job table in a
+    script under sh): each background server's PID is written down and the last line signals those."""
+    lines = _one_machine_block()
+    assert not any(re.search(r"\bray stop\b|kill %", ln) for ln in lines)
+    assert not any(re.search(r"^\s*ray stop\b|\bkill %", c) for c in _readme_commands())
+    background = [i for i, ln in enumerate(lines) if ln.endswith("&")]
+    assert [lines[i].split()[0] for i in background] == ["ray", "mlflow"]
+    assert "ray start --head --block " in lines[background[0]]  # a process that stops its head on SIGTERM
+    pid_files = [re.fullmatch(r"echo \$! > (\S+\.pid)", lines[i + 1]).group(1) for i in background]
+    assert lines[-1] == "kill " + " ".join(f'"$(cat {f})"' for f in reversed(pid_files))
