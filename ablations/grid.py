@@ -43,7 +43,7 @@ from tuning.settings import MlflowSettings, ResourceSettings, SearchSettings, Sw
 
 __all__ = [
     "build_parser", "main", "run_grid", "plan_grid", "grid_sweep", "GridRun", "records_from_summary",
-    "ensure_synthetic", "GRID_STATE",
+    "ensure_synthetic", "GRID_STATE", "cell_protocols",
 ]
 
 GRID_STATE = "grid.json"  # what was run: grid file, seeds, sweep name, MLflow ids (in --out)
@@ -347,6 +347,9 @@ def print_dry_run(run: GridRun) -> dict[str, Any]:
     print(f"seeds: {run.seeds}; reference: {grid.reference}; resources per trial: {grid.resources}")
     print(f"base: source={base.data.source} targets={base.data.targets} clip={base.model.clip_model} "
           f"dino={base.model.dino_model} epochs={base.train.epochs}")
+    protocols = cell_protocols(run)
+    print("protocol: " + (next(iter(protocols.values())) if len(set(protocols.values())) == 1
+                          else ", ".join(f"{v}={p}" for v, p in protocols.items())))
     return {"dry_run": True, "trials": n}
 
 
@@ -370,11 +373,28 @@ def _trial_resources(run: GridRun, args: argparse.Namespace) -> tuple[float, flo
     return cpus, gpus, use_gpu
 
 
+def cell_protocols(run: GridRun) -> dict[str, str]:
+    """Each chosen variant's ``train.protocol``: ``paper`` (the config default, arXiv 2601.09147 §4.1-4.2:
+    all source classes, the last epoch is the model) unless the grid's base, ``--set`` or the variant
+    asks for ``select`` (held-out source classes pick the epoch)."""
+    return {v: run.base.override(run.grid.variant(v).overrides).train.protocol for v in run.chosen}
+
+
+def _grid_metric(run: GridRun) -> dict[str, str]:
+    """What the console and the summary rank cells by: ``val_objective`` when every cell selects on
+    held-out source classes, else ``train_loss`` (the paper protocol holds nothing out)."""
+    if set(cell_protocols(run).values()) == {"select"}:
+        return {"metric": "val_objective", "mode": "max"}
+    return {"metric": "train_loss", "mode": "min"}
+
+
 def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> SweepConfig:
     """The grid as a :class:`tuning.settings.SweepConfig`: a plain grid over ``seed`` x variants.
 
     No scheduler (every variant-seed trains its full schedule: no early stopping in
-    ablations), and every finished trial is evaluated on the targets (``target_eval="all"``).
+    ablations), and every finished trial is evaluated on the targets (``target_eval="all"``)
+    with the model its protocol produced (:func:`cell_protocols`; no protocol is forced, unlike a
+    search, whose trials all select).
     """
     grid, seeds = run.grid, run.seeds
     cpus, gpus, use_gpu = _trial_resources(run, args)
@@ -386,7 +406,7 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
     return SweepConfig(
         name=run.name, base=run.base, space={SEED_KEY: {"type": "grid", "values": seeds}}, variants=run.variants,
         search=SearchSettings(
-            algorithm="grid", num_samples=1, seed=0, points_to_evaluate=None, scheduler=None,
+            algorithm="grid", num_samples=1, seed=0, points_to_evaluate=None, scheduler=None, **_grid_metric(run),
             max_concurrent_trials=args.max_concurrent if args.max_concurrent is not None else (grid.max_concurrent or None),
         ),
         resources=ResourceSettings(
@@ -406,6 +426,7 @@ def grid_sweep(run: GridRun, args: argparse.Namespace, grid_copy: Path) -> Sweep
         ),
         storage_path=where.storage_path,
         target_eval="all",
+        protocol=None,  # each cell's own train.protocol: paper (all source classes, last epoch) unless asked
         verbose=0 if args.quiet else 2 if getattr(args, "verbose", False) else 1,
     )
 

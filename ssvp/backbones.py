@@ -287,7 +287,7 @@ def _resolve_clip_source(model_name: str, pretrained: str) -> tuple[str, str | N
             raise _clip_weights_error(model_name, pretrained, f"folder {path} has no open_clip_config.json")
         return "local-dir:" + str(path), None, False
     if path.is_file():
-        return model_name, str(path), "openai" in path.name.lower()
+        return model_name, str(path), "openai" in path.name.lower()  # OpenAI's own files: _read_clip_file
     if _looks_like_path(pretrained):
         raise _clip_weights_error(model_name, pretrained, f"checkpoint file {path} does not exist")
     pcfg = get_pretrained_cfg(model_name, pretrained)
@@ -337,8 +337,14 @@ def build_clip(model_name: str, pretrained: str, grid: int) -> tuple[nn.Module, 
         kwargs["device"] = torch.get_default_device()
         loads_weights = checkpoint is not None or spec.startswith("local-dir:")
         try:
+            state = None
+            if checkpoint is not None:
+                state, released = _read_clip_file(checkpoint)
+                kwargs["force_quick_gelu"] = quick_gelu or released
             with _seeded_init():
-                model = open_clip.create_model(spec, pretrained=checkpoint, **kwargs)
+                model = open_clip.create_model(spec, pretrained=None, **kwargs)
+            if state is not None:
+                _load_clip_state(model, state)
         except Exception as exc:  # noqa: BLE001 - unreadable checkpoint, wrong keys, ...
             if not loads_weights:
                 raise
@@ -354,6 +360,54 @@ def build_clip(model_name: str, pretrained: str, grid: int) -> tuple[nn.Module, 
         )
     identity = f"{model_name}|{pretrained or 'random:seed%d' % RANDOM_INIT_SEED}"
     return model, tokenizer, patch, identity
+
+
+_OPENAI_META = ("input_resolution", "context_length", "vocab_size")  # scalars in OpenAI's released state dicts
+
+
+def _read_clip_file(path: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, is OpenAI's own release) of a CLIP checkpoint file.
+
+    OpenAI's released files (``ViT-L-14-336px.pt``, ...) are TorchScript archives in fp16 whose
+    state dict holds three scalars beside the weights (``input_resolution``, ``context_length``,
+    ``vocab_size``); their models use QuickGELU. A plain state dict (open_clip's ``.bin`` /
+    ``.safetensors``, or OpenAI's converted) loads as well: the key layout is the same.
+    """
+    from open_clip.factory import load_state_dict
+
+    if _is_torchscript(path):
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+        released = True
+    else:
+        state = load_state_dict(path, device="cpu")
+        released = any(k in state for k in _OPENAI_META)
+    return {k: v for k, v in state.items() if k not in _OPENAI_META}, released
+
+
+def _is_torchscript(path: str) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _load_clip_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """open_clip's loading steps on a state dict read here: third-party layouts converted, the visual
+    positional embeddings resampled to this grid (bicubic, in float32; 24 x 24 -> 37 x 37 for the
+    336-px model at 518 px), strict."""
+    from open_clip.factory import convert_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = convert_state_dict(model, state)
+    for key in ("visual.positional_embedding", "positional_embedding"):  # OpenAI's are fp16: no bicubic on CPU
+        if key in state and state[key].is_floating_point():
+            state[key] = state[key].float()
+    if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
 
 
 def _clip_patch_size(spec: str) -> int:

@@ -43,7 +43,7 @@ def test_table3_letters_and_switches():
             assert (m.prompting, m.fusion, m.vcpg, m.vtam) == (prompting, fusion, vcpg, vtam)
         assert g.reference == "full" and "Bayes-PFL" in g.caption and "not comparable" not in g.caption
     base = grid.base_config()
-    assert base.model.clip_model == "ViT-L-14" and base.model.dino_model == "dinov3_vitl16"
+    assert base.model.clip_model == "ViT-L-14-336" and base.model.dino_model == "dinov3_vitl16"
     assert base.data.source.startswith("visa:") and base.data.targets[0].startswith("mvtec:")
     assert grid.resources == {"cpu": 8.0, "gpu": 1.0}
 
@@ -64,6 +64,22 @@ def test_components_backbones_and_sensitivity_grids():
         assert values == sorted(values) and center in values  # one-at-a-time, ordered, center included
         assert {g.variant_config(v.name).flat()[other] for v in g.variants} == {0.85 if name == "gamma" else 0.5}
         assert g.variant("default").coords == {name: center}
+
+
+def test_paper_grids_run_the_paper_setup_with_clip_336():
+    """Every paper-scale grid starts from configs/paper.yaml: OpenAI's CLIP ViT-L/14-336 on the 37 x 37
+    grid (518 px; the 24 x 24 positions resized), DINOv3 ViT-L/16, 15 epochs, the paper protocol."""
+    from ssvp.config import load_config
+
+    paper = load_config(CONFIGS.parent.parent / "configs" / "paper.yaml")
+    assert (paper.model.clip_model, paper.model.clip_pretrained, paper.model.grid) == ("ViT-L-14-336", "openai", 37)
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        if path.stem == "quick":
+            continue
+        base = load_grid(path).base_config()
+        assert base.model == paper.model or path.stem == "backbones", path.stem
+        assert (base.model.clip_model, base.model.grid, base.train.epochs, base.train.protocol) == (
+            "ViT-L-14-336", 37, 15, "paper"), path.stem
 
 
 def test_quick_grid_is_small():

@@ -327,3 +327,70 @@ def test_clip_checkpoint_positional_embeddings_resampled_to_grid(tmp_path):
     # everything else is the checkpoint's
     torch.testing.assert_close(bb.clip.visual.proj, source.visual.proj)
     assert torch.equal(bb.clip_model.token_embedding.weight, source.token_embedding.weight)
+
+
+# ----- CLIP ViT-L/14-336 (OpenAI), the 518-px recipe's checkpoint (docs/PAPER_MAP.md) -----
+def _released_vit_l14_336(path, full_random: tuple[str, ...] = ("visual.positional_embedding",)):
+    """A file in the layout of OpenAI's released ViT-L-14-336px state dict: open_clip's
+    ViT-L-14-336 keys and shapes, fp16, and the three scalars OpenAI's state dict carries. Random
+    values; to keep the file small, tensors not in ``full_random`` repeat one random row
+    (a stride-0 view stores one row)."""
+    import open_clip
+
+    with torch.device("meta"):
+        ref = open_clip.create_model("ViT-L-14-336", device="meta")
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, t in ref.state_dict().items():
+        if key in full_random or t.dim() == 0:
+            state[key] = (torch.randn(t.shape, generator=gen) * 0.02).half()
+        else:
+            state[key] = (torch.randn(t.shape[-1], generator=gen) * 0.02).half().expand(t.shape)
+    state.update(input_resolution=torch.tensor(336), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, path)
+    return state
+
+
+def _vit_l14_336(path, taps=(6, 12, 18, 24)):
+    return Config().override({"clip_model": "ViT-L-14-336", "clip_pretrained": str(path), "fusion": "none",
+                              "clip_layers": list(taps)}).model
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
+def test_released_clip_336_layout_loads_strictly_at_518px(tmp_path):
+    """Keys, shapes and the 577 -> 1370 positional embedding of OpenAI's ViT-L/14-336 load through
+    clip_pretrained=<file> (strict) and give [B, 4, 1369, 768] patch features (meta: shapes only)."""
+    path = tmp_path / "ViT-L-14-336px.pt"
+    _released_vit_l14_336(path)
+    assert path.stat().st_size < 20e6
+    with torch.device("meta"):
+        bb = Backbones(_vit_l14_336(path))
+        feats = bb(torch.rand(2, 3, 518, 518))
+    assert (bb.grid, bb.clip_image_size, bb.clip_dim) == (37, 518, 768)
+    assert tuple(bb.clip.visual.positional_embedding.shape) == (37 * 37 + 1, 1024)
+    assert feats.clip_patch.shape == (2, 4, 1369, 768) and feats.clip_global.shape == (2, 768)
+    # OpenAI's weights use QuickGELU: its release is recognised without "openai" in the file name
+    assert type(bb.clip.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    # a key missing from the release is refused (strict), naming the file
+    state = torch.load(path, weights_only=True)
+    del state["visual.proj"]
+    torch.save(state, tmp_path / "broken.pt")
+    with torch.device("meta"), pytest.raises(BackboneWeightsError, match="(?s)broken.pt.*visual.proj"):
+        Backbones(_vit_l14_336(tmp_path / "broken.pt"))
+
+
+@pytest.mark.slow
+def test_released_clip_336_values_load_and_positions_are_resampled(tmp_path):
+    """The same file on real memory: the 24 x 24 position grid resampled bicubically to 37 x 37, the
+    other weights the file's, finite [1, 4, 1369, 768] features (4 early taps keep the forward short)."""
+    path = tmp_path / "ViT-L-14-336px.pt"
+    state = _released_vit_l14_336(path)
+    bb = Backbones(_vit_l14_336(path, taps=(1, 2, 3, 4)))
+    pos = state["visual.positional_embedding"].float()
+    grid = pos[1:].reshape(1, 24, 24, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(37, 37), mode="bicubic", antialias=True, align_corners=False)
+    expected = torch.cat([pos[:1], expected.permute(0, 2, 3, 1).reshape(1369, -1)])
+    torch.testing.assert_close(bb.clip.visual.positional_embedding, expected)
+    torch.testing.assert_close(bb.clip.visual.proj, state["visual.proj"].float())
+    feats = bb(torch.rand(1, 3, 518, 518))
+    assert feats.clip_patch.shape == (1, 4, 1369, 768) and torch.isfinite(feats.clip_patch).all()

@@ -311,3 +311,7 @@ def test_runs_as_a_variant_of_the_quick_ablation_grid(tmp_path, synthetic_root):
     trial = [r for r in runs if r.data.params.get("prompting")]
     # the switch is an MLflow param of every trial run: Bayes-PFL next to the reference (full SSVP, vcpg)
     assert {r.data.params["prompting"] for r in trial} == {"bayes_pfl", "vcpg"}
+    # grid cells train with the paper protocol (all source classes, the last epoch is the model; the
+    # quick grid's val_classes are not held out) and record it: no val/* metric
+    assert {r.data.params["protocol"] for r in trial} == {"paper"}
+    assert not any(k.startswith("val/") for r in trial for k in r.data.metrics), [r.data.metrics for r in trial]

@@ -76,3 +76,33 @@ def test_dino_input_is_resized_from_the_original_image(synthetic_root):
     batch = collate([ds[0], ds[1]])
     assert batch["image_dino"].shape == (2, 3, 128, 128)
     assert "image_dino" not in collate([ds.with_dino_size(None)[0]])
+
+
+# ------------------------------------------------------------------------------- grids vs sweeps
+def _grid_sweep(tmp_path, *extra):
+    from ablations.grid import build_parser, grid_sweep, plan_grid
+
+    args = build_parser().parse_args(["--grid", "quick", "--out", str(tmp_path / "out"), "--tracking-uri",
+                                      f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "ray"), *extra])
+    return grid_sweep(plan_grid(args), args, tmp_path / "grid.yaml")
+
+
+def test_grid_cells_train_with_the_paper_protocol_and_a_search_selects(tmp_path):
+    """arXiv 2601.09147 §4.1-4.2: a Table 3 / Table 5 cell trains on every source class and its model
+    is the last epoch; a grid may ask for select; a search's trials always select (then refit)."""
+    from ssvp.config import Config
+    from tuning.plan import trial_base
+    from tuning.settings import SweepConfig
+
+    sweep = _grid_sweep(tmp_path)
+    assert sweep.protocol is None and sweep.base.train.protocol == "paper"
+    assert trial_base(sweep, sweep.validate()).train.protocol == "paper"
+    assert (sweep.search.metric, sweep.search.mode) == ("train_loss", "min")  # nothing held out to select on
+    asked = _grid_sweep(tmp_path, "--set", "protocol=select")
+    assert trial_base(asked, asked.validate()).train.protocol == "select"
+    assert (asked.search.metric, asked.search.mode) == ("val_objective", "max")
+
+    search = SweepConfig(name="search", base=Config.tiny(), space={"gamma": {"type": "uniform", "low": 0, "high": 1}})
+    assert search.protocol == "select" and search.base.train.protocol == "paper"  # the base says paper ...
+    assert trial_base(search, search.validate()).train.protocol == "select"  # ... the trials select
+    assert search.refit  # ... and the chosen configuration is refit with the paper protocol

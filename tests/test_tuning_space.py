@@ -143,7 +143,7 @@ def test_shipped_sweep_configs_validate(name, tmp_path, monkeypatch):
         assert base.data.source == f"synthetic:{tmp_path / 'synthetic' / 'domain_a'}"
         assert (tmp_path / "synthetic" / "domain_b" / "meta.json").is_file()
     else:
-        assert base.model.clip_model == "ViT-L-14" and base.model.dino_model == "dinov3_vitl16"
+        assert base.model.clip_model == "ViT-L-14-336" and base.model.dino_model == "dinov3_vitl16"  # configs/paper.yaml
         assert base.data.source.startswith("visa:") and base.data.targets[0].startswith("mvtec:")
         assert sweep.resources.use_gpu is True and sweep.resources.workers_per_trial == 1
 

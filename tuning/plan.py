@@ -23,7 +23,7 @@ from .trial import VARIANT_KEY, TrialSettings
 
 __all__ = [
     "Plan", "SweepPaths", "SweepExistsError", "make_plan", "make_search", "make_scheduler", "tune_space",
-    "make_trial_settings", "absolutize_paths", "expected_trials", "STATE_FILE", "TRIAL_DRIVER_CPU",
+    "make_trial_settings", "absolutize_paths", "trial_base", "expected_trials", "STATE_FILE", "TRIAL_DRIVER_CPU",
 ]
 
 STATE_FILE = "ssvp_sweep.json"  # MLflow ids of the sweep, beside Tune's experiment state
@@ -81,9 +81,7 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
     import ray
 
     space = sweep.validate()
-    # trials select on held-out *source* classes (train.protocol=select: val_objective); the
-    # paper protocol (all source classes, last epoch) is for the refit of the chosen configuration
-    base = absolutize_paths(sweep.base.override({"protocol": "select", **space.fixed}))
+    base = absolutize_paths(trial_base(sweep, space))
     from .preflight import check_before_ray, check_resources
 
     check_before_ray(sweep.replace(base=base))  # data, storage, tracking store: seconds, before Ray
@@ -103,6 +101,18 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
         optuna_url=sweep.search.optuna_storage or (
             f"sqlite:///{paths.experiment / 'optuna.db'}" if isinstance(paths.experiment, Path) else None),
     )
+
+
+def trial_base(sweep: SweepConfig, space: SearchSpace) -> Config:
+    """The config every trial starts from: the space's fixed keys on ``sweep.base``, and the protocol.
+
+    ``sweep.protocol="select"`` (a search): every trial selects on held-out *source* classes
+    (``train.protocol=select``, ``val_objective``); the paper protocol (all source classes, last
+    epoch) is then the refit's. ``sweep.protocol=None`` (an ablation grid): each trial keeps its
+    config's ``train.protocol``, ``paper`` unless the grid asks for ``select``.
+    """
+    forced = {"protocol": sweep.protocol} if sweep.protocol else {}
+    return sweep.base.override({**forced, **space.fixed})
 
 
 def first_points(sweep: SweepConfig, space: SearchSpace) -> list[dict[str, Any]]:

@@ -174,6 +174,9 @@ class SweepConfig:
     # configuration is then trained on every source class with the paper protocol (all epochs,
     # last epoch) and THAT model is evaluated on the targets (target_eval="best"; not with "all")
     refit: bool = True
+    # the protocol forced on every trial: "select" (a search, above); None = each trial's own
+    # train.protocol (ablations/grid.py: the paper protocol unless the grid asks for select)
+    protocol: str | None = "select"
     verbose: int = 1  # console: 0 silent, 1 a line per finished trial, 2 + Tune's table and Ray's logs, 3 + per result
     description: str = ""
     source_file: str = ""  # the YAML it was read from ("" when built in code)
@@ -214,6 +217,7 @@ class SweepConfig:
             (s.scheduler in SCHEDULERS, "search", f"scheduler must be 'asha' or none, got {s.scheduler!r}"),
             (self.target_eval in TARGET_EVALS, "target_eval", f"must be best, all or none, got {self.target_eval!r}"),
             (isinstance(self.refit, bool), "refit", f"must be true or false, got {self.refit!r}"),
+            (self.protocol in (None, "select", "paper"), "protocol", f"must be select, paper or none, got {self.protocol!r}"),
             (isinstance(s.num_samples, int) and s.num_samples >= 1, "search", "num_samples must be >= 1"),
             (isinstance(r.workers_per_trial, int) and r.workers_per_trial >= 1, "resources",
              "workers_per_trial must be >= 1"),
