@@ -425,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_synthetic)
 
     p = _command(sub, "train", "train the SSVP heads on the source dataset",
-                 "Train the SSVP heads on data.source, select the best epoch on held-out source classes "
-                 "(one line per epoch), then evaluate it on data.targets.",
+                 "Train the SSVP heads on data.source (one line per epoch), then evaluate the model on "
+                 "data.targets. train.protocol=paper (default, arXiv 2601.09147 §4.1-4.2): every source class "
+                 "trains and the last epoch is the model; train.protocol=select: source classes are held out "
+                 "(data.val_classes / val_fraction) and the best epoch on them is the model.",
                  "  ssvp train --config configs/tiny.yaml --out runs/tiny\n"
                  "  ssvp train --config configs/paper.yaml --set train.epochs=5 --out runs/paper\n"
                  "  ssvp train --config configs/tiny.yaml --print-config\n"
