@@ -531,12 +531,30 @@ def _md_preamble(grid: Grid, rows: Sequence[Row], seeds: Sequence[int]) -> list[
     ]
     if grid.caption:
         lines += [f"*{grid.caption}*", ""]
+    lines += _md_row_changes(grid)
     seen: set[str] = set()
     for r in rows:
         if r.cls == MEAN and (r.counts.failed or r.counts.missing) and r.variant.name not in seen:
             seen.add(r.variant.name)
             lines.append(f"- **{_row_name(r.variant)}: {r.counts.text()}**")
     return lines + ([""] if seen else [])
+
+
+def _md_row_changes(grid: Grid) -> list[str]:
+    """What each row changes from the row above (its config keys), so a build-up like Table 3 shows
+    that every row adds exactly the module it names."""
+    changes = grid.row_changes()
+    if not changes or not all(v.letter for v in grid.variants):  # only a lettered build-up (Table 3)
+        return []
+
+    def show(x: Any) -> str:
+        return str(x).lower() if isinstance(x, bool) else str(x)
+
+    lines = ["What each row changes from the row above:", ""]
+    for v in grid.variants[1:]:
+        diff = ", ".join(f"`{k}` {show(a)} → {show(b)}" for k, a, b in changes.get(v.name, [])) or "nothing"
+        lines.append(f"- {_md_escape(_row_name(v))}: {diff}")
+    return lines + [""]
 
 
 def _md_values(group: Sequence[Row], labels: _Labels, metrics: Sequence[tuple[str, str]]) -> list[str]:

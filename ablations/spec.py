@@ -174,6 +174,18 @@ class Grid:
                 out.append(TrialSpec(variant=v.name, seed=s, overrides={**v.overrides, "seed": s}))
         return out
 
+    def row_changes(self) -> dict[str, list[tuple[str, Any, Any]]]:
+        """Per variant after the first, the config keys it changes from the variant above it:
+        ``{"D": [("prompting", "bayes_pfl", "bayes_pfl_vcpg"), ("vcpg", False, True)]}`` (by name);
+        empty for sensitivity grids (their rows are points of a curve, not a build-up)."""
+        if self.swept_params or len(self.variants) < 2:
+            return {}
+        flats = [self.variant_config(v.name, seed=self.seed_base).flat() for v in self.variants]
+        out: dict[str, list[tuple[str, Any, Any]]] = {}
+        for v, before, after in zip(self.variants[1:], flats, flats[1:]):
+            out[v.name] = [(k, before[k], after[k]) for k in after if k != "seed" and before.get(k) != after[k]]
+        return out
+
     def validate(self) -> None:
         """Build every variant's config so a bad key fails before any trial starts."""
         for v in self.variants:

@@ -39,7 +39,9 @@ class ConfigError(ValueError):
 FUSIONS = ("atf", "concat", "none")
 S_LOCAL_MODES = ("max", "mean_maxpool")
 OPTIMIZERS = ("adamw", "adam")
-PROMPTINGS = ("static", "vcpg", "bayes_pfl")
+PROMPTINGS = ("static", "vcpg", "bayes_pfl", "bayes_pfl_vcpg")
+VCPG_PROMPTINGS = ("vcpg", "bayes_pfl_vcpg")  # the promptings whose generator is VCPG (model.vcpg = true)
+PFL_PROMPTINGS = ("bayes_pfl", "bayes_pfl_vcpg")  # Bayes-PFL's head (ssvp.bayes_pfl): scores with its own maps
 DINO_TAPS = ("as_written", "spread")
 S_GLOBAL_MODES = ("inner", "cosine")
 L_SEG_ON = ("p_anom", "p_map")
@@ -79,8 +81,10 @@ class ModelConfig:
     fusion: str = "atf"  # atf (C), concat (B), none (CLIP only, A)
     vcpg: bool = True  # off: static learnable prompts, T = T_init
     vtam: bool = True  # off: plain mean of layer maps and the global score
-    # static | vcpg | bayes_pfl: the prompt learner (kept in step with `vcpg`, which is true exactly
-    # for vcpg); bayes_pfl = the Bayes-PFL baseline of Table 3 row A (ssvp.bayes_pfl, no VCPG/VTAM)
+    # static | vcpg | bayes_pfl | bayes_pfl_vcpg: the prompt learner (kept in step with `vcpg`, true
+    # exactly for vcpg and bayes_pfl_vcpg); bayes_pfl = the Bayes-PFL baseline of Table 3 row A
+    # (ssvp.bayes_pfl, no VCPG/VTAM); bayes_pfl_vcpg = Bayes-PFL's head with VCPG in place of its
+    # prompt flows, Table 3 row D (ssvp.pfl_vcpg)
     prompting: str = "vcpg"
     # --- the paper's contradictions (main text default; docs/PAPER_MAP.md) ---
     s_local: str = "max"  # Eq. 18 max_{h,w} P_map; Alg. 1 line 10 "mean_maxpool" = Mean(SpatialMaxPool(P_map))
@@ -122,13 +126,14 @@ class ModelConfig:
         _check_choice(self, "fusion", FUSIONS)
         _check_choice(self, "s_local", S_LOCAL_MODES)
         _check_choice(self, "prompting", PROMPTINGS)
-        if self.vcpg != (self.prompting == "vcpg"):
+        if self.vcpg != (self.prompting in VCPG_PROMPTINGS):
             raise ConfigError(
                 f"model.vcpg={self.vcpg} contradicts model.prompting={self.prompting!r}: vcpg is true "
-                "exactly when prompting is vcpg (set one of them)"
+                "exactly when prompting is vcpg or bayes_pfl_vcpg (set one of them)"
             )
-        if self.prompting == "bayes_pfl" and self.vtam:
-            raise ConfigError("model.vtam must be false with model.prompting=bayes_pfl (Bayes-PFL scores with its own maps)")
+        if self.prompting in PFL_PROMPTINGS and self.vtam:
+            raise ConfigError(f"model.vtam must be false with model.prompting={self.prompting} "
+                              "(Bayes-PFL's head scores with its own maps)")
         for key in ("pfl_samples", "pfl_n_ctx", "pfl_n_state"):
             _check_int(self, key, minimum=1)
         _check_int(self, "pfl_flows", minimum=0)
@@ -304,13 +309,16 @@ class Config:
         given |= {k for sec in SECTIONS if isinstance(updates.get(sec), Mapping) for k in updates[sec]}
         m = self.model
         if "prompting" in given:
-            if "vcpg" in given and m.vcpg != (m.prompting == "vcpg"):
+            if "vcpg" in given and m.vcpg != (m.prompting in VCPG_PROMPTINGS):
                 raise ConfigError(f"model.vcpg={m.vcpg} contradicts model.prompting={m.prompting!r} in the same update")
-            m.vcpg = m.prompting == "vcpg"
-            if m.prompting == "bayes_pfl" and "vtam" not in given:
+            m.vcpg = m.prompting in VCPG_PROMPTINGS
+            if m.prompting in PFL_PROMPTINGS and "vtam" not in given:
                 m.vtam = False
         elif "vcpg" in given:
-            m.prompting = "vcpg" if m.vcpg else ("static" if m.prompting == "vcpg" else m.prompting)
+            if m.prompting in PFL_PROMPTINGS:  # Bayes-PFL's head: VCPG or its prompt flows
+                m.prompting = "bayes_pfl_vcpg" if m.vcpg else "bayes_pfl"
+            else:
+                m.prompting = "vcpg" if m.vcpg else ("static" if m.prompting == "vcpg" else m.prompting)
 
     def _set(self, section: str, name: str, value: Any) -> None:
         if section not in SECTIONS:

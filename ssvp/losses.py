@@ -92,9 +92,10 @@ def total_loss(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: A
     L_Seg is taken on ``aux["layer_maps"]`` (``l_seg_on=p_anom``) or ``out.anomaly_map`` (``p_map``).
     ``masks`` [B, H, W] must match ``out.anomaly_map``; ``labels`` [B] in {0, 1}. The VAE
     and margin terms are zero when VCPG is off (no latent, T_final = T_init).
-    With ``prompting=bayes_pfl`` the Bayes-PFL objective (``ssvp.bayes_pfl.bayes_pfl_loss``).
+    With ``prompting=bayes_pfl`` the Bayes-PFL objective (``ssvp.bayes_pfl.bayes_pfl_loss``), with
+    ``bayes_pfl_vcpg`` that objective plus VCPG's VAE and margin terms.
     """
-    if getattr(model_cfg, "prompting", "vcpg") == "bayes_pfl":
+    if getattr(model_cfg, "prompting", "vcpg") in ("bayes_pfl", "bayes_pfl_vcpg"):
         from .bayes_pfl import bayes_pfl_loss
 
         return bayes_pfl_loss(out, masks, labels, model_cfg)

@@ -144,8 +144,14 @@ class SSVPHead(nn.Module):
 
 def head_class(model_cfg: Any) -> type[nn.Module]:
     """The trainable head a config selects: ``BayesPFLHead`` for ``prompting=bayes_pfl``
-    (Table 3 row A, ``ssvp.bayes_pfl``), else ``SSVPHead``."""
-    if getattr(model_cfg, "prompting", "vcpg") == "bayes_pfl":
+    (Table 3 row A, ``ssvp.bayes_pfl``), ``PFLVCPGHead`` for ``bayes_pfl_vcpg`` (row D,
+    ``ssvp.pfl_vcpg``), else ``SSVPHead``."""
+    prompting = getattr(model_cfg, "prompting", "vcpg")
+    if prompting == "bayes_pfl_vcpg":
+        from .pfl_vcpg import PFLVCPGHead
+
+        return PFLVCPGHead
+    if prompting == "bayes_pfl":
         from .bayes_pfl import BayesPFLHead
 
         return BayesPFLHead

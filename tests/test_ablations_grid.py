@@ -32,12 +32,14 @@ def test_table3_letters_and_switches():
     grid = load_grid(CONFIGS / "table3.yaml")
     assert [v.label for v in grid.variants] == [
         "A: baseline", "B: hsvs_concat", "C: hsvs_atf", "D: atf_vcpg", "E: full"]
-    # the paper's rows: A = Bayes-PFL; B, C add HSVS to it (default reading); D swaps in VCPG; E adds VTAM
+    # the paper's rows: A = Bayes-PFL; B, C add HSVS to it (default reading); D swaps its prompt flows
+    # for VCPG on Bayes-PFL's head; E adds VTAM (full SSVP)
     want = {"A": ("bayes_pfl", "none", False, False), "B": ("bayes_pfl", "concat", False, False),
-            "C": ("bayes_pfl", "atf", False, False), "D": ("vcpg", "atf", True, False), "E": ("vcpg", "atf", True, True)}
+            "C": ("bayes_pfl", "atf", False, False), "D": ("bayes_pfl_vcpg", "atf", True, False),
+            "E": ("vcpg", "atf", True, True)}
     static = load_grid(CONFIGS / "table3_static.yaml")  # the other reading: B, C on static prompts
     for g, rows in ((grid, want), (static, {**want, "B": ("static", "concat", False, False),
-                                             "C": ("static", "atf", False, False)})):
+                                             "C": ("static", "atf", False, False), "D": ("vcpg", "atf", True, False)})):
         for letter, (prompting, fusion, vcpg, vtam) in rows.items():
             m = g.variant_config(letter).model
             assert (m.prompting, m.fusion, m.vcpg, m.vtam) == (prompting, fusion, vcpg, vtam)
@@ -46,6 +48,32 @@ def test_table3_letters_and_switches():
     assert base.model.clip_model == "ViT-L-14-336" and base.model.dino_model == "dinov3_vitl16"
     assert base.data.source.startswith("visa:") and base.data.targets[0].startswith("mvtec:")
     assert grid.resources == {"cpu": 8.0, "gpu": 1.0}
+
+
+def test_table3_rows_change_only_what_they_name_and_the_report_says_so():
+    """Row D differs from row C by the prompt generator alone (the config and the head: only the flows
+    go and VCPG comes); the report lists each row's changes from the row above; every other
+    difference (E's head) is named in the caption."""
+    from ablations.aggregate import render_markdown
+    from ssvp.model import SSVPHead, head_class
+    from ssvp.pfl_vcpg import PFLVCPGHead
+
+    grid = load_grid(CONFIGS / "table3.yaml")
+    changes = {name: {k: (a, b) for k, a, b in diff} for name, diff in grid.row_changes().items()}
+    assert changes == {
+        "hsvs_concat": {"fusion": ("none", "concat")}, "hsvs_atf": {"fusion": ("concat", "atf")},
+        "atf_vcpg": {"prompting": ("bayes_pfl", "bayes_pfl_vcpg"), "vcpg": (False, True)},
+        "full": {"prompting": ("bayes_pfl_vcpg", "vcpg"), "vtam": (False, True)}}
+    assert head_class(grid.variant_config("D").model) is PFLVCPGHead
+    assert head_class(grid.variant_config("E").model) is SSVPHead
+    for named in ("prompt bank", "residual cross-modal attention", "Dice", "decoupled"):
+        assert named in grid.caption, named
+    md = render_markdown(grid, [], [], [0, 1, 2])
+    assert "What each row changes from the row above:" in md
+    assert "- D (+ VCPG (replaces the prompt flows; Bayes-PFL's bank, RCA and losses kept)): `vcpg` false → true, " \
+           "`prompting` bayes_pfl → bayes_pfl_vcpg" in md
+    quick = load_grid(CONFIGS / "quick.yaml")
+    assert quick.variant("A").name == "bayes_pfl" and quick.variant("A").overrides["prompting"] == "bayes_pfl"
 
 
 def test_components_backbones_and_sensitivity_grids():

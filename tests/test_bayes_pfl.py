@@ -170,6 +170,49 @@ def test_prompting_key_is_validated_and_kept_in_step_with_vcpg():
             base.override(bad)
 
 
+def test_row_d_head_is_row_c_with_vcpg_in_place_of_the_prompt_flows():
+    """Table 3 row D (prompting=bayes_pfl_vcpg): Bayes-PFL's head (bank, RCA, class mapping, scales,
+    HSVS) with VCPG instead of the three prompt flows; its loss is row C's (CE + focal + Dice + orth)
+    plus lambda1 L_VAE + lambda2 L_reg (Eq. 9, 12), and every part of it receives gradient."""
+    from ssvp.backbones import BackboneFeatures
+    from ssvp.losses import margin_loss, total_loss, vae_loss
+    from ssvp.pfl_vcpg import PFLVCPGHead
+
+    c_cfg = Config.tiny(prompting="bayes_pfl", fusion="atf", pfl_flows=2).model
+    d_cfg = Config.tiny(prompting="bayes_pfl_vcpg", fusion="atf", pfl_flows=2, lambda1=0.7, lambda2=0.3).model
+    assert (d_cfg.vcpg, d_cfg.vtam) == (True, False)
+    assert Config.tiny(prompting="bayes_pfl").override({"vcpg": True}).model.prompting == "bayes_pfl_vcpg"
+    model_c = SSVP(c_cfg)
+    head_c, head_d = model_c.head, PFLVCPGHead(d_cfg, 64, 64, model_c.backbones.text)
+    c_keys, d_keys = set(head_c.state_dict()), set(head_d.state_dict())
+    assert {k.split(".")[0] for k in c_keys - d_keys} == {"flow_ctx", "flow_normal", "flow_abnormal"}
+    assert {k.split(".")[0] for k in d_keys - c_keys} == {"vcpg"}
+    assert {k.split(".")[0] for k in c_keys & d_keys} == {"fusion", "prompts", "class_mapping", "rca",
+                                                          "log_scale_image", "log_scale_pixel"}
+    gen = torch.Generator().manual_seed(0)
+    b, g = 4, d_cfg.grid
+    feats = BackboneFeatures(torch.randn(b, 4, g * g, 64, generator=gen), torch.randn(b, 64, generator=gen),
+                             torch.randn(b, 4, g * g, 64, generator=gen), torch.randn(b, 64, generator=gen))
+    masks = (torch.rand(b, 4 * g, 4 * g, generator=gen) > 0.9).float()
+    labels = torch.tensor([0, 1, 0, 1])
+    head_d.train()
+    out = head_d(feats, ["wood", "tile"] * 2, 4 * g)
+    loss, parts = total_loss(out, masks, labels, d_cfg)
+    vae, _, _ = vae_loss(out.aux["recon"], out.aux["v_global"], out.aux["mu"], out.aux["logvar"], d_cfg.beta)
+    margin = margin_loss(out.aux["text_samples"][:, 0], out.aux["t_init_prompts"], d_cfg.xi)
+    row_c = parts["cls"] + parts["focal"] + parts["dice"] + d_cfg.pfl_orth_weight * parts["orth"]
+    assert parts["kl"].item() == 0.0 and parts["dice"].item() > 0 and parts["orth"].item() > 0
+    assert loss.item() == pytest.approx((row_c + 0.7 * vae + 0.3 * margin).item(), rel=1e-5)
+    loss.backward()
+    for name in ("vcpg.f_mu.0.weight", "vcpg.alpha", "rca.q.weight", "class_mapping.weight", "prompts.ctx"):
+        grad = dict(head_d.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    groups = head_d.trainable_parameters()  # SSVP's groups: the bank at lr_prompt, VCPG at lr_head
+    assert {id(p) for p in groups["prompt"]} == {id(p) for p in head_d.prompts.parameters()}
+    head_d.eval()  # one z per image at inference: the score is that of the one VCPG sample
+    assert head_d(feats, ["wood", "tile"] * 2, 4 * g).aux["samples"] == 1
+
+
 def test_training_lowers_the_loss_on_synthetic_data(tiny_model):
     """Synthetic frozen features: defect patches lie along one direction of the joint space, the
     mask marks them. Thirty steps of the Bayes-PFL head lower its full loss (all terms), measured
