@@ -381,7 +381,8 @@ def _read_clip_file(path: str) -> tuple[dict[str, torch.Tensor], bool]:
     else:
         state = load_state_dict(path, device="cpu")
         released = any(k in state for k in _OPENAI_META)
-    return {k: v for k, v in state.items() if k not in _OPENAI_META}, released
+    # the scalars, and causal masks a traced/scripted model keeps as attributes (open_clip rebuilds them)
+    return {k: v for k, v in state.items() if k not in _OPENAI_META and not k.endswith("attn_mask")}, released
 
 
 def _is_torchscript(path: str) -> bool:
@@ -438,9 +439,7 @@ def _load_tiny_clip(path: str, grid: int) -> nn.Module:
     with _seeded_init():
         model = CLIP(**tiny_clip_config(grid))
     try:
-        from open_clip.factory import load_checkpoint
-
-        load_checkpoint(model, str(p), strict=True)  # resamples positional embeddings to this grid
+        _load_clip_state(model, _read_clip_file(str(p))[0])  # resamples positional embeddings to this grid
     except Exception as exc:  # noqa: BLE001
         raise _clip_weights_error("tiny", path, f"{type(exc).__name__}: {exc}") from exc
     return model

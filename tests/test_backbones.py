@@ -394,3 +394,21 @@ def test_released_clip_336_values_load_and_positions_are_resampled(tmp_path):
     torch.testing.assert_close(bb.clip.visual.proj, state["visual.proj"].float())
     feats = bb(torch.rand(1, 3, 518, 518))
     assert feats.clip_patch.shape == (1, 4, 1369, 768) and torch.isfinite(feats.clip_patch).all()
+
+
+def test_torchscript_clip_release_loads_like_a_state_dict(tmp_path):
+    """OpenAI's releases are TorchScript archives (torch.load(weights_only=True) refuses them): the
+    archive's weights load, positions resampled, and it counts as OpenAI's (QuickGELU)."""
+    from ssvp.backbones import _read_clip_file
+
+    source, _, _, _ = build_clip("tiny", "", 8)
+    traced = torch.jit.trace(source.eval(), (torch.rand(1, 3, 112, 112), torch.randint(0, 100, (1, 32))),
+                             check_trace=False)
+    path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(path))
+    state, released = _read_clip_file(str(path))
+    assert released and set(state) == set(source.state_dict())
+    bb = Backbones(Config.tiny(grid=6, clip_pretrained=str(path)).model)
+    assert bb.clip_image_size == 84
+    torch.testing.assert_close(bb.clip.visual.proj, source.visual.proj)
+    assert torch.equal(bb.clip_model.token_embedding.weight, source.token_embedding.weight)
