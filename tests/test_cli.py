@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -191,3 +192,22 @@ def test_missing_checkpoint_folder_is_named_as_missing(tmp_path, capsys):
         capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(ckpts / "best")]) == 2  # there, but empty
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_train_help_states_the_protocols_and_docs_cite_the_paper_not_a_path():
+    """`ssvp train --help` says what the default (paper) protocol keeps and what select does; README and
+    the paper map cite the paper (arXiv 2601.09147), never a file of the development machine."""
+    import argparse
+    import re
+
+    from ssvp.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["train"].format_help().split())
+    assert "select the best epoch on held-out" not in text
+    assert "protocol=paper (default" in text and "last epoch is the model" in text and "protocol=select" in text
+    repo = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "docs/PAPER_MAP.md"):
+        body = (repo / doc).read_text(encoding="utf-8")
+        assert "arXiv 2601.09147" in body, doc
+        assert not re.search(r"/work/|shared/paper|ssvp-paper\.md", body), doc
