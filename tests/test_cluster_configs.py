@@ -479,12 +479,11 @@ def _job_locations(job: dict, head_env: dict[str, str]) -> dict[str, str]:
     if script == "tuning/sweep.py":
         args = sweep_cli.build_parser().parse_args(argv[1:])
         sweep = yaml.safe_load((REPO / args.config).read_text())  # the file as written (no synthetic data here)
-        base = sweep.get("base") or {}
-        from ssvp.config import Config, load_config
+        from tuning.settings import build_base_config
 
-        preset = base.get("preset", "tiny")
-        cfg = Config.tiny() if preset == "tiny" else Config() if preset in ("full", "paper") else load_config(REPO / preset)
-        cfg = cfg.override({**(base.get("overrides") or {}), **dict(args.set)})
+        # the sweep's base as the launcher builds it (a preset file resolves beside the sweep file too)
+        base = {k: v for k, v in (sweep.get("base") or {}).items() if k != "synthetic"}  # no data generated here
+        cfg = build_base_config(base, str(REPO / args.config), REPO).override(dict(args.set))
         config_storage, config_tracking = sweep.get("storage_path"), (sweep.get("mlflow") or {}).get("tracking_uri")
         out = None
     else:
