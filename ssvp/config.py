@@ -184,6 +184,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers
     eval_batch_size: int = 16
     feature_cache: str = ""  # directory of the frozen-feature cache; "" computes features from images
+    feature_cache_dtype: str = ""  # int8 | float16 | float32; "" = SSVP_FEATURE_CACHE_DTYPE, else the default (ssvp.features)
     max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps steps (quick configs)
     progress: bool = True  # tqdm progress bars
     # paper (§4.1-4.2): train on all source classes for `epochs`, the model is the last epoch (no
@@ -204,6 +205,7 @@ class TrainConfig:
             _check_range(self, key, 0.0, None)
         _check_choice(self, "optimizer", OPTIMIZERS)
         _check_choice(self, "protocol", PROTOCOLS)
+        _check_choice(self, "feature_cache_dtype", ("", "int8", "float16", "float32"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

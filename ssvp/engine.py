@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -110,12 +110,14 @@ FEATURE_CACHE_DTYPE_ENV = "SSVP_FEATURE_CACHE_DTYPE"
 
 
 def feature_cache_dtype(cfg: Config) -> str:
-    """Storage dtype of the feature cache: ``train.feature_cache_dtype`` when the config has that
-    key, else the ``SSVP_FEATURE_CACHE_DTYPE`` environment variable, else ``float16``.
+    """Storage format of the feature cache: ``train.feature_cache_dtype`` when set, else the
+    ``SSVP_FEATURE_CACHE_DTYPE`` environment variable, else ``ssvp.features.DEFAULT_DTYPE``.
     ``float32`` makes cached training bit-identical to training from images."""
-    value = getattr(cfg.train, "feature_cache_dtype", "") or os.environ.get(FEATURE_CACHE_DTYPE_ENV, "") or "float16"
-    if value not in ("float16", "float32"):
-        raise ValueError(f"feature cache dtype must be float16 or float32 (from {FEATURE_CACHE_DTYPE_ENV}?), got {value!r}")
+    from .features import DEFAULT_DTYPE, DTYPES
+
+    value = getattr(cfg.train, "feature_cache_dtype", "") or os.environ.get(FEATURE_CACHE_DTYPE_ENV, "") or DEFAULT_DTYPE
+    if value not in DTYPES:
+        raise ValueError(f"feature cache dtype must be one of {', '.join(DTYPES)} (from {FEATURE_CACHE_DTYPE_ENV}?), got {value!r}")
     return value
 
 
@@ -153,9 +155,54 @@ class FeatureSource:
         decode_id = _decode_identity(ds)
         return ds if decode_id is None else _SkipDecode(ds, self.cache.paths, decode_id)
 
+    def batches(self, loader: Iterable, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """``(batch, features)`` for the first ``limit`` batches of ``loader`` (from ``dataset(ds)``).
+
+        With a cache, a background thread reads the next batch's feature files (``readinto`` the
+        batch buffer: the read releases the GIL) while the caller trains on the current one, so
+        file reads overlap the head's compute; misses are computed here, in order."""
+        if self.cache is None:
+            for step, batch in enumerate(loader):
+                if limit is not None and step >= limit:
+                    return
+                yield batch, self.batch(batch)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssvp-feature-read")
+        pending = None
+        try:
+            for step, batch in enumerate(loader):
+                if limit is not None and step >= limit:
+                    break
+                keys = self._keys(batch) if "feature_key" in batch else None
+                job = pool.submit(self.cache.read, keys) if keys is not None else None
+                if pending is not None:
+                    yield pending[0], self.batch(pending[0], pending[1], pending[2])
+                pending = (batch, keys, job)
+            if pending is not None:
+                yield pending[0], self.batch(pending[0], pending[1], pending[2])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _keys(self, batch: Mapping[str, Any]) -> list[str]:
+        """Content keys of a ``_SkipDecode`` batch: looked up by the loader, or hashed here for the
+        items decoded this time (and then recorded in the path index for their file)."""
+        cache = self.cache
+        images, images_dino = batch["image"], batch.get("image_dino")
+        pos = {b: j for j, b in enumerate(batch["image_pos"])}
+        keys = list(batch["feature_key"])
+        for b, key in enumerate(keys):
+            if key is None:  # decoded this time: hash the content, remember it for the file
+                keys[b] = cache.key_for(images[pos[b]], None if images_dino is None else images_dino[pos[b]])
+                if batch["feature_token"][b]:
+                    cache.paths.put(batch["feature_token"][b], keys[b])
+        return keys
+
     @torch.no_grad()
-    def batch(self, batch: Mapping[str, Any]):
-        """Features of a loader batch (from ``dataset(ds)``): cached keys need no image."""
+    def batch(self, batch: Mapping[str, Any], keys: list[str] | None = None, job=None):
+        """Features of a loader batch (from ``dataset(ds)``): cached keys need no image.
+        ``keys``/``job``: the batch's keys and the future of their ``cache.read`` (``batches``)."""
         if "feature_key" not in batch:
             dino = batch.get("image_dino")
             return self(batch["image"].to(self.device, non_blocking=True),
@@ -164,12 +211,7 @@ class FeatureSource:
         images = batch["image"]
         images_dino = batch.get("image_dino")
         pos = {b: j for j, b in enumerate(batch["image_pos"])}
-        keys = list(batch["feature_key"])
-        for b, key in enumerate(keys):
-            if key is None:  # decoded this time: hash the content, remember it for the file
-                keys[b] = cache.key_for(images[pos[b]], None if images_dino is None else images_dino[pos[b]])
-                if batch["feature_token"][b]:
-                    cache.paths.put(batch["feature_token"][b], keys[b])
+        keys = list(keys) if keys is not None else self._keys(batch)
         size = int(batch["mask"].shape[-1])
         dino_size = batch.get("dino_size")
 
@@ -193,7 +235,7 @@ class FeatureSource:
                 return imgs, out_keys
             return imgs, torch.stack(out_dino).to(self.device, non_blocking=True), out_keys
 
-        return cache.get_keyed(keys, images_for)
+        return cache.get_keyed(keys, images_for, prefetched=None if job is None else job.result())
 
 
 def _decode_identity(ds: Dataset) -> str | None:
@@ -664,12 +706,10 @@ def _train_epoch(t: _Training, epoch: int, show: bool) -> dict:
     sums: dict[str, float] = {}
     n_steps = 0
     bar = _progress(loader, show, total=t.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-    for step, batch in enumerate(bar):
-        if step >= t.steps_per_epoch:
-            break
+    # features: backbones, or the cache (cached images are not even decoded; files read ahead)
+    for step, (batch, feats) in enumerate(t.features.batches(bar, t.steps_per_epoch, reuse=True)):
         masks = batch["mask"].to(t.device, non_blocking=True)
         labels = batch["label"].to(t.device, non_blocking=True)
-        feats = t.features.batch(batch)  # backbones, or the cache (cached images are not even decoded)
         with _autocast(t.device, cfg.model.bf16):
             out = t.head(feats, list(batch["cls_name"]), masks.shape[-1])
         loss, parts = total_loss(out, masks, labels, cfg.model)
@@ -828,8 +868,7 @@ def predict_dataset(
     static: dict = {}
     loader = _loader(features.dataset(ds), cfg.train.eval_batch_size, False, cfg, 0)
     per_class: dict[str, dict[str, list]] = {}
-    for batch in _progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval"):
-        feats = features.batch(batch)
+    for batch, feats in features.batches(_progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval")):
         with _autocast(device, cfg.model.bf16):
             out = model.head(feats, list(batch["cls_name"]), batch["mask"].shape[-1])
         scores = out.score.float().cpu().numpy()

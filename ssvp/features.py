@@ -4,7 +4,8 @@ Both backbones are frozen, so every trial and epoch of a sweep sees the same fea
 the same image. ``FeatureCache`` stores them on disk, content-addressed:
 
     root/<spec_hash>/spec.json                 what the features depend on (readable)
-    root/<spec_hash>/<key[:2]>/<key>.npy       one flat array per image (fp16 by default)
+    root/<spec_hash>/<key[:2]>/<key>.npy       one flat array per image (float16 / float32)
+    root/<spec_hash>/<key[:2]>/<key>.q8        int8: header, float32 scales, int8 values
 
 * ``spec_hash`` = sha256 of a canonical JSON of ``Backbones.spec()`` (backbone names, weights
   identity and a fingerprint of the weights, image sizes, grid, taps, DINO norm, bf16) plus the
@@ -15,7 +16,18 @@ the same image. ``FeatureCache`` stores them on disk, content-addressed:
 * Files are written to a temporary name in the same folder and renamed atomically
   (``os.replace``), so concurrent writers on one node are safe: a reader sees a complete file
   or none. A file that cannot be read is recomputed and replaced.
-* Reads are memory-mapped (``np.load(mmap_mode="r")``).
+* Storage formats (``DTYPES``): ``float16``, ``float32`` (bit-exact) and ``int8``: each token's
+  values (a row of the last axis: one patch token of one tapped layer, or a global token) are
+  stored as ``round(x / s)`` in [-127, 127] with ``s = absmax / 127`` kept as float32 in the same
+  file (error <= s / 2 per value). The ``.q8`` file is a 64-byte header (magic, counts, crc32 of
+  the counts and scales), the scales, then the values; its exact size is checked, so a truncated
+  file, a file without its scales, wrong scales or another format's file are refused by name.
+  The format (and for int8 the scale rule) is part of ``spec_hash``: formats never share a folder.
+* Reads: one file per image is read with ``readinto`` straight into a batch buffer (pinned when
+  the device is CUDA), copied to the device in the stored dtype and widened (int8: scaled)
+  there. A file that exists but is unreadable is recomputed and replaced, with a warning naming
+  it; without an image to recompute from, ``FeatureCacheError`` names it. A ``spec.json`` of
+  another cache found under this cache's folder name raises ``FeatureCacheError``.
 
 ``get_batch(images)`` returns ``BackboneFeatures`` like ``Backbones(images)``: hits are read,
 misses are computed in one backbone call and stored. ``get_keyed(keys, images_for)`` does the
@@ -32,8 +44,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import struct
 import tempfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -42,15 +58,142 @@ import torch
 
 from .backbones import BackboneFeatures, Backbones
 
-__all__ = ["FeatureCache", "FeatureCacheError", "PathIndex", "spec_hash_of", "FORMAT_VERSION"]
+__all__ = ["FeatureCache", "FeatureCacheError", "PathIndex", "spec_hash_of", "FORMAT_VERSION", "DTYPES",
+           "DEFAULT_DTYPE", "quantize_rows", "dequantize_rows"]
+
+log = logging.getLogger("ssvp.features")
 
 FORMAT_VERSION = 1
+DTYPES = ("int8", "float16", "float32")  # storage formats (FeatureCache's dtype)
+DEFAULT_DTYPE = "float16"  # what a trial uses unless train.feature_cache_dtype / SSVP_FEATURE_CACHE_DTYPE say otherwise
+SUFFIXES = {"int8": ".q8", "float16": ".npy", "float32": ".npy"}
+INT8_SCALE = "absmax per token (per row of the last axis), float32, symmetric [-127, 127]"
 _NAMES = BackboneFeatures.names()
 _FP16_MAX = 65504.0
+_TORCH_DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
+_Q8_MAGIC = b"SSVP-Q8\x01"
+_Q8_HEAD = struct.Struct("<8sQQI")  # magic, number of scales, number of values, crc32 of (counts, scales)
+_Q8_HEADER_BYTES = 64
 
 
 class FeatureCacheError(ValueError):
-    """The cache folder is unusable (not writable, spec clash); the message names the path."""
+    """The cache folder or a feature file is unusable (not writable, spec clash, unreadable file
+    with no image to recompute it from); the message names the path."""
+
+
+class _BadFile(Exception):
+    """A feature file that exists but cannot be what this cache stores (the message says why)."""
+
+
+@dataclass
+class _Layout:
+    """Where each part of ``BackboneFeatures`` lies in one image's flat values and scales."""
+
+    shapes: dict[str, tuple[int, ...]]
+    value_offsets: list[int] = field(init=False)
+    scale_offsets: list[int] = field(init=False)
+
+    def __post_init__(self):
+        shapes = [self.shapes[n] for n in _NAMES]
+        self.value_offsets = np.cumsum([0, *(int(np.prod(s)) for s in shapes)]).tolist()
+        self.scale_offsets = np.cumsum([0, *(int(np.prod(s[:-1])) for s in shapes)]).tolist()
+
+    @property
+    def n_values(self) -> int:
+        return self.value_offsets[-1]
+
+    @property
+    def n_scales(self) -> int:
+        return self.scale_offsets[-1]
+
+
+@dataclass
+class _Batch:
+    """One batch as stored: ``values`` [B, V] in the storage dtype (int8: plus ``scales`` [B, S]);
+    ``odd``: rows kept apart as float32 flats (fp32 images of an fp16 cache); ``missing``: rows
+    with no readable file (``bad``: row -> why the file was refused, naming it)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor | None
+    odd: dict[int, np.ndarray] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    bad: dict[int, str] = field(default_factory=dict)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` [R, C] float -> (``q`` int8 [R, C], ``scale`` float32 [R]) with ``scale = absmax / 127``
+    per row, so that ``|x - q * scale| <= scale / 2`` (round to nearest, never clipped)."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=1, initial=0.0)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of ``quantize_rows`` (float32), as the reader computes it."""
+    return q.astype(np.float32) * scale[:, None]
+
+
+def quantize_parts(parts: list[np.ndarray], layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
+    """The flat float32 parts of one image -> (scales float32 [S], values int8 [V])."""
+    scales, values = [], []
+    for flat, name in zip(parts, _NAMES):
+        shape = layout.shapes[name]
+        q, s = quantize_rows(flat.reshape(-1, shape[-1]) if shape[-1] else np.zeros((int(np.prod(shape[:-1])), 0)))
+        scales.append(s)
+        values.append(q.reshape(-1))
+    return np.concatenate(scales).astype(np.float32), np.concatenate(values).astype(np.int8)
+
+
+def _q8_header(scales: np.ndarray, n_values: int) -> bytes:
+    crc = zlib.crc32(struct.pack("<QQ", scales.size, n_values) + scales.tobytes())
+    return _Q8_HEAD.pack(_Q8_MAGIC, scales.size, n_values, crc).ljust(_Q8_HEADER_BYTES, b"\0")
+
+
+def _check_q8_header(head: bytes, scales: np.ndarray, layout: _Layout, size: int) -> None:
+    magic, n_scales, n_values, crc = _Q8_HEAD.unpack_from(head)
+    if magic != _Q8_MAGIC:
+        raise _BadFile(f"not an int8 feature file (magic {magic!r})")
+    if (n_scales, n_values) != (layout.n_scales, layout.n_values):
+        raise _BadFile(f"{n_scales} scales / {n_values} values, this cache stores {layout.n_scales} / {layout.n_values}")
+    expected = _Q8_HEADER_BYTES + 4 * n_scales + n_values
+    if size != expected:
+        raise _BadFile(f"{size} bytes, expected {expected} (truncated or extended)")
+    if zlib.crc32(struct.pack("<QQ", n_scales, n_values) + scales.tobytes()) != crc:
+        raise _BadFile("its scales do not match their checksum (corrupt)")
+
+
+def _npy_header(fh, n_values: int) -> tuple[np.dtype, int]:
+    """Dtype and data offset of a ``.npy`` file holding a flat array of ``n_values``."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(fh)
+    except (ValueError, OSError, EOFError) as exc:
+        raise _BadFile(f"not a .npy file ({exc})") from exc
+    if shape != (n_values,) or fortran:
+        raise _BadFile(f"holds an array of shape {shape}, this cache stores ({n_values},)")
+    return np.dtype(dtype), fh.tell()
+
+
+def _read_exact(fh, n: int) -> bytes:
+    data = fh.read(n)
+    if data is None or len(data) != n:
+        raise _BadFile(f"ends after {0 if not data else len(data)} of {n} header bytes (truncated)")
+    return data
+
+
+def _read_exact_into(fh, array: np.ndarray, what: str) -> None:
+    """``readinto`` straight into ``array``'s memory (no intermediate copy)."""
+    view = memoryview(array).cast("B")
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise _BadFile(f"ends after {got} of {len(view)} bytes of {what} (truncated)")
+        got += n
 
 
 def _versions() -> dict[str, str]:
@@ -96,9 +239,10 @@ class PathIndex:
     check that the features a token points to are still there.
     """
 
-    def __init__(self, content_dir: str | os.PathLike):
+    def __init__(self, content_dir: str | os.PathLike, suffix: str = ".npy"):
         self.content_dir = Path(content_dir)
         self.dir = self.content_dir / "paths"
+        self.suffix = suffix
 
     def _file(self, token: str) -> Path:
         h = hashlib.sha256(token.encode()).hexdigest()
@@ -118,7 +262,7 @@ class PathIndex:
         _atomic_write_bytes(path, key.encode())
 
     def has_features(self, key: str) -> bool:
-        return (self.content_dir / key[:2] / f"{key}.npy").is_file()
+        return (self.content_dir / key[:2] / f"{key}{self.suffix}").is_file()
 
 
 class FeatureCache:
@@ -128,13 +272,15 @@ class FeatureCache:
         root: cache folder (created). Several specs can share one root.
         backbones: the frozen ``Backbones`` whose features are cached.
         model_cfg: optional; only used to check it matches ``backbones`` (grid, taps).
-        dtype: storage dtype, ``"float16"`` (default) or ``"float32"`` (bit-exact). Images whose
+        dtype: storage format (``DTYPES``): ``"float16"`` (default), ``"float32"`` (bit-exact) or
+            ``"int8"`` (values with a float32 absmax scale per token, one ``.q8`` file per image:
+            a 64-byte header with a checksum of the scales, the scales, the values). Images whose
             features overflow fp16 are stored in fp32.
     """
 
-    def __init__(self, root: str | os.PathLike, backbones: Backbones, model_cfg: Any = None, dtype: str = "float16"):
-        if dtype not in ("float16", "float32"):
-            raise FeatureCacheError(f"FeatureCache dtype must be float16 or float32, got {dtype!r}")
+    def __init__(self, root: str | os.PathLike, backbones: Backbones, model_cfg: Any = None, dtype: str = DEFAULT_DTYPE):
+        if dtype not in DTYPES:
+            raise FeatureCacheError(f"FeatureCache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if model_cfg is not None:
             for key in ("grid", "clip_model", "clip_pretrained", "clip_layers", "dino_model", "dino_weights", "dino_layers", "fusion"):
                 if getattr(model_cfg, key) != getattr(backbones.model_cfg, key):
@@ -144,6 +290,7 @@ class FeatureCache:
                     )
         self.backbones = backbones
         self.dtype = np.dtype(dtype)
+        self.suffix = SUFFIXES[dtype]
         self.root = Path(root).expanduser()
         # A lazily built model (ssvp.lazy_backbones) has no vision towers yet: open the folder
         # that its cheap identity (spec_token) was mapped to when the towers were last built.
@@ -178,15 +325,21 @@ class FeatureCache:
             "dino_patch": (n_dino, n, bb.dino_dim) if n_dino else (0, n, 0),
             "dino_global": (bb.dino_dim,),
         }
-        sizes = [int(np.prod(s)) for s in self.shapes.values()]
-        self._offsets = np.cumsum([0, *sizes]).tolist()
+        self.layout = _Layout(self.shapes)
         self.hits = 0
         self.misses = 0
-        self.paths = PathIndex(self.dir)
+        self.paths = PathIndex(self.dir, self.suffix)
 
     # ----- spec and its alias -----
     def _full_spec(self) -> dict[str, Any]:
-        return {"backbones": self.backbones.spec(), "format": FORMAT_VERSION, "dtype": str(self.dtype), "versions": _versions()}
+        return {"backbones": self.backbones.spec(), **self._format_spec(), "versions": _versions()}
+
+    def _format_spec(self) -> dict[str, Any]:
+        """The storage format's part of the spec (fp16/fp32 as before, so their folders keep their names)."""
+        spec: dict[str, Any] = {"format": FORMAT_VERSION, "dtype": str(self.dtype)}
+        if self.dtype == np.int8:
+            spec["int8_scale"] = INT8_SCALE
+        return spec
 
     def _alias_path(self, backbones: Backbones, dtype: str) -> Path | None:
         """``root/aliases/<sha256 of the cheap identity>``: holds the full spec hash (None: no identity)."""
@@ -195,7 +348,8 @@ class FeatureCache:
         token = spec_token(backbones)
         if token is None:
             return None
-        key = spec_hash_of({"token": token, "format": FORMAT_VERSION, "dtype": dtype, "versions": _versions()})
+        fmt = {"format": FORMAT_VERSION, "dtype": dtype, **({"int8_scale": INT8_SCALE} if dtype == "int8" else {})}
+        key = spec_hash_of({"token": token, **fmt, "versions": _versions()})
         return self.root / "aliases" / key
 
     def _read_alias(self) -> tuple[str, dict] | None:
@@ -228,10 +382,17 @@ class FeatureCache:
         text = json.dumps({"spec_hash": self.spec_hash, **self.spec}, indent=2, sort_keys=True, default=str)
         if path.is_file():
             try:
-                if json.loads(path.read_text()).get("spec_hash") == self.spec_hash:
-                    return
+                stored = json.loads(path.read_text())
             except (OSError, ValueError):
-                pass
+                stored = None  # unreadable: rewritten below
+            if isinstance(stored, dict) and stored.get("spec_hash") == self.spec_hash:
+                return
+            if isinstance(stored, dict) and "spec_hash" in stored:
+                raise FeatureCacheError(
+                    f"feature cache {path} describes another cache (spec {str(stored['spec_hash'])[:24]}, dtype "
+                    f"{stored.get('dtype')!r}) than the {self.dtype} cache this folder name stands for "
+                    f"({self.spec_hash[:24]}): the folder was copied or renamed; move it back or delete it"
+                )
         _atomic_write_bytes(path, text.encode())
 
     def key_for(self, image: torch.Tensor, image_dino: torch.Tensor | None = None) -> str:
@@ -254,36 +415,71 @@ class FeatureCache:
         return h.hexdigest()
 
     def path_for(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npy"
+        return self.dir / key[:2] / f"{key}{self.suffix}"
 
     def __contains__(self, key: str) -> bool:
         return self.path_for(key).is_file()
 
     # ----- read / write one image -----
-    def _pack(self, feats: BackboneFeatures, i: int) -> np.ndarray:
-        parts = [getattr(feats, name)[i].detach().float().cpu().reshape(-1).numpy() for name in _NAMES]
-        flat = np.concatenate(parts)
-        if self.dtype == np.float16 and np.isfinite(flat).all() and np.abs(flat).max(initial=0.0) <= _FP16_MAX:
-            return flat.astype(np.float16)
-        return flat.astype(np.float32)
+    def _flat_parts(self, feats: BackboneFeatures, i: int) -> list[np.ndarray]:
+        return [getattr(feats, name)[i].detach().float().cpu().reshape(-1).numpy() for name in _NAMES]
 
-    def _store(self, key: str, flat: np.ndarray) -> None:
+    def _store(self, key: str, feats: BackboneFeatures, i: int, batch: "_Batch", row: int) -> None:
+        """Write image ``i`` of ``feats`` under ``key`` and put what a reader would get into ``batch[row]``."""
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        parts = self._flat_parts(feats, i)
+        if self.dtype == np.int8:
+            flat = np.concatenate(parts)
+            if not np.isfinite(flat).all():
+                raise FeatureCacheError(f"feature cache: the features of {path.name} are not finite; int8 cannot store them")
+            scales, values = quantize_parts(parts, self.layout)
+            _atomic_write(path, lambda fh: (fh.write(_q8_header(scales, values.size)), fh.write(scales.tobytes()), fh.write(values.tobytes())),
+                          suffix=".q8.tmp")
+            batch.scales[row] = torch.from_numpy(scales)
+            batch.values[row] = torch.from_numpy(values)
+            return
+        flat = np.concatenate(parts)
+        if self.dtype == np.float16 and not (np.isfinite(flat).all() and np.abs(flat).max(initial=0.0) <= _FP16_MAX):
+            flat = flat.astype(np.float32)  # overflows fp16: this image is stored in fp32
+        else:
+            flat = flat.astype(self.dtype)
         _atomic_save_npy(path, flat)
+        if flat.dtype == self.dtype:
+            batch.values[row] = torch.from_numpy(flat)
+        else:
+            batch.odd[row] = flat
 
-    def _load(self, key: str) -> list[np.ndarray] | None:
-        path = self.path_for(key)
-        if not path.is_file():
-            return None
+    def _read_into(self, path: Path, batch: "_Batch", row: int) -> bool:
+        """Read one file into ``batch[row]``; False when it does not exist, ``_BadFile`` when it
+        cannot be what this cache stores (truncated, another format or shape, bad header)."""
         try:
-            flat = np.load(path, mmap_mode="r", allow_pickle=False)
-            if flat.ndim != 1 or flat.shape[0] != self._offsets[-1]:
-                return None
-        except (OSError, ValueError):
-            return None  # truncated or foreign file: recompute and replace
-        o = self._offsets
-        return [flat[o[j] : o[j + 1]].reshape(self.shapes[name]) for j, name in enumerate(_NAMES)]
+            fh = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _BadFile(str(exc)) from exc
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if self.dtype == np.int8:
+                head = _read_exact(fh, _Q8_HEADER_BYTES)
+                scales = batch.scales[row].numpy()
+                _read_exact_into(fh, scales, "scales")
+                _check_q8_header(head, scales, self.layout, size)
+                _read_exact_into(fh, batch.values[row].numpy(), "values")
+                return True
+            dtype, offset = _npy_header(fh, self.layout.n_values)
+            if offset + dtype.itemsize * self.layout.n_values != size:
+                raise _BadFile(f"{size} bytes, expected {offset + dtype.itemsize * self.layout.n_values}")
+            if dtype == self.dtype:
+                _read_exact_into(fh, batch.values[row].numpy(), "values")
+            elif dtype == np.float32 and self.dtype == np.float16:
+                flat = np.empty(self.layout.n_values, np.float32)
+                _read_exact_into(fh, flat, "values")
+                batch.odd[row] = flat
+            else:
+                raise _BadFile(f"holds {dtype}, this cache stores {self.dtype}")
+        return True
 
     # ----- batches -----
     def get_batch(
@@ -303,40 +499,81 @@ class FeatureCache:
             return self.get_keyed(keys, lambda idx: (images[idx], [keys[i] for i in idx]))
         return self.get_keyed(keys, lambda idx: (images[idx], images_dino[idx], [keys[i] for i in idx]))
 
-    def get_keyed(self, keys: Sequence[str], images_for) -> BackboneFeatures:
+    def read(self, keys: Sequence[str]) -> "_Batch":
+        """Read the stored features of ``keys`` into one batch buffer (file I/O only: safe in a
+        background thread). Files that are absent or unreadable are listed in ``missing`` / ``bad``."""
+        batch = self._new_batch(len(keys))
+        for row, key in enumerate(keys):
+            path = self.path_for(key)
+            try:
+                if not self._read_into(path, batch, row):
+                    batch.missing.append(row)
+            except _BadFile as exc:
+                batch.bad[row] = f"{path}: {exc}"
+                batch.missing.append(row)
+        return batch
+
+    def _new_batch(self, n: int) -> "_Batch":
+        pin = self.backbones.device.type == "cuda" and torch.cuda.is_available()
+        values = torch.empty((n, self.layout.n_values), dtype=_TORCH_DTYPES[str(self.dtype)], pin_memory=pin)
+        scales = torch.empty((n, self.layout.n_scales), dtype=torch.float32, pin_memory=pin) if self.dtype == np.int8 else None
+        return _Batch(values, scales)
+
+    def get_keyed(self, keys: Sequence[str], images_for, prefetched: "_Batch | None" = None) -> BackboneFeatures:
         """Features for content ``keys``; a batch of hits needs no image at all.
 
         ``images_for(indices)`` is called once, for the misses only, and returns
         ``(images [len(indices), 3, S, S], their content keys)``; the keys it returns are
         the ones stored (a caller that decodes a file again may find a different content).
+        A file that is unreadable (truncated, another format) is recomputed and replaced, with a
+        warning naming it; with ``images_for=None`` a miss raises ``FeatureCacheError`` instead.
+        ``prefetched``: ``read(keys)`` done beforehand (e.g. by a background thread).
         """
         keys = list(keys)
-        loaded = [self._load(k) for k in keys]
-        miss = [i for i, item in enumerate(loaded) if item is None]
+        batch = prefetched if prefetched is not None else self.read(keys)
+        if batch.values.shape[0] != len(keys):
+            raise ValueError(f"FeatureCache.get_keyed: a prefetched batch of {batch.values.shape[0]} for {len(keys)} keys")
+        miss = batch.missing
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
         if miss:
-            got = images_for(miss)  # (images, keys) or (images, images_dino, keys)
-            images, miss_keys = got[0], got[-1]
-            images_dino = got[1] if len(got) == 3 else None
-            if len(miss_keys) != len(miss) or images.shape[0] != len(miss):
-                raise ValueError(f"FeatureCache.get_keyed: images_for returned {images.shape[0]} images / {len(miss_keys)} keys for {len(miss)} misses")
-            for i, k in zip(miss, miss_keys):
-                keys[i] = k
-            if not self.verified:
-                self._verify()
-            fresh = self.backbones(images) if images_dino is None else self.backbones(images, images_dino)
-            for j, i in enumerate(miss):
-                flat = self._pack(fresh, j)
-                self._store(keys[i], flat)
-                o = self._offsets
-                loaded[i] = [flat[o[t] : o[t + 1]].reshape(self.shapes[n]) for t, n in enumerate(_NAMES)]
+            self._fill_misses(keys, miss, batch, images_for)
+        return self._to_features(batch)
+
+    def _fill_misses(self, keys: list[str], miss: list[int], batch: "_Batch", images_for) -> None:
+        if images_for is None:
+            what = [batch.bad.get(i) or f"{self.path_for(keys[i])}: missing" for i in miss]
+            raise FeatureCacheError("feature cache: no features and no image to compute them for " + "; ".join(what))
+        for reason in batch.bad.values():
+            log.warning("feature cache: %s; recomputing it", reason)
+        got = images_for(miss)  # (images, keys) or (images, images_dino, keys)
+        images, miss_keys = got[0], got[-1]
+        images_dino = got[1] if len(got) == 3 else None
+        if len(miss_keys) != len(miss) or images.shape[0] != len(miss):
+            raise ValueError(f"FeatureCache.get_keyed: images_for returned {images.shape[0]} images / {len(miss_keys)} keys for {len(miss)} misses")
+        for i, k in zip(miss, miss_keys):
+            keys[i] = k
+        if not self.verified:
+            self._verify()
+        fresh = self.backbones(images) if images_dino is None else self.backbones(images, images_dino)
+        for j, i in enumerate(miss):
+            self._store(keys[i], fresh, j, batch, i)
+
+    def _to_features(self, batch: "_Batch") -> BackboneFeatures:
+        """Copy the batch to the device in the stored dtype (int8: a quarter of the bytes) and widen there."""
         device = self.backbones.device
-        out = []
-        for t, name in enumerate(_NAMES):
-            stacked = np.stack([np.asarray(item[t]) for item in loaded])
-            # copy in the stored dtype (half the bytes for fp16), widen on the device
-            out.append(torch.from_numpy(stacked).to(device).to(torch.float32))
+        values = batch.values.to(device)
+        scales = batch.scales.to(device) if batch.scales is not None else None
+        n, lay, out = values.shape[0], self.layout, []
+        for j, name in enumerate(_NAMES):
+            shape = self.shapes[name]
+            part = values[:, lay.value_offsets[j] : lay.value_offsets[j + 1]].reshape(n, *shape).to(torch.float32)
+            if scales is not None:
+                part = part.mul_(scales[:, lay.scale_offsets[j] : lay.scale_offsets[j + 1]].reshape(n, *shape[:-1], 1))
+            part = part.contiguous()
+            for row, flat in batch.odd.items():
+                part[row] = torch.from_numpy(flat[lay.value_offsets[j] : lay.value_offsets[j + 1]].reshape(shape)).to(device)
+            out.append(part)
         return BackboneFeatures(*out)
 
     def warm(self, batches: Iterable[torch.Tensor]) -> int:
@@ -347,7 +584,7 @@ class FeatureCache:
         return self.misses - before
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.dir.glob("*/*.npy"))
+        return sum(1 for _ in self.dir.glob(f"*/*{self.suffix}"))
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.dir)!r}, hits={self.hits}, misses={self.misses})"

@@ -176,8 +176,8 @@ def test_fp16_cache_matches_within_tolerance_and_second_trial_reuses_it(data_roo
 
 
 def test_bad_cache_dtype_is_named(data_root, tmp_path, monkeypatch):
-    monkeypatch.setenv(FEATURE_CACHE_DTYPE_ENV, "int8")
-    with pytest.raises(ValueError, match="SSVP_FEATURE_CACHE_DTYPE.*int8"):
+    monkeypatch.setenv(FEATURE_CACHE_DTYPE_ENV, "int4")
+    with pytest.raises(ValueError, match="SSVP_FEATURE_CACHE_DTYPE.*int4"):
         fit(_cfg(data_root, feature_cache=str(tmp_path / "c"), epochs=1))
 
 

@@ -137,7 +137,7 @@ def test_corrupt_file_is_recomputed(bb, tmp_path):
 
 def test_bad_arguments(bb, tmp_path):
     with pytest.raises(FeatureCacheError, match="dtype"):
-        FeatureCache(tmp_path, bb, dtype="int8")
+        FeatureCache(tmp_path, bb, dtype="int4")
     with pytest.raises(FeatureCacheError, match="model.grid=7"):
         FeatureCache(tmp_path, bb, Config.tiny(grid=7).model)
     cache = FeatureCache(tmp_path, bb)
@@ -176,3 +176,119 @@ def test_concurrent_writers_same_images(tmp_path):
     read = FeatureCache(tmp_path, bb).get_batch(_images(3, seed=7))
     assert counter.calls == 0
     np.testing.assert_array_equal(read.clip_patch.numpy(), results[0])
+
+
+# ----- int8 storage (values + a float32 absmax scale per token) -----
+def test_int8_round_trip_error_bound():
+    from ssvp.features import dequantize_rows, quantize_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 96)).astype(np.float32) * rng.uniform(0.01, 50, (64, 1)).astype(np.float32)
+    x[3, 7] = 400.0  # an outlier channel only widens its own token's step
+    x[5] = 0.0  # an all-zero token stays exactly zero
+    q, scale = quantize_rows(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and q.min() >= -127
+    amax = np.abs(x).max(axis=1)
+    np.testing.assert_allclose(scale, amax / 127, rtol=1e-6)
+    err = np.abs(dequantize_rows(q, scale) - x)
+    assert (err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-30).all()  # round to nearest: half a step
+    assert err.max() > scale.max() / 4  # ... and the bound is nearly reached (not vacuous)
+    assert not dequantize_rows(q, scale)[5].any()
+    # the extreme of each token is exact (it defines the scale)
+    rows = np.arange(64)
+    idx = np.abs(x).argmax(axis=1)
+    np.testing.assert_allclose(dequantize_rows(q, scale)[rows, idx], x[rows, idx], rtol=1e-6)
+
+
+def test_int8_cache_within_half_a_step_and_hits_equal_misses(bb, tmp_path):
+    cache = FeatureCache(tmp_path, bb, dtype="int8")
+    images = _images(3, seed=11)
+    fresh = bb(images)
+    first = cache.get_batch(images)  # misses: quantised, stored, and served as a reader gets them
+    second = cache.get_batch(images)  # hits
+    assert (cache.hits, cache.misses) == (3, 3)
+    path = cache.path_for(cache.key_for(images[0]))
+    assert path.suffix == ".q8"
+    n_values = sum(int(np.prod(s)) for s in cache.shapes.values())
+    assert path.stat().st_size < n_values * 1.2  # ~1 byte per value (+ the scales), fp16 is 2
+    for name in fresh.names():
+        a, b, c = getattr(fresh, name), getattr(first, name), getattr(second, name)
+        assert torch.equal(b, c)
+        if a.numel():
+            step = a.abs().amax(dim=-1, keepdim=True) / 127  # one scale per token
+            assert ((b - a).abs() <= step / 2 + 1e-6).all(), name
+            assert (b - a).abs().max() > 0  # really quantised
+
+
+def test_formats_never_mix(bb, tmp_path):
+    img = _images(2, seed=12)
+    i8 = FeatureCache(tmp_path, bb, dtype="int8")
+    f16 = FeatureCache(tmp_path, bb, dtype="float16")
+    assert i8.spec_hash != f16.spec_hash and i8.dir != f16.dir
+    assert i8.key_for(img[0]) != f16.key_for(img[0])
+    assert json.loads((i8.dir / "spec.json").read_text())["int8_scale"].startswith("absmax per token")
+    i8.get_batch(img)
+    f16.get_batch(img)  # the fp16 cache does not see the int8 files: two misses
+    assert (f16.hits, f16.misses) == (0, 2) and len(i8) == len(f16) == 2
+    assert {p.suffix for p in i8.dir.glob("*/*.*")} == {".q8"}
+    assert {p.suffix for p in f16.dir.glob("*/*.*")} == {".npy"}
+
+
+def _q8_file(bb, root, seed):
+    cache = FeatureCache(root, bb, dtype="int8")
+    img = _images(1, seed=seed)
+    good = cache.get_batch(img)
+    key = cache.key_for(img[0])
+    return cache, img, key, cache.path_for(key), good
+
+
+def _assert_refused_then_recomputed(cache, img, key, path, good, caplog, match):
+    with pytest.raises(FeatureCacheError, match=match) as err:  # no image: one clear error naming the file
+        cache.get_keyed([key], None)
+    assert str(path) in str(err.value)
+    counter = CountCalls(cache.backbones)
+    with caplog.at_level("WARNING", logger="ssvp.features"):
+        again = cache.get_batch(img)  # with the image: recomputed, replaced, warned about
+    counter.handle.remove()
+    assert counter.calls == 1 and str(path) in caplog.text
+    assert torch.equal(again.clip_patch, good.clip_patch)
+    assert torch.equal(cache.get_keyed([key], None).dino_patch, good.dino_patch)  # the file is whole again
+
+
+def test_truncated_int8_file(bb, tmp_path, caplog):
+    cache, img, key, path, good = _q8_file(bb, tmp_path, 13)
+    path.write_bytes(path.read_bytes()[:-100])
+    _assert_refused_then_recomputed(cache, img, key, path, good, caplog, "truncated")
+
+
+def test_corrupt_int8_scales(bb, tmp_path, caplog):
+    cache, img, key, path, good = _q8_file(bb, tmp_path, 14)
+    raw = bytearray(path.read_bytes())
+    raw[64 + 2] ^= 0x40  # a bit of the first token's scale: every value of that token would be wrong
+    path.write_bytes(bytes(raw))
+    _assert_refused_then_recomputed(cache, img, key, path, good, caplog, "checksum")
+
+
+def test_int8_values_without_their_scales(bb, tmp_path, caplog):
+    cache, img, key, path, good = _q8_file(bb, tmp_path, 15)
+    raw = path.read_bytes()
+    n_scales = cache.layout.n_scales
+    path.write_bytes(raw[:64] + raw[64 + 4 * n_scales:])  # the header and the values, no scales
+    _assert_refused_then_recomputed(cache, img, key, path, good, caplog, "expected")
+
+
+def test_another_formats_file_and_folder(bb, tmp_path, caplog):
+    cache, img, key, path, good = _q8_file(bb, tmp_path, 16)
+    f16 = FeatureCache(tmp_path, bb, dtype="float16")
+    f16.get_batch(img)
+    path.write_bytes(f16.path_for(f16.key_for(img[0])).read_bytes())  # an fp16 .npy under the int8 name
+    _assert_refused_then_recomputed(cache, img, key, path, good, caplog, "not an int8 feature file")
+    # an fp16 cache given an int8 array of the right length under its name
+    f16_path = f16.path_for(f16.key_for(img[0]))
+    np.save(f16_path, np.zeros(f16.layout.n_values, np.int8))
+    with pytest.raises(FeatureCacheError, match=f"{f16_path}.*holds int8"):
+        f16.get_keyed([f16.key_for(img[0])], None)
+    # a folder holding another format's cache (copied over this one's name)
+    (cache.dir / "spec.json").write_text((f16.dir / "spec.json").read_text())
+    with pytest.raises(FeatureCacheError, match=r"spec.json describes another cache .*'float16'"):
+        FeatureCache(tmp_path, bb, dtype="int8")
