@@ -136,6 +136,13 @@ class FeatureSource:
 
         self.device = device
 
+    @classmethod
+    def of_cache(cls, cache, device: torch.device) -> "FeatureSource":
+        """A source that reads ``cache`` (a ``FeatureCache``) only (benchmarks, tools)."""
+        self = cls.__new__(cls)
+        self.model, self.cache, self.device = None, cache, device
+        return self
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, images_dino: torch.Tensor | None = None):
         """Features of ``images`` (CLIP input) and ``images_dino`` (DINO input from the original, §4.2)."""
@@ -155,12 +162,14 @@ class FeatureSource:
         decode_id = _decode_identity(ds)
         return ds if decode_id is None else _SkipDecode(ds, self.cache.paths, decode_id)
 
-    def batches(self, loader: Iterable, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
+    def batches(self, loader: Iterable, limit: int | None = None, reuse: bool = False) -> Iterator[tuple[Any, Any]]:
         """``(batch, features)`` for the first ``limit`` batches of ``loader`` (from ``dataset(ds)``).
 
         With a cache, a background thread reads the next batch's feature files (``readinto`` the
         batch buffer: the read releases the GIL) while the caller trains on the current one, so
-        file reads overlap the head's compute; misses are computed here, in order."""
+        file reads overlap the head's compute; misses are computed here, in order. ``reuse``: the
+        caller is done with a batch's features when it asks for the next one, so the next batch's
+        features are written into the same tensors (no allocation per batch)."""
         if self.cache is None:
             for step, batch in enumerate(loader):
                 if limit is not None and step >= limit:
@@ -170,7 +179,7 @@ class FeatureSource:
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssvp-feature-read")
-        pending = None
+        pending, last = None, None
         try:
             for step, batch in enumerate(loader):
                 if limit is not None and step >= limit:
@@ -178,10 +187,11 @@ class FeatureSource:
                 keys = self._keys(batch) if "feature_key" in batch else None
                 job = pool.submit(self.cache.read, keys) if keys is not None else None
                 if pending is not None:
-                    yield pending[0], self.batch(pending[0], pending[1], pending[2])
+                    last = self.batch(*pending, out=last if reuse else None)
+                    yield pending[0], last
                 pending = (batch, keys, job)
             if pending is not None:
-                yield pending[0], self.batch(pending[0], pending[1], pending[2])
+                yield pending[0], self.batch(*pending, out=last if reuse else None)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -200,9 +210,10 @@ class FeatureSource:
         return keys
 
     @torch.no_grad()
-    def batch(self, batch: Mapping[str, Any], keys: list[str] | None = None, job=None):
+    def batch(self, batch: Mapping[str, Any], keys: list[str] | None = None, job=None, out=None):
         """Features of a loader batch (from ``dataset(ds)``): cached keys need no image.
-        ``keys``/``job``: the batch's keys and the future of their ``cache.read`` (``batches``)."""
+        ``keys``/``job``: the batch's keys and the future of their ``cache.read`` (``batches``);
+        ``out``: features to overwrite (``FeatureCache.get_keyed``)."""
         if "feature_key" not in batch:
             dino = batch.get("image_dino")
             return self(batch["image"].to(self.device, non_blocking=True),
@@ -235,7 +246,7 @@ class FeatureSource:
                 return imgs, out_keys
             return imgs, torch.stack(out_dino).to(self.device, non_blocking=True), out_keys
 
-        return cache.get_keyed(keys, images_for, prefetched=None if job is None else job.result())
+        return cache.get_keyed(keys, images_for, prefetched=None if job is None else job.result(), out=out)
 
 
 def _decode_identity(ds: Dataset) -> str | None:
@@ -868,7 +879,7 @@ def predict_dataset(
     static: dict = {}
     loader = _loader(features.dataset(ds), cfg.train.eval_batch_size, False, cfg, 0)
     per_class: dict[str, dict[str, list]] = {}
-    for batch, feats in features.batches(_progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval")):
+    for batch, feats in features.batches(_progress(loader, cfg.train.progress and _dist()[0] == 0, desc="eval"), reuse=True):
         with _autocast(device, cfg.model.bf16):
             out = model.head(feats, list(batch["cls_name"]), batch["mask"].shape[-1])
         scores = out.score.float().cpu().numpy()

@@ -326,6 +326,7 @@ class FeatureCache:
             "dino_global": (bb.dino_dim,),
         }
         self.layout = _Layout(self.shapes)
+        self._free: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # batch buffers to reuse
         self.hits = 0
         self.misses = 0
         self.paths = PathIndex(self.dir, self.suffix)
@@ -513,13 +514,26 @@ class FeatureCache:
                 batch.missing.append(row)
         return batch
 
+    def put(self, keys: Sequence[str], feats: BackboneFeatures) -> None:
+        """Store ``feats`` (computed elsewhere by the same backbones) under content ``keys``."""
+        batch = self._new_batch(len(keys))
+        for i, key in enumerate(keys):
+            self._store(key, feats, i, batch, i)
+
     def _new_batch(self, n: int) -> "_Batch":
+        """A batch buffer: a free one of this size when there is one (its pages are mapped already:
+        reading into fresh memory pays a page fault per 4 KiB), else a new one (pinned for CUDA)."""
+        for i, (values, scales) in enumerate(list(self._free)):
+            if values.shape[0] == n:
+                del self._free[i]
+                return _Batch(values, scales)
         pin = self.backbones.device.type == "cuda" and torch.cuda.is_available()
         values = torch.empty((n, self.layout.n_values), dtype=_TORCH_DTYPES[str(self.dtype)], pin_memory=pin)
         scales = torch.empty((n, self.layout.n_scales), dtype=torch.float32, pin_memory=pin) if self.dtype == np.int8 else None
         return _Batch(values, scales)
 
-    def get_keyed(self, keys: Sequence[str], images_for, prefetched: "_Batch | None" = None) -> BackboneFeatures:
+    def get_keyed(self, keys: Sequence[str], images_for, prefetched: "_Batch | None" = None,
+                  out: BackboneFeatures | None = None) -> BackboneFeatures:
         """Features for content ``keys``; a batch of hits needs no image at all.
 
         ``images_for(indices)`` is called once, for the misses only, and returns
@@ -527,7 +541,9 @@ class FeatureCache:
         the ones stored (a caller that decodes a file again may find a different content).
         A file that is unreadable (truncated, another format) is recomputed and replaced, with a
         warning naming it; with ``images_for=None`` a miss raises ``FeatureCacheError`` instead.
-        ``prefetched``: ``read(keys)`` done beforehand (e.g. by a background thread).
+        ``prefetched``: ``read(keys)`` done beforehand (e.g. by a background thread). ``out``: the
+        features of an earlier batch that the caller no longer uses: overwritten (when their shapes
+        and device fit) instead of allocating (a fresh tensor costs a page fault per 4 KiB on the CPU).
         """
         keys = list(keys)
         batch = prefetched if prefetched is not None else self.read(keys)
@@ -538,7 +554,10 @@ class FeatureCache:
         self.misses += len(miss)
         if miss:
             self._fill_misses(keys, miss, batch, images_for)
-        return self._to_features(batch)
+        features = self._to_features(batch, out)
+        if len(self._free) < 3:  # keep the buffers: a batch in use, one read ahead, one spare
+            self._free.append((batch.values, batch.scales))
+        return features
 
     def _fill_misses(self, keys: list[str], miss: list[int], batch: "_Batch", images_for) -> None:
         if images_for is None:
@@ -559,22 +578,25 @@ class FeatureCache:
         for j, i in enumerate(miss):
             self._store(keys[i], fresh, j, batch, i)
 
-    def _to_features(self, batch: "_Batch") -> BackboneFeatures:
-        """Copy the batch to the device in the stored dtype (int8: a quarter of the bytes) and widen there."""
+    def _to_features(self, batch: "_Batch", out: BackboneFeatures | None = None) -> BackboneFeatures:
+        """Copy the batch to the device in the stored dtype (int8: a quarter of the bytes) and widen
+        there, into new float32 tensors or into ``out``'s. The result never shares the batch buffer."""
         device = self.backbones.device
         values = batch.values.to(device)
         scales = batch.scales.to(device) if batch.scales is not None else None
-        n, lay, out = values.shape[0], self.layout, []
+        n, lay, parts = values.shape[0], self.layout, []
         for j, name in enumerate(_NAMES):
             shape = self.shapes[name]
-            part = values[:, lay.value_offsets[j] : lay.value_offsets[j + 1]].reshape(n, *shape).to(torch.float32)
+            dst = getattr(out, name) if out is not None else None
+            if dst is None or dst.shape != (n, *shape) or dst.device != device or dst.dtype != torch.float32:
+                dst = torch.empty((n, *shape), dtype=torch.float32, device=device)
+            dst.copy_(values[:, lay.value_offsets[j] : lay.value_offsets[j + 1]].reshape(n, *shape))
             if scales is not None:
-                part = part.mul_(scales[:, lay.scale_offsets[j] : lay.scale_offsets[j + 1]].reshape(n, *shape[:-1], 1))
-            part = part.contiguous()
+                dst.mul_(scales[:, lay.scale_offsets[j] : lay.scale_offsets[j + 1]].reshape(n, *shape[:-1], 1))
             for row, flat in batch.odd.items():
-                part[row] = torch.from_numpy(flat[lay.value_offsets[j] : lay.value_offsets[j + 1]].reshape(shape)).to(device)
-            out.append(part)
-        return BackboneFeatures(*out)
+                dst[row] = torch.from_numpy(flat[lay.value_offsets[j] : lay.value_offsets[j + 1]].reshape(shape)).to(device)
+            parts.append(dst)
+        return BackboneFeatures(*parts)
 
     def warm(self, batches: Iterable[torch.Tensor]) -> int:
         """Fill the cache from an iterable of image batches; returns the number of images computed."""
