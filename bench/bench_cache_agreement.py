@@ -90,7 +90,7 @@ def _images(n: int, size: int, dino_size: int):
     """The tire photographs when present (real image statistics), else random images."""
     from ssvp.data import load_image
 
-    files = sorted(p for p in TIRE.rglob("*.png"))[:n] if TIRE.is_dir() else []
+    files = sorted(p for p in TIRE.rglob("*.png") if "ground_truth" not in p.parts)[:n] if TIRE.is_dir() else []
     if len(files) == n:
         return (torch.stack([load_image(f, size) for f in files]), torch.stack([load_image(f, dino_size) for f in files]),
                 f"{n} tire photographs")

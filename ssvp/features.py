@@ -178,6 +178,24 @@ def _npy_header(fh, n_values: int) -> tuple[np.dtype, int]:
     return np.dtype(dtype), fh.tell()
 
 
+def _open_ahead(path: Path):
+    """``path`` opened unbuffered with its whole content requested from the disk
+    (``POSIX_FADV_WILLNEED``: asynchronous readahead, so a batch's files are read concurrently);
+    None when it does not exist, the ``OSError`` when it cannot be opened."""
+    try:
+        fh = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # a hint only
+    return fh
+
+
 def _read_exact(fh, n: int) -> bytes:
     data = fh.read(n)
     if data is None or len(data) != n:
@@ -451,15 +469,9 @@ class FeatureCache:
         else:
             batch.odd[row] = flat
 
-    def _read_into(self, path: Path, batch: "_Batch", row: int) -> bool:
-        """Read one file into ``batch[row]``; False when it does not exist, ``_BadFile`` when it
-        cannot be what this cache stores (truncated, another format or shape, bad header)."""
-        try:
-            fh = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise _BadFile(str(exc)) from exc
+    def _read_into(self, fh, batch: "_Batch", row: int) -> bool:
+        """Read one open file into ``batch[row]``; ``_BadFile`` when it cannot be what this cache
+        stores (truncated, another format or shape, bad header)."""
         with fh:
             size = os.fstat(fh.fileno()).st_size
             if self.dtype == np.int8:
@@ -504,11 +516,16 @@ class FeatureCache:
         """Read the stored features of ``keys`` into one batch buffer (file I/O only: safe in a
         background thread). Files that are absent or unreadable are listed in ``missing`` / ``bad``."""
         batch = self._new_batch(len(keys))
-        for row, key in enumerate(keys):
-            path = self.path_for(key)
+        paths = [self.path_for(key) for key in keys]
+        files = [_open_ahead(path) for path in paths]  # every file's read queued before the first is copied
+        for row, (path, fh) in enumerate(zip(paths, files)):
             try:
-                if not self._read_into(path, batch, row):
+                if isinstance(fh, OSError):
+                    raise _BadFile(str(fh))
+                if fh is None:
                     batch.missing.append(row)
+                else:
+                    self._read_into(fh, batch, row)
             except _BadFile as exc:
                 batch.bad[row] = f"{path}: {exc}"
                 batch.missing.append(row)
