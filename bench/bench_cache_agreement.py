@@ -17,6 +17,7 @@ and of anomaly-map pixels.
 
     nice -n 10 python bench/bench_cache_agreement.py --tiny --seeds 0 1 2
     nice -n 10 python bench/bench_cache_agreement.py --full --images 3 --threads 2
+    nice -n 10 python bench/bench_cache_agreement.py --quant-error --images 4
 """
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ def run_full(args) -> dict:
                 out[f"{name}_maxerr_{dtype}"] = float((getattr(served[dtype], name) - ref).abs().max())
         classes = args.classes
         scores, maps = {}, {}
+        served["float32"] = fresh  # the reference: the backbones' own output
         with torch.no_grad():
-            for dtype in ("float16", "int8"):
+            for dtype in ("float32", "float16", "int8"):
                 s, m = [], []
                 for cls in classes:
                     o = model.head(served[dtype], [cls] * len(images), args.map_size)
@@ -142,6 +144,10 @@ def run_full(args) -> dict:
         out["map_pixels"] = int(maps["int8"].size)
         out["spearman_image_scores"] = _spearman(scores["float16"], scores["int8"])
         out["spearman_map_pixels"] = _spearman(maps["float16"], maps["int8"])
+        for dtype in ("float16", "int8"):  # each against the float32 features (the noise floor of fp16)
+            out[f"spearman_image_scores_{dtype}_vs_float32"] = _spearman(scores["float32"], scores[dtype])
+            out[f"spearman_map_pixels_{dtype}_vs_float32"] = _spearman(maps["float32"], maps[dtype])
+        out["map_range"] = [float(maps["float32"].min()), float(maps["float32"].max())]
         out["max_abs_score_diff"] = float(np.abs(scores["float16"] - scores["int8"]).max())
         out["max_abs_map_diff"] = float(np.abs(maps["float16"] - maps["int8"]).max())
         return out
@@ -149,8 +155,39 @@ def run_full(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """fp8 e4m3 with a per-token scale (absmax -> 448, the format's largest normal), read back as float32."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 448.0
+    return (x / scale).to(torch.float8_e4m3fn).to(torch.float32) * scale
+
+
+def run_quant_error(args) -> dict:
+    """int8 (per-token absmax) vs fp8 e4m3 (per-token scale) vs fp16: relative RMS and max error of
+    the tiny preset's patch features of a few images (the tire photographs when present)."""
+    from ssvp.backbones import Backbones
+    from ssvp.config import Config
+    from ssvp.features import dequantize_rows, quantize_rows
+
+    bb = Backbones(Config.tiny().model)
+    images, images_dino, what = _images(args.images, bb.clip_image_size, bb.dino_image_size or bb.clip_image_size)
+    with torch.no_grad():
+        feats = bb(images) if images_dino is None else bb(images, images_dino)
+    out = {"mode": "quant_error", "images": what}
+    for name in ("clip_patch", "dino_patch"):
+        x = getattr(feats, name).float()
+        rows = x.reshape(-1, x.shape[-1]).numpy()
+        q, s = quantize_rows(rows)
+        got = {"int8": torch.from_numpy(dequantize_rows(q, s)).reshape(x.shape), "fp8_e4m3": _fp8_rows(x),
+               "float16": x.half().float()}
+        rms = x.pow(2).mean().sqrt()
+        for fmt, y in got.items():
+            out[f"{name}_{fmt}_rel_rms"] = float((y - x).pow(2).mean().sqrt() / rms)
+            out[f"{name}_{fmt}_max_rel_to_token_absmax"] = float(((y - x).abs() / x.abs().amax(-1, keepdim=True)).max())
+    return out
+
+
 def report(res: dict) -> str:
-    if res["mode"] == "full":
+    if res["mode"] in ("full", "quant_error"):
         return json.dumps(res, indent=2)
     ref = "float32" if "float32" in res["rows"][0] else None
     head = "fp32 / fp16 / int8" if ref else "fp16 / int8"
@@ -181,6 +218,7 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--tiny", action="store_true", help="tiny preset, fp16 vs int8 training, target metrics (default)")
     mode.add_argument("--full", action="store_true", help="full-size random-weight backbones, feature errors, Spearman")
+    mode.add_argument("--quant-error", action="store_true", help="int8 vs fp8 e4m3 vs fp16 error on tiny features")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float16", "int8"], help="--tiny: cache formats (float16 and int8 needed)")
     ap.add_argument("--epochs", type=int, default=3)
@@ -193,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = run_full(args) if args.full else run_tiny(args)
+    res = run_full(args) if args.full else run_quant_error(args) if args.quant_error else run_tiny(args)
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -265,6 +265,29 @@ def tiny_heads(work: Path, args) -> dict:
     return out
 
 
+# the 100-trial paper sweep of bench_trials.py (bench/README.md): VisA source, one H200
+SWEEP = {"trials": 100, "epochs_per_trial": 2.9375, "images": 10_821, "epoch_compute_s": 5.3, "fixed_s": 0.23}
+DISK_GiB_s = 5.0  # local NVMe, sequential (assumed, as in bench_trials.py)
+RAM_COPY_GiB_s = 10.0  # one core copying from the page cache on a GPU node (assumed)
+
+
+def projection(res: dict) -> list[str]:
+    """Sweep hours per format with the cache on NVMe and in RAM, using the host read path's
+    measured efficiencies (cold: of the raw read; warm: of memcpy)."""
+    L = [f"projection (100 trials x {SWEEP['epochs_per_trial']} epochs, {SWEEP['images']:,} VisA images, "
+         f"compute {SWEEP['epoch_compute_s']} s/epoch; NVMe {DISK_GiB_s} GiB/s, page-cache copy {RAM_COPY_GiB_s} GiB/s per reader):"]
+    for r in res["formats"]:
+        gib = SWEEP["images"] * r["file_bytes"] / 2**30
+        eff_cold = min(1.0, r["host_cold_GiB_s"] / r["a_cold_GiB_s"])
+        eff_warm = min(1.0, r["host_warm_GiB_s"] / res["memcpy_GiB_s"])
+        for where, speed in (("NVMe", DISK_GiB_s * eff_cold), ("RAM", RAM_COPY_GiB_s * eff_warm)):
+            epoch = max(SWEEP["epoch_compute_s"], gib / speed)
+            hours = (SWEEP["trials"] * SWEEP["epochs_per_trial"] * epoch + SWEEP["trials"] * SWEEP["fixed_s"]) / 3600
+            L.append(f"  {r['dtype']:>8} {where:>4}: {gib:6.1f} GiB per epoch (RAM to hold it), read {speed:5.2f} GiB/s "
+                     f"-> {gib / speed:5.1f} s per epoch, sweep {hours:.2f} h")
+    return L
+
+
 def report(res: dict) -> str:
     L = [f"memcpy (np.copyto 256 MiB, 1 thread): {res['memcpy_GiB_s']:.2f} GiB/s; batch {res['batch']}, "
          f"DataLoader workers {res['workers']}, {res['images']} images per format"]
@@ -284,7 +307,7 @@ def report(res: dict) -> str:
         L.append(f"(c) tiny preset [{dtype}], {c['images']} images of {c['file_bytes'] / 1024:.0f} KiB: head steps alone "
                  f"{c['head_only_s']:.3f} s; fed from the cache cold {c['read_and_head_cold_s']:.3f} s, warm "
                  f"{c['read_and_head_warm_s']:.3f} s (head share {c['head_share_cold']:.2f} / {c['head_share_warm']:.2f})")
-    return "\n".join(L)
+    return "\n".join(L + projection(res))
 
 
 def main(argv=None) -> int:
