@@ -648,3 +648,76 @@ def test_readme_stops_only_what_it_started():
     assert "ray start --head --block " in lines[background[0]]  # a process that stops its head on SIGTERM
     pid_files = [re.fullmatch(r"echo \$! > (\S+\.pid)", lines[i + 1]).group(1) for i in background]
     assert lines[-1] == "kill " + " ".join(f'"$(cat {f})"' for f in reversed(pid_files))
+
+
+def _wait_for_start(start, server_dir: Path, seconds: float = 600) -> None:
+    """Wait for the README's start lines (their `until` loop) to finish; fail at once, with the
+    log, when a server they started has exited instead."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + seconds
+    while start.poll() is None and time.time() < deadline:
+        for name in ("ray-head", "mlflow"):
+            pid_file = server_dir / f"{name}.pid"
+            if pid_file.is_file() and pid_file.read_text().strip():
+                pid = int(pid_file.read_text())
+                if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    log = (server_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                    raise AssertionError(f"{name} exited during start-up:\n{log}")
+        time.sleep(2)
+    assert start.returncode == 0, f"the start lines did not finish in {seconds:.0f} s"
+
+
+@pytest.mark.slow
+def test_readme_start_and_stop_lines_leave_another_head_running(tmp_path):
+    """The README's start lines (free ports, the head's own --temp-dir), then its kill line: every
+    process the two servers started ends; a second Ray head on the host keeps running."""
+    import os
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    import psutil
+
+    from cluster_services import clean_env, free_port, kill_group, ray_head
+
+    lines = [ln for ln in _one_machine_block() if not ln.startswith(("ENV_JSON=", "ray job submit", "export "))]
+    ports = {"6379": free_port(), "8265": free_port(), "5000": free_port()}
+    temp_dir = f"/tmp/ssvp_readme_{os.getpid()}_{ports['6379']}"  # short: Ray's socket paths have a length limit
+    isolate = " ".join(f"{flag} {free_port()}" for flag in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+        "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"))
+    script = "\n".join(lines[:-1])
+    for old, new in ports.items():
+        script = script.replace(f"-port {old}", f"-port {new}").replace(f":{old}/", f":{new}/")
+    script = script.replace("ray start --head --block", f"ray start --head --block --num-cpus 1 --temp-dir {temp_dir} "
+                            f"--disable-usage-stats --include-dashboard true {isolate}")
+    script = script.replace(f"--port {ports['5000']}", f"--port {ports['5000']} --workers 2")
+    env = clean_env(RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="300", RAY_DASHBOARD_STARTUP_TIMEOUT_S="300",
+                    RAY_memory_monitor_refresh_ms="0")
+    with ray_head(env, num_cpus=1) as other:  # someone else's head on the same host
+        start = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, env=env, start_new_session=True)
+        started: list = []
+        try:
+            _wait_for_start(start, tmp_path / "runs" / "server")
+            urllib.request.urlopen(f"http://127.0.0.1:{ports['5000']}/health", timeout=10).close()
+            for name in ("ray-head.pid", "mlflow.pid"):
+                root = psutil.Process(int((tmp_path / "runs" / "server" / name).read_text()))
+                started += [root, *root.children(recursive=True)]
+            assert len(started) > 4  # GCS, raylet, dashboard, ...; uvicorn and its workers
+            stop = subprocess.run(["sh", "-c", lines[-1]], cwd=tmp_path, env=env, timeout=60)
+            assert stop.returncode == 0
+            gone, alive = psutil.wait_procs(started, timeout=120)
+            assert not alive, f"left running: {[p.info if hasattr(p, 'info') else p for p in alive]}"
+            assert other["client"].list_jobs() is not None  # the other head still answers
+        finally:
+            kill_group(start.pid)
+            for p in started:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            shutil.rmtree(temp_dir, ignore_errors=True)
