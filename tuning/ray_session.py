@@ -51,6 +51,10 @@ def init_ray(
     ray_constants.ENABLE_RAY_CLUSTER = False
     # a busy machine starts the dashboard's modules slowly: wait for them rather than fail the sweep
     os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "300")
+    # ... and the dashboard itself: Ray gives it 60 s (read when ray is imported), which a loaded
+    # 2-core machine overran by a second (ray.init failed while the dashboard came up)
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S, 300)
     port = dashboard_port or free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by raylet and workers
     kwargs: dict[str, Any] = dict(
