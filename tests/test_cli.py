@@ -21,7 +21,7 @@ def ssvp(*args, cwd, **extra_env):
 
 def _assert_recorded_in_mlflow(store: str, history: list) -> None:
     """`ssvp train --mlflow` and `ssvp eval` (MLFLOW_TRACKING_URI set) under the sweeps' names."""
-    from mlflow import MlflowClient, load_table
+    from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("ssvp-runs")
@@ -36,7 +36,10 @@ def _assert_recorded_in_mlflow(store: str, history: list) -> None:
     assert "checkpoints/best/head.pt" in {a.path for a in client.list_artifacts(train.info.run_id, "checkpoints/best")}
     for run in (train, ev):
         assert 0.0 <= run.data.metrics["target/domain_b/image_auroc"] <= 1.0
-    table = load_table("target_per_class.json", run_ids=[ev.info.run_id])
+    import mlflow
+
+    mlflow.set_tracking_uri(store)  # MlflowClient.load_table searches the runs through the global URI
+    table = client.load_table(exp.experiment_id, "target_per_class.json", run_ids=[ev.info.run_id])
     assert len(table) == 6 and "mean" in set(table["class"])  # five classes + mean
 
 

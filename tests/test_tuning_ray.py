@@ -242,7 +242,7 @@ def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_pat
     assert [d.dataset.name for d in target_run.inputs.dataset_inputs] == ["domain_b (synthetic)"]
     assert 0.0 <= target_run.data.metrics["target/domain_b/image_auroc"] <= 1.0
     assert summary.target_metrics["target/domain_b/image_auroc"] == target_run.data.metrics["target/domain_b/image_auroc"]
-    per_class = mlflow.load_table("target_per_class.json", run_ids=[target_run.info.run_id])
+    per_class = client.load_table(summary.experiment_id, "target_per_class.json", run_ids=[target_run.info.run_id])
     assert set(per_class["dataset"]) == {"domain_b"} and "mean" in set(per_class["class"])
     mean_row = per_class[per_class["class"] == "mean"].iloc[0]
     assert mean_row["image_auroc"] == pytest.approx(target_run.data.metrics["target/domain_b/image_auroc"])
