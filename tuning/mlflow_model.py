@@ -75,30 +75,39 @@ def log_heads_model(heads: str | Path, tracking_uri: str, run_id: str, register_
     ``example_image`` (an image path the logging process can read) becomes the input example,
     which MLflow scores once at log time (the model is loaded: its backbones are built here);
     without one the model has its signature only."""
+    from mlflow import MlflowClient
     from mlflow.models import Model
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
     example = None
     if example_image and Path(example_image).is_file():
         example = pd.DataFrame({"path": [str(example_image)], "class_name": ["object"]})
-    with warnings.catch_warnings(), _no_progress_bar(), _use_tracking_uri(tracking_uri):
+    # the LoggedModel goes to the run's experiment (MLflow takes the process's current one otherwise)
+    with warnings.catch_warnings(), _no_progress_bar(), _use_tracking_uri(tracking_uri), \
+            _env("MLFLOW_EXPERIMENT_ID", experiment_id):
         warnings.simplefilter("ignore", UserWarning)
         return Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
                          registered_model_name=register_as or None, input_example=example,
                          **_model_args(Path(heads)))
 
 
-@contextlib.contextmanager
 def _no_progress_bar():
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    return _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    """``os.environ[key] = value`` for the block, then as it was."""
+    saved = os.environ.get(key)
+    os.environ[key] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            os.environ.pop(key, None)
         else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+            os.environ[key] = saved
 
 
 def _signature():
