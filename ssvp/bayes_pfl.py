@@ -72,9 +72,11 @@ Where this implementation differs (each a choice, not a claim about the paper):
   stopping) and its EMA are not implemented; two learning-rate groups (``lr_prompt`` for the
   bank and flows, ``lr_head`` for RCA, mappings and logit scales) replace its four.
 * The map is the mean (not the sum) over layers, so it is a probability.
-* Inference samples are drawn from a generator with a fixed seed, and every image of a batch
-  uses the same standard-normal draws (pushed through its own mean, variance and flow), so a
-  prediction does not depend on the batch it is in or on the global random state.
+* Inference draws are a function of the image and ``model.z_seed`` only: the image-specific
+  flow's standard-normal draws are ``ssvp.vcpg.image_noise`` of the image's frozen CLIP global
+  token (standard normal over seeds for any fixed image), the image-agnostic flows' draws come
+  from the seed. A prediction therefore does not depend on the batch it is in, its position,
+  the number of loader workers or the global random state.
 
 ``aux`` of the output (TIR-FG / SCD apply with the Bayes-PFL prompts): ``t_init`` [B, 2, D]
 (prompt bank without flow samples, mean over prompts), ``t_final`` = ``text`` [B, 2, D] (unit
@@ -95,7 +97,7 @@ from torch import nn
 
 from .hsvs import HSVSFusion
 from .outputs import SSVPOutput, head_inputs
-from .vcpg import PromptLearner, _is_causal
+from .vcpg import PromptLearner, _is_causal, image_noise
 from .vtam import prob_logit
 
 __all__ = [
@@ -111,7 +113,7 @@ __all__ = [
     "average_samples",
 ]
 
-INFERENCE_SEED = 20250611  # seed of the inference-time prompt samples (reproducible predictions)
+INFERENCE_SEED = 20250611  # base seed of the inference-time prompt samples (+ 3 * model.z_seed)
 _LOGVAR_RANGE = (-10.0, 10.0)
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -193,15 +195,16 @@ class PromptFlow(nn.Module):
         return z, logdet
 
     def forward(
-        self, cond: torch.Tensor | None, n_samples: int, generator: torch.Generator | None = None
+        self, cond: torch.Tensor | None, n_samples: int, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """S samples z_K [S, n, Z] and the one-sample KL estimate per row [n] (mean over samples).
 
-        With a ``generator`` every row uses the same standard-normal draws (see module doc).
+        ``eps`` [S, n or 1, Z]: the standard-normal draws (inference, see module doc); None draws them.
         """
         mu, logvar, u, w, b = self.base_and_flows(cond)
-        shape = (n_samples, 1 if generator is not None else mu.shape[0], self.z_dim)
-        eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        if eps is None:
+            eps = torch.randn((n_samples, mu.shape[0], self.z_dim), device=mu.device, dtype=mu.dtype)
+        eps = eps.to(device=mu.device, dtype=mu.dtype)
         z0 = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation
         zk, logdet = self.flow(z0, u, w, b)
         kl = _log_normal(z0, mu, logvar) - logdet - _log_normal(zk, 0.0, 0.0)  # [S, n]
@@ -338,19 +341,28 @@ class BayesPFLHead(nn.Module):
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return {"prompt": prompt, "head": head}
 
-    def sample_text(self, v_global: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
-        """Draw the prompt samples (1 in training, ``pfl_samples`` in eval) and encode them."""
+    def inference_eps(self, key: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference draws of the three flows: the image-specific one from ``image_noise`` of the image's
+        frozen global token ``key`` [B, D] ([S, B, W]), the image-agnostic ones from the seed ([S, 1, W])."""
+        seed = INFERENCE_SEED + 3 * int(getattr(self.model_cfg, "z_seed", 0))
+        width = self.flow_ctx.z_dim
+        eps_ctx = image_noise(key, width, seed, n=s).transpose(0, 1)
+        eps_n, eps_a = (torch.randn((s, 1, width), generator=torch.Generator().manual_seed(seed + k)) for k in (1, 2))
+        return eps_ctx, eps_n, eps_a
+
+    def sample_text(
+        self, v_global: torch.Tensor, class_names: list[str], key: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Draw the prompt samples (1 in training, ``pfl_samples`` in eval) and encode them; ``key`` [B, D]:
+        a frozen feature of each image the inference draws are a function of (default ``v_global``)."""
         unique = list(dict.fromkeys(class_names))
         index = torch.tensor([unique.index(c) for c in class_names], device=v_global.device)
         s = 1 if self.training else self.n_samples
-        gen = None
-        if not self.training:
-            gen = torch.Generator(device=v_global.device)
-            gen.manual_seed(INFERENCE_SEED)
+        eps = (None, None, None) if self.training else self.inference_eps(v_global if key is None else key, s)
         with torch.autocast(v_global.device.type, enabled=False):  # densities and log-dets in float32
-            z_ctx, kl_ctx = self.flow_ctx(v_global.float(), s, gen)  # [S, B or 1, W]
-            z_n, kl_n = self.flow_normal(None, s, gen)  # [S, 1, W]
-            z_a, kl_a = self.flow_abnormal(None, s, gen)
+            z_ctx, kl_ctx = self.flow_ctx(v_global.float(), s, eps[0])  # [S, B, W]
+            z_n, kl_n = self.flow_normal(None, s, eps[1])  # [S, 1, W]
+            z_a, kl_a = self.flow_abnormal(None, s, eps[2])
         z_ctx = z_ctx.expand(s, v_global.shape[0], -1)
         z_state = torch.cat([z_n, z_a], dim=1)  # [S, 2, W]
         text = self.prompts.encode(self.text_encoder, unique, index, z_ctx, z_state)  # [S, B, 2, Bp, D]
@@ -374,7 +386,7 @@ class BayesPFLHead(nn.Module):
             feats.dino_patch.to(device).float() if use_dino else None,
             feats.dino_global.to(device).float() if use_dino else None,
         )
-        sampled = self.sample_text(v_global.float(), class_names)
+        sampled = self.sample_text(v_global.float(), class_names, key=feats.clip_global.to(device))
         with torch.autocast(device.type, enabled=False):  # similarities and scales in float32
             text = F.normalize(sampled["text"].float(), dim=-1)  # [B, S, 2, Bp, D]
             _, s, _, bp, d = text.shape

@@ -43,7 +43,7 @@ PROMPTINGS = ("static", "vcpg", "bayes_pfl", "bayes_pfl_vcpg")
 VCPG_PROMPTINGS = ("vcpg", "bayes_pfl_vcpg")  # the promptings whose generator is VCPG (model.vcpg = true)
 PFL_PROMPTINGS = ("bayes_pfl", "bayes_pfl_vcpg")  # Bayes-PFL's head (ssvp.bayes_pfl): scores with its own maps
 DINO_TAPS = ("as_written", "spread")
-S_GLOBAL_MODES = ("inner", "cosine")
+S_GLOBAL_MODES = ("prob", "logit", "inner", "cosine")  # ssvp.vtam.S_GLOBAL_MODES
 L_SEG_ON = ("p_anom", "p_map")
 VAE_REDUCTIONS = ("sum", "mean")
 Z_INFER = ("sample", "mu")
@@ -89,10 +89,15 @@ class ModelConfig:
     # --- the paper's contradictions (main text default; docs/PAPER_MAP.md) ---
     s_local: str = "max"  # Eq. 18 max_{h,w} P_map; Alg. 1 line 10 "mean_maxpool" = Mean(SpatialMaxPool(P_map))
     s_local_kernel: int = 3  # window of SpatialMaxPool for s_local=mean_maxpool (stride 1, same padding)
-    s_global: str = "inner"  # Eq. 19 <V_global, T_final>; Alg. 1 line 11 "cosine"
+    # Eq. 19's global term (docs/PAPER_MAP.md, Eq. 19): prob = sigma((cos_a - cos_n) / tau), Eq. 14 on the
+    # global token, in [0, 1] like S_local; logit = (cos_a - cos_n) / tau and S_local as a logit (both
+    # log-odds); inner = <V, t_a> - <V, t_n> on raw vectors (unbounded); cosine = cos_a - cos_n
+    s_global: str = "prob"
     l_seg_on: str = "p_anom"  # Eq. 20 focal on every layer's P_anom^(l); Alg. 3 line 8 "p_map"
     ln_eq4_eq11: bool = True  # LN in Eq. 4 (Z_joint) and Eq. 11 (T_final); false = Alg. 1 lines 5, 8 (none)
-    l_class_sigma: bool = True  # Eq. 21 BCE(sigma(S_final), y); false = Alg. 3 line 8 BCE(S_final, y)
+    # Eq. 21 BCE(sigma(S_final), y); false = Alg. 3 line 8 BCE(S_final, y), which needs S_final in [0, 1]
+    # (s_global=prob): with the other readings the score would saturate at 0 / 1 and the clamp stop the gradient
+    l_class_sigma: bool = True
     vae_reduction: str = "sum"  # Eq. 9 ||.||^2 and KL summed over dimensions (as written); "mean" per element
     z_infer: str = "sample"  # Eq. 8 at inference: sampled z (seeded, z_seed) as §3.2.2 says; "mu" = z = mu
     z_seed: int = 0  # seed of the inference-time eps generator (re-seeded at every eval())
@@ -141,6 +146,13 @@ class ModelConfig:
             _check_range(self, key, 0.0, None)
         _check_choice(self, "dino_taps", DINO_TAPS)
         _check_choice(self, "s_global", S_GLOBAL_MODES)
+        if not self.l_class_sigma and self.s_global != "prob" and self.prompting != "bayes_pfl":
+            raise ConfigError(
+                f"model.l_class_sigma=false (BCE on S_final itself, Alg. 3 line 8) needs S_final in [0, 1], "
+                f"i.e. model.s_global=prob; with model.s_global={self.s_global!r} S_final leaves [0, 1], the "
+                "score saturates at 0 / 1 and the clamp stops the gradient (set model.s_global=prob or "
+                "model.l_class_sigma=true)"
+            )
         _check_choice(self, "l_seg_on", L_SEG_ON)
         _check_choice(self, "vae_reduction", VAE_REDUCTIONS)
         _check_choice(self, "z_infer", Z_INFER)
@@ -178,7 +190,7 @@ class TrainConfig:
     lr_head: float = 1e-4  # VAE, attention and projections
     weight_decay: float = 0.0
     optimizer: str = "adamw"
-    grad_clip: float = 1.0  # max grad norm; 0 disables
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (the paper clips nothing, §4.2)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader workers

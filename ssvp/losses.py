@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["focal_loss", "bce_loss", "vae_loss", "margin_loss", "total_loss"]
+__all__ = ["focal_loss", "bce_loss", "vae_loss", "margin_loss", "loss_terms", "total_loss", "gradient_table"]
 
 _EPS = 1e-6
 
@@ -86,19 +86,9 @@ def margin_loss(t_final: torch.Tensor, t_init: torch.Tensor, xi: float) -> torch
     return F.relu(xi - cos).mean()  # Eq. 12
 
 
-def total_loss(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: Any) -> tuple[torch.Tensor, dict]:
-    """Eq. 22 on an ``SSVPOutput``; returns (loss, parts) with detached scalar tensors in ``parts``.
-
-    L_Seg is taken on ``aux["layer_maps"]`` (``l_seg_on=p_anom``) or ``out.anomaly_map`` (``p_map``).
-    ``masks`` [B, H, W] must match ``out.anomaly_map``; ``labels`` [B] in {0, 1}. The VAE
-    and margin terms are zero when VCPG is off (no latent, T_final = T_init).
-    With ``prompting=bayes_pfl`` the Bayes-PFL objective (``ssvp.bayes_pfl.bayes_pfl_loss``), with
-    ``bayes_pfl_vcpg`` that objective plus VCPG's VAE and margin terms.
-    """
-    if getattr(model_cfg, "prompting", "vcpg") in ("bayes_pfl", "bayes_pfl_vcpg"):
-        from .bayes_pfl import bayes_pfl_loss
-
-        return bayes_pfl_loss(out, masks, labels, model_cfg)
+def loss_terms(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: Any) -> dict[str, torch.Tensor]:
+    """The terms of Eq. 22, unweighted and with their graphs: focal (L_Seg), bce (L_Class), vae,
+    vae_recon, vae_kl (L_VAE and its parts, Eq. 9), margin (L_reg). See ``total_loss``."""
     masks = masks.to(out.anomaly_map.device)
     labels = labels.to(out.score_logit.device)
     if masks.dim() == 4 and masks.shape[1] == 1:
@@ -120,14 +110,68 @@ def total_loss(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: A
         margin = margin_loss(aux["t_final_prompts"], aux["t_init_prompts"], model_cfg.xi)
     else:
         vae = rec = kl = margin = zero
-    loss = focal + bce + model_cfg.lambda1 * vae + model_cfg.lambda2 * margin  # Eq. 22
-    parts = {
-        "focal": focal.detach(),
-        "bce": bce.detach(),
-        "vae": vae.detach(),
-        "vae_recon": rec.detach(),
-        "vae_kl": kl.detach(),
-        "margin": margin.detach(),
-        "total": loss.detach(),
-    }
+    return {"focal": focal, "bce": bce, "vae": vae, "vae_recon": rec, "vae_kl": kl, "margin": margin}
+
+
+def total_loss(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: Any) -> tuple[torch.Tensor, dict]:
+    """Eq. 22 on an ``SSVPOutput``; returns (loss, parts) with detached scalar tensors in ``parts``.
+
+    L_Seg is taken on ``aux["layer_maps"]`` (``l_seg_on=p_anom``) or ``out.anomaly_map`` (``p_map``).
+    ``masks`` [B, H, W] must match ``out.anomaly_map``; ``labels`` [B] in {0, 1}. The VAE
+    and margin terms are zero when VCPG is off (no latent, T_final = T_init).
+    With ``prompting=bayes_pfl`` the Bayes-PFL objective (``ssvp.bayes_pfl.bayes_pfl_loss``), with
+    ``bayes_pfl_vcpg`` that objective plus VCPG's VAE and margin terms.
+    """
+    if getattr(model_cfg, "prompting", "vcpg") in ("bayes_pfl", "bayes_pfl_vcpg"):
+        from .bayes_pfl import bayes_pfl_loss
+
+        return bayes_pfl_loss(out, masks, labels, model_cfg)
+    t = loss_terms(out, masks, labels, model_cfg)
+    loss = t["focal"] + t["bce"] + model_cfg.lambda1 * t["vae"] + model_cfg.lambda2 * t["margin"]  # Eq. 22
+    parts = {k: v.detach() for k, v in t.items()}
+    parts["total"] = loss.detach()
     return loss, parts
+
+
+# which trainable parameters each group of the gradient table holds (name prefixes of SSVPHead)
+GRADIENT_GROUPS = {
+    "prompts [V]bg, [V]state (Eq. 6)": ("prompts.",),
+    "ATF local blocks (Eq. 2-5)": ("fusion.layers.",),
+    "ATF global block (Eq. 5, V_global)": ("fusion.global_block.",),
+    "VAE encoder F_mu, F_sigma (Eq. 7)": ("vcpg.f_mu.", "vcpg.f_sigma."),
+    "VAE decoder D_theta (Eq. 9)": ("vcpg.decoder.",),
+    "z -> latent tokens (Eq. 10)": ("vcpg.latent_tokens.",),
+    "W_V (Eq. 10)": ("vcpg.cross.v.",),
+    "W_Q, W_K (Eq. 10)": ("vcpg.cross.q.", "vcpg.cross.k."),
+    "alpha (Eq. 11)": ("vcpg.alpha",),
+    "LayerNorm (Eq. 11)": ("vcpg.norm.",),
+    "F_gate^global (Eq. 15)": ("vtam.scale_gate.",),
+    "F_gate^local (Eq. 16)": ("vtam.spatial_gate.",),
+}
+# Eq. 22's terms as weighted in the total
+GRADIENT_TERMS = {"L_Seg": ("focal", None), "L_Class": ("bce", None), "lambda1 L_VAE": ("vae", "lambda1"),
+                  "lambda2 L_reg": ("margin", "lambda2")}
+
+
+def gradient_table(head: Any, out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: Any) -> dict[str, dict[str, float]]:
+    """{parameter group: {term of Eq. 22: gradient L2 norm}} for one forward ``out`` of ``head``
+    (``GRADIENT_GROUPS`` x ``GRADIENT_TERMS``; a group the head does not have is left out).
+    0.0 means no gradient reaches the group from that term."""
+    terms = loss_terms(out, masks, labels, model_cfg)
+    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    table: dict[str, dict[str, float]] = {}
+    grads = {}
+    for label, (key, weight) in GRADIENT_TERMS.items():
+        term = terms[key] * (getattr(model_cfg, weight) if weight else 1.0)
+        grads[label] = (torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                        if term.requires_grad else [None] * len(params))
+    for group, prefixes in GRADIENT_GROUPS.items():
+        idx = [i for i, (n, _) in enumerate(named) if n.startswith(prefixes)]
+        if not idx:
+            continue
+        table[group] = {
+            label: float(sum(float(g[i].float().pow(2).sum()) for i in idx if g[i] is not None) ** 0.5)
+            for label, g in grads.items()
+        }
+    return table

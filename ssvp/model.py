@@ -63,7 +63,7 @@ class SSVPHead(nn.Module):
         )
         self.vtam = VTAM(
             self.n_layers, clip_dim, cfg.tau, cfg.gamma, cfg.s_local, enabled=cfg.vtam,
-            s_global=getattr(cfg, "s_global", "inner"), s_local_kernel=getattr(cfg, "s_local_kernel", 3),
+            s_global=getattr(cfg, "s_global", "prob"), s_local_kernel=getattr(cfg, "s_local_kernel", 3),
         )
         self.l_class_sigma = bool(getattr(cfg, "l_class_sigma", True))
 
@@ -97,7 +97,7 @@ class SSVPHead(nn.Module):
         t_init = self.encode_prompts(class_names)  # Eq. 6, [B, 2, P, D]
         aux: dict[str, Any] = {"z": None, "mu": None, "logvar": None, "recon": None, "alpha": None}
         if self.vcpg is not None:
-            vc = self.vcpg(v_global.float(), t_init)  # Eq. 7-11
+            vc = self.vcpg(v_global.float(), t_init, image_key=clip_global)  # Eq. 7-11; eps keyed by the frozen image token
             t_final = vc.pop("t_final")
             aux.update(vc)
             aux["alpha"] = self.vcpg.alpha

@@ -55,13 +55,14 @@ class PFLVCPGHead(BayesPFLHead):
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return {"prompt": prompt, "head": head}
 
-    def sample_text(self, v_global: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-        """T_init of the bank's prompts, T_final from VCPG (Eq. 7-11): one "sample" per image."""
+    def sample_text(self, v_global: torch.Tensor, class_names: list[str], key: torch.Tensor | None = None) -> dict[str, Any]:
+        """T_init of the bank's prompts, T_final from VCPG (Eq. 7-11): one "sample" per image; ``key``:
+        the frozen image feature VCPG's inference eps is a function of (``ssvp.vcpg.image_noise``)."""
         unique = list(dict.fromkeys(class_names))
         index = torch.tensor([unique.index(c) for c in class_names], device=v_global.device)
         cls_index = torch.arange(len(unique), device=v_global.device)
         t_init = self.prompts.encode(self.text_encoder, unique, cls_index, None, None)[0][index]  # [B, 2, Bp, D]
-        vc = self.vcpg(v_global.float(), t_init.float())  # Eq. 7-11
+        vc = self.vcpg(v_global.float(), t_init.float(), image_key=key)  # Eq. 7-11
         zero = v_global.new_zeros(())
         return {
             "text": vc["t_final"][:, None],  # [B, 1, 2, Bp, D]

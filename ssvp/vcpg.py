@@ -16,9 +16,14 @@ VAE on the global synergistic feature V_global (Eq. 7-9)::
     z = mu + eps (.) exp(log sigma^2 / 2),  eps ~ N(0, I)                       (Eq. 8)
     V_hat = D_theta(z);  L_VAE = ||V_global - V_hat||^2 + beta KL             (Eq. 9, ssvp.losses)
 
-§3.2.2 uses "the sampled z" at inference too: in eval mode eps comes from a generator
-re-seeded with ``z_seed`` at every ``eval()``, so an evaluation is reproducible;
-``z_infer="mu"`` uses z = mu instead (an option).
+§3.2.2 uses "the sampled z" at inference too. In eval mode eps is a function of the image
+and ``z_seed`` only (``image_noise``): eps = R u, where u is the unit frozen CLIP global token
+of the image and R a standard-normal matrix drawn from ``z_seed``. For any fixed image,
+R u ~ N(0, I) exactly over the seeds (a sample, as Eq. 8 asks), while the same image gets
+the same eps alone, in any batch, at any position and on any number of loader workers;
+since eps depends smoothly on the feature, rounding noise of the backbone (batch size,
+an fp16 feature cache) moves it by rounding noise only. ``z_infer="mu"`` uses z = mu
+instead (an option). Training draws eps ~ N(0, I) afresh at every step.
 
 Text-latent cross-attention and gate (Eq. 10-11)::
 
@@ -44,9 +49,29 @@ from torch import nn
 
 from .hsvs import CrossAttention
 
-__all__ = ["PromptLearner", "VCPG"]
+__all__ = ["PromptLearner", "VCPG", "image_noise"]
 
 _LOGVAR_RANGE = (-10.0, 10.0)
+_PROJECTIONS: dict[tuple, torch.Tensor] = {}
+
+
+def image_noise(key: torch.Tensor, dim: int, seed: int, n: int = 1) -> torch.Tensor:
+    """Standard-normal noise [B, n, dim] that is a function of each image and ``seed`` only.
+
+    ``key`` [B, D]: a frozen feature of each image (the backbone's global token). eps = R u with
+    u = key / |key| and R [n * dim, D] standard normal from ``seed``: for a fixed image eps ~ N(0, I)
+    over seeds; it depends on no other image of the batch and on no position.
+    """
+    b, d = key.shape
+    cache_key = (int(seed), n * dim, d, str(key.device))
+    proj = _PROJECTIONS.get(cache_key)
+    if proj is None:
+        proj = torch.randn(n * dim, d, generator=torch.Generator().manual_seed(int(seed))).to(key.device)
+        if len(_PROJECTIONS) >= 16:
+            _PROJECTIONS.clear()
+        _PROJECTIONS[cache_key] = proj
+    u = torch.nn.functional.normalize(key.detach().float(), dim=-1)
+    return (u @ proj.T).view(b, n, dim)
 
 
 def _is_causal(text_encoder: Any) -> bool:
@@ -183,28 +208,21 @@ class VCPG(nn.Module):
         self.cross = CrossAttention(dim, dim, dim, heads)  # W_Q, W_K, W_V of Eq. 10
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))  # Eq. 11 gate
         self.norm = nn.LayerNorm(dim) if ln else nn.Identity()  # Eq. 11
-        self._eval_gen: torch.Generator | None = None
-
-    def train(self, mode: bool = True) -> "VCPG":
-        super().train(mode)
-        if not mode:  # every evaluation pass draws the same eps sequence
-            self._eval_gen = torch.Generator().manual_seed(self.z_seed)
-        return self
 
     def encode(self, v_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu = self.f_mu(v_global)  # Eq. 7
         logvar = self.f_sigma(v_global).clamp(*_LOGVAR_RANGE)  # Eq. 7 (clamped for stability)
         return mu, logvar
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 8. Training: eps ~ N(0, I). Eval: eps = ``image_noise(key, ., z_seed)`` (``key`` [B, D]: a
+        frozen feature of each image; default ``mu``), or z = mu with ``z_infer="mu"``."""
         if self.training:
             eps = torch.randn_like(mu)
         elif self.z_infer == "mu":
             return mu
         else:
-            if self._eval_gen is None:
-                self._eval_gen = torch.Generator().manual_seed(self.z_seed)
-            eps = torch.randn(mu.shape, generator=self._eval_gen).to(device=mu.device, dtype=mu.dtype)
+            eps = image_noise(mu if key is None else key, mu.shape[-1], self.z_seed)[:, 0].to(mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)  # Eq. 8
 
     def update_text(self, t_init: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -215,9 +233,10 @@ class VCPG(nn.Module):
         delta = self.cross(q, mem)  # delta_inj, Eq. 10
         return self.norm(q + self.alpha * delta).view_as(t_init)  # Eq. 11
 
-    def forward(self, v_global: torch.Tensor, t_init: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, v_global: torch.Tensor, t_init: torch.Tensor, image_key: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``image_key`` [B, D]: a frozen feature of each image for the inference-time eps (default V_global)."""
         mu, logvar = self.encode(v_global)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu, logvar, v_global if image_key is None else image_key)
         recon = self.decoder(z)  # D_theta(z) of Eq. 9
         t_final = self.update_text(t_init, z)
         return {"mu": mu, "logvar": logvar, "z": z, "recon": recon, "t_final": t_final}

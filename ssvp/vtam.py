@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["state_probs", "prob_logit", "local_score", "global_score", "VTAM"]
+__all__ = ["S_GLOBAL_MODES", "state_probs", "prob_logit", "local_score", "global_score", "local_term", "VTAM"]
 
 _EPS = 1e-6
 
@@ -74,14 +74,34 @@ def local_score(p_map: torch.Tensor, mode: str = "max", kernel: int = 3) -> torc
     raise ValueError(f"model.s_local must be max or mean_maxpool; got {mode!r}")
 
 
-def global_score(v_global: torch.Tensor, t_state: torch.Tensor, mode: str = "inner") -> torch.Tensor:
-    """S_global [B] from V_global [B, D] and state embeddings t_state [B, 2, D] (normal, abnormal)."""
-    if mode == "cosine":
+S_GLOBAL_MODES = ("prob", "logit", "inner", "cosine")
+
+
+def global_score(v_global: torch.Tensor, t_state: torch.Tensor, mode: str = "prob", tau: float = 0.07) -> torch.Tensor:
+    """S_global [B] from V_global [B, D] and state embeddings t_state [B, 2, D] (normal, abnormal).
+
+    ``prob``: sigma((cos_a - cos_n) / tau) in [0, 1], Eq. 14's two-state softmax on the global token;
+    ``logit``: (cos_a - cos_n) / tau in [-2 / tau, 2 / tau], its log-odds; ``inner``: <V, t_a> - <V, t_n>
+    on the raw vectors (unbounded); ``cosine``: cos_a - cos_n in [-2, 2].
+    """
+    if mode not in S_GLOBAL_MODES:
+        raise ValueError(f"model.s_global must be one of {', '.join(S_GLOBAL_MODES)}; got {mode!r}")
+    if mode != "inner":
         v_global, t_state = F.normalize(v_global, dim=-1), F.normalize(t_state, dim=-1)
-    elif mode != "inner":
-        raise ValueError(f"model.s_global must be inner or cosine; got {mode!r}")
     sim = torch.einsum("bd,bkd->bk", v_global, t_state)  # Eq. 19 <V_global, T_final> per state
-    return sim[:, 1] - sim[:, 0]
+    diff = sim[:, 1] - sim[:, 0]
+    if mode == "prob":
+        return torch.sigmoid(diff / tau)  # = softmax([cos_n, cos_a] / tau)[abnormal], as Eq. 14
+    return diff / tau if mode == "logit" else diff
+
+
+def local_term(s_local: torch.Tensor, mode: str, tau: float) -> torch.Tensor:
+    """S_local as Eq. 19 mixes it: the probability itself, or its log-odds (``s_global=logit``)
+    clipped to S_global's range [-2 / tau, 2 / tau]."""
+    if mode != "logit":
+        return s_local
+    bound = 2.0 / tau
+    return prob_logit(s_local).clamp(-bound, bound)
 
 
 class VTAM(nn.Module):
@@ -93,14 +113,14 @@ class VTAM(nn.Module):
         gamma: float,
         s_local: str = "max",
         enabled: bool = True,
-        s_global: str = "inner",
+        s_global: str = "prob",
         s_local_kernel: int = 3,
     ) -> None:
         super().__init__()
         if s_local not in ("max", "mean_maxpool"):
             raise ValueError(f"model.s_local must be max or mean_maxpool; got {s_local!r}")
-        if s_global not in ("inner", "cosine"):
-            raise ValueError(f"model.s_global must be inner or cosine; got {s_global!r}")
+        if s_global not in S_GLOBAL_MODES:
+            raise ValueError(f"model.s_global must be one of {', '.join(S_GLOBAL_MODES)}; got {s_global!r}")
         self.n_layers = n_layers
         self.tau = float(tau)
         self.gamma = float(gamma)
@@ -132,7 +152,9 @@ class VTAM(nn.Module):
         layer_maps = state_probs(patches, text, self.tau)  # [B, L, N, 2], Eq. 13-14
         layer_maps = layer_maps.permute(0, 1, 3, 2).reshape(b, n_layers, 2, g, g)
         p_anom = layer_maps[:, :, 1]  # P_anom^(l), [B, L, g, g]
-        s_global = global_score(v_global, text if t_state is None else t_state, self.s_global_mode)
+        # the inner product takes the raw state embeddings; the other readings the maps' unit ones
+        raw = t_state is not None and self.s_global_mode == "inner"
+        s_global = global_score(v_global, t_state if raw else text, self.s_global_mode, self.tau)
 
         if self.enabled:
             scale_w = self.scale_gate(v_global).softmax(dim=-1)  # w_scale, Eq. 15
@@ -140,7 +162,7 @@ class VTAM(nn.Module):
             spatial_w = torch.sigmoid(self.spatial_gate(grid)).view(b, n_layers, g, g)  # M_spatial, Eq. 16
             p_map = (scale_w[:, :, None, None] * (spatial_w * p_anom)).sum(dim=1)  # Eq. 17
             s_local = local_score(p_map, self.s_local_mode, self.s_local_kernel)  # Eq. 18
-            s_final = (1.0 - self.gamma) * s_global + self.gamma * s_local  # Eq. 19
+            s_final = (1.0 - self.gamma) * s_global + self.gamma * local_term(s_local, self.s_global_mode, self.tau)  # Eq. 19
         else:
             scale_w = p_anom.new_full((b, n_layers), 1.0 / n_layers)
             spatial_w = p_anom.new_ones((b, n_layers, g, g))

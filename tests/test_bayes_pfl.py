@@ -62,11 +62,10 @@ def test_prompt_flow_kl_is_the_change_of_variables_estimate():
     torch.manual_seed(1)
     flow = PromptFlow(z_dim=3, n_flows=2, cond_dim=4).double()
     cond = torch.randn(2, 4, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(7)
-    zk, kl = flow(cond, 1, gen)
+    eps = torch.randn((1, 1, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    zk, kl = flow(cond, 1, eps)
     # by hand: same draws, base density, flows, standard-normal prior
     mu, logvar, u, w, b = flow.base_and_flows(cond)
-    eps = torch.randn((1, 1, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     z0 = mu + torch.exp(0.5 * logvar) * eps
     z, ld = z0, 0.0
     for k in range(2):
@@ -108,6 +107,31 @@ def test_score_and_map_average_the_prompt_samples(tiny_model):
     # TIR-FG / SCD inputs are there
     assert out.aux["t_init"].shape == out.aux["text"].shape == (3, 2, text.shape[-1])
     torch.testing.assert_close(out.aux["text"], F.normalize(text.mean(dim=(1, 3)), dim=-1))
+
+
+def test_inference_draws_are_a_function_of_the_image_and_z_seed(tiny_model):
+    """Issue 20 point 3: the image-specific flow draws eps from the image (its frozen CLIP global
+    token) and z_seed, the image-agnostic flows from z_seed: same image, same draws and prediction
+    in any batch and order; another image or another z_seed, other draws."""
+    head = tiny_model.head.eval()
+    feats = tiny_model.backbones(torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(3)))
+    names = ["wood", "tile", "wood"]
+    with torch.no_grad():
+        out = head(feats, names, 112)
+        order = torch.tensor([2, 0, 1])
+        shuffled = head(feats[order], [names[i] for i in order.tolist()], 112)
+        twice = head(feats[torch.tensor([1, 1])], ["tile", "tile"], 112)
+    torch.testing.assert_close(shuffled.score, out.score[order], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shuffled.anomaly_map, out.anomaly_map[order], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twice.score, out.score[torch.tensor([1, 1])], rtol=1e-5, atol=1e-6)
+    eps_ctx, eps_n, eps_a = head.inference_eps(feats.clip_global, 3)  # [S, B, W], [S, 1, W] x 2
+    assert eps_ctx.shape[:2] == (3, 3) and eps_n.shape[:2] == (3, 1)
+    assert (eps_ctx[:, 0] - eps_ctx[:, 1]).abs().max() > 1e-3  # each image its own draws
+    torch.testing.assert_close(head.inference_eps(feats.clip_global[1:2], 3)[0][:, 0], eps_ctx[:, 1])
+    bb = tiny_model.backbones
+    seeded = BayesPFLHead(tiny_pfl(pfl_samples=3, pfl_flows=2, z_seed=4).model, bb.clip_dim, bb.dino_dim, bb.text)
+    other = seeded.inference_eps(feats.clip_global, 3)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(other, (eps_ctx, eps_n, eps_a)))
 
 
 # ------------------------------------------------------------------------------------ losses

@@ -17,10 +17,22 @@ def test_defaults_are_the_papers():
     assert (t.epochs, t.batch_size, t.lr_prompt, t.lr_head) == (15, 8, 5e-4, 1e-4)
     # §4.2 loss weights, 3 + 3 prompts
     assert (m.beta, m.lambda1, m.lambda2, m.n_prompts) == (0.1, 1.0, 0.5, 3)
-    # main-text readings where the paper contradicts itself (docs/PAPER_MAP.md)
-    assert (m.dino_taps, m.s_local, m.s_global, m.l_seg_on) == ("as_written", "max", "inner", "p_anom")
+    # main-text readings where the paper contradicts itself (docs/PAPER_MAP.md); Eq. 19's global term
+    # as Eq. 14's probability on V_global (issue 20: both terms of Eq. 19 in [0, 1])
+    assert (m.dino_taps, m.s_local, m.s_global, m.l_seg_on) == ("as_written", "max", "prob", "p_anom")
     assert (m.ln_eq4_eq11, m.l_class_sigma, m.vae_reduction, m.z_infer) == (True, True, "sum", "sample")
     assert m.n_latent_tokens == 1 and t.protocol == "paper"
+    assert t.grad_clip == 0.0  # §4.2 names no gradient clipping (issue 20 point 4); the option stays
+    assert Config().override({"grad_clip": 1.0}).train.grad_clip == 1.0
+
+
+@pytest.mark.parametrize("s_global", ["inner", "cosine", "logit"])
+def test_bce_on_s_final_itself_needs_s_final_in_0_1(s_global):
+    """Issue 20 point 7: l_class_sigma=false reads S_final as a probability; with a reading of Eq. 19
+    whose S_final leaves [0, 1] the score saturates and the clamp stops the gradient: refused, naming both keys."""
+    with pytest.raises(ConfigError, match=r"model\.l_class_sigma=false.*model\.s_global"):
+        Config().override({"l_class_sigma": False, "s_global": s_global})
+    assert not Config().override({"l_class_sigma": False, "s_global": "prob"}).model.l_class_sigma
 
 
 @pytest.mark.parametrize("key, bad", [("dino_taps", "middle"), ("s_global", "dot"), ("l_seg_on", "both"),

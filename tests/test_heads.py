@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ssvp.hsvs import ATFBlock, ConcatFusion, HSVSFusion
-from ssvp.vcpg import VCPG
-from ssvp.vtam import VTAM, global_score, local_score, state_probs
+from ssvp.vcpg import VCPG, image_noise
+from ssvp.vtam import VTAM, global_score, local_score, local_term, state_probs
 
 
 @pytest.fixture(autouse=True)
@@ -185,15 +185,27 @@ def test_reparameterization_samples_in_training_and_seeded_at_inference():
     torch.manual_seed(123)
     eps = torch.randn(4, 5)
     torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps)  # Eq. 8
-    # inference (§3.2.2 "the sampled z"): eps from a generator seeded with z_seed at eval()
+    # inference (§3.2.2 "the sampled z"): eps = R u, u = the image's unit key, R ~ N(0, 1) from z_seed
     vc.eval()
-    z1 = vc.reparameterize(mu, logvar)
-    eps = torch.randn(4, 5, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(z1, mu + torch.exp(0.5 * logvar) * eps)
-    vc.eval()  # a new evaluation pass draws the same eps again: reproducible
-    torch.testing.assert_close(vc.reparameterize(mu, logvar), z1)
+    key = torch.randn(4, 8)
+    z1 = vc.reparameterize(mu, logvar, key)
+    proj = torch.randn(5, 8, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z1, mu + torch.exp(0.5 * logvar) * (F.normalize(key, dim=-1) @ proj.T))
+    torch.testing.assert_close(vc.reparameterize(mu, logvar, key), z1)  # reproducible
+    torch.testing.assert_close(vc.reparameterize(mu[2:], logvar[2:], key[2:]), z1[2:])  # alone = in a batch
     vc.z_infer = "mu"  # the option
     assert torch.equal(vc.reparameterize(mu, logvar), mu)
+
+
+def test_image_noise_is_standard_normal_over_seeds_for_a_fixed_image():
+    """For one image, eps = R u over seeds is N(0, I): mean ~ 0, variance ~ 1, uncorrelated dimensions."""
+    key = torch.randn(1, 8)
+    eps = torch.cat([image_noise(key, 4, seed)[0] for seed in range(2000)])  # [2000, 4]
+    assert eps.mean(0).abs().max() < 0.1
+    torch.testing.assert_close(torch.cov(eps.T), torch.eye(4), atol=0.12, rtol=0)
+    # two different images: different draws; a rescaled feature (same direction): the same draw
+    assert (image_noise(torch.randn(1, 8), 4, 3) - image_noise(key, 4, 3)).abs().max() > 1e-3
+    torch.testing.assert_close(image_noise(2.5 * key, 4, 3), image_noise(key, 4, 3))
 
 
 def test_alpha_zero_blocks_attention_gradients_but_not_alpha():
@@ -287,17 +299,43 @@ def test_s_final_follows_eq19(gamma):
 
 
 def test_s_global_inner_product_and_cosine_by_hand():
-    """V = (3, 4), t_n = (1, 0), t_a = (0, 2): <V,t_a> - <V,t_n> = 8 - 3 = 5 (Eq. 19); cosine: 0.8 - 0.6 = 0.2."""
+    """V = (3, 4), t_n = (1, 0), t_a = (0, 2): <V,t_a> - <V,t_n> = 8 - 3 = 5 (Eq. 19 on raw vectors);
+    cosine: 0.8 - 0.6 = 0.2; logit: 0.2 / tau; prob (default): sigma(0.2 / tau) = Eq. 14 on V_global."""
     v, t = torch.tensor([[3.0, 4.0]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    tau = 0.07
     assert global_score(v, t, "inner").item() == pytest.approx(5.0)
     assert global_score(v, t, "cosine").item() == pytest.approx(0.2)
+    assert global_score(v, t, "logit", tau).item() == pytest.approx(0.2 / tau, rel=1e-5)
+    assert global_score(v, t, "prob", tau).item() == pytest.approx(1 / (1 + math.exp(-0.2 / tau)), rel=1e-5)
+    # the prob reading is the abnormal channel of Eq. 14's softmax, taken on the global token
+    torch.testing.assert_close(global_score(v, t, "prob", tau), state_probs(v[:, None], t, tau)[:, 0, 1])
     patches = torch.randn(1, 2, 4, 2)
-    inner = VTAM(2, 2, 0.07, 0.0, s_global="inner")(patches, v, t)
-    cosine = VTAM(2, 2, 0.07, 0.0, s_global="cosine")(patches, v, t)
-    assert inner["s_final"].item() == pytest.approx(5.0) and cosine["s_final"].item() == pytest.approx(0.2)
+    for mode, expected in (("inner", 5.0), ("cosine", 0.2), ("logit", 0.2 / tau)):
+        out = VTAM(2, 2, tau, 0.0, s_global=mode)(patches, v, t)
+        assert out["s_final"].item() == pytest.approx(expected, rel=1e-5), mode
     # raw state embeddings for the inner product, unit ones for the maps
-    sep = VTAM(2, 2, 0.07, 0.0)(patches, v, F.normalize(t, dim=-1), t_state=t)
+    sep = VTAM(2, 2, tau, 0.0, s_global="inner")(patches, v, F.normalize(t, dim=-1), t_state=t)
     assert sep["s_global"].item() == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="s_global"):
+        VTAM(2, 2, tau, 0.0, s_global="dot")
+
+
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+def test_eq19_terms_share_one_bounded_range_by_construction(mode):
+    """Issue 20 point 1: the two terms Eq. 19 mixes lie in one bounded range whatever the features,
+    their norms or the gates: [0, 1] (prob, the default) or [-2 / tau, 2 / tau] (logit)."""
+    tau = 0.07
+    lo, hi = (0.0, 1.0) if mode == "prob" else (-2 / tau, 2 / tau)
+    vt = VTAM(3, 8, tau, 0.5, s_global=mode)
+    for scale, bias in ((1.0, 0.0), (1e3, 8.0), (1e-3, -8.0)):  # tiny / huge features, gates open / shut
+        patches, v, text = _vtam_inputs(b=16)
+        _set_gates(vt, [0.0, 1.0, -1.0], conv_weight=[0.5] * 8, conv_bias=bias)
+        out = vt(scale * patches, scale * 50 * v, text)
+        terms = torch.stack([out["s_global"], local_term(out["s_local"], mode, tau), out["s_final"]])
+        assert bool(((terms >= lo) & (terms <= hi)).all()), (scale, bias, terms)
+    # the inner product (the former default) is not bounded: its scale is V_global's norm
+    big = VTAM(3, 8, tau, 0.5, s_global="inner")(patches, 1e3 * v, text)
+    assert big["s_global"].abs().max() > 10
 
 
 def test_s_local_max_and_mean_maxpool_by_hand():

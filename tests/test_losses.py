@@ -146,3 +146,56 @@ def test_total_loss_without_vcpg_has_no_vae_or_margin():
     assert loss.item() == pytest.approx(float(parts["focal"]) + float(parts["bce"]), rel=1e-6)
     with pytest.raises(ValueError, match="differ in shape"):
         total_loss(out, torch.zeros(2, 8, 8), labels, cfg)
+
+
+def _tiny_step_table(**overrides):
+    """gradient_table of a tiny SSVP head on 4 random images (2 with a defect), at initialisation and
+    after one AdamW step (defaults otherwise, as `bench/grad_flow.py` prints it for real data)."""
+    from ssvp.engine import make_optimizer
+    from ssvp.losses import gradient_table
+    from ssvp.model import SSVP
+
+    cfg = Config.tiny(**overrides)
+    torch.manual_seed(0)
+    model = SSVP(cfg.model)
+    feats = model.backbones(torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(2)))
+    masks = torch.zeros(4, 112, 112)
+    masks[:2, 20:50, 30:70] = 1
+    labels, names = torch.tensor([1, 1, 0, 0]), ["bottle", "screw", "bottle", "screw"]
+    head = model.head.train()
+
+    def table():
+        torch.manual_seed(1)
+        return gradient_table(head, head(feats, names, 112), masks, labels, cfg.model)
+
+    first = table()
+    opt = make_optimizer(cfg, model)
+    torch.manual_seed(1)
+    total_loss(head(feats, names, 112), masks, labels, cfg.model)[0].backward()
+    opt.step()
+    return first, table()
+
+
+def test_which_loss_term_reaches_which_parameters():
+    """Issue 20 point 4, the facts of PAPER_MAP's gradient-flow table (defaults: l_seg_on=p_anom, alpha_init=0)."""
+    init, step = _tiny_step_table()
+    gates = ("F_gate^global (Eq. 15)", "F_gate^local (Eq. 16)")
+    for table in (init, step):
+        for g in gates:  # Eq. 20 on P_anom^(l): the VTAM gates learn from L_Class only
+            assert table[g]["L_Seg"] == 0 and table[g]["L_Class"] > 0, g
+        # one latent token: the softmax over it is 1, so W_Q, W_K get nothing (SDPA's backward: rounding only)
+        assert all(v < 1e-6 for v in table["W_Q, W_K (Eq. 10)"].values()), table["W_Q, W_K (Eq. 10)"]
+        for g in ("prompts [V]bg, [V]state (Eq. 6)", *gates, "ATF local blocks (Eq. 2-5)"):
+            assert table[g]["lambda1 L_VAE"] == 0, g  # V_global is the VAE's data, its target detached
+        vae = table["VAE decoder D_theta (Eq. 9)"]
+        assert vae["lambda1 L_VAE"] > 0 and vae["L_Seg"] == vae["L_Class"] == 0
+        assert table["VAE encoder F_mu, F_sigma (Eq. 7)"]["lambda1 L_VAE"] > 0
+        assert table["prompts [V]bg, [V]state (Eq. 6)"]["L_Seg"] > 0 and table["alpha (Eq. 11)"]["L_Class"] > 0
+    # alpha = 0 at initialisation: the latent path (W_V, z -> tokens, the encoder through z) is cut
+    for g in ("W_V (Eq. 10)", "z -> latent tokens (Eq. 10)"):
+        assert all(v == 0 for v in init[g].values()), g
+        assert step[g]["L_Seg"] > 0 and step[g]["L_Class"] > 0, g
+    assert init["VAE encoder F_mu, F_sigma (Eq. 7)"]["L_Class"] == 0 < step["VAE encoder F_mu, F_sigma (Eq. 7)"]["L_Class"]
+    # Alg. 3's focal on P_map (l_seg_on=p_map) does reach the gates
+    init_map, _ = _tiny_step_table(l_seg_on="p_map")
+    assert all(init_map[g]["L_Seg"] > 0 for g in gates)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from ssvp.backbones import Backbones
 from ssvp.config import Config
-from ssvp.losses import total_loss
+from ssvp.losses import bce_loss, total_loss
+from ssvp.vtam import local_term
 from ssvp.model import SSVP, SSVPHead, SSVPOutput
 from ssvp.hsvs import ATFBlock, ConcatFusion
 
@@ -175,7 +176,7 @@ def test_trainable_parameter_groups(model):
 
 
 def test_eval_samples_a_seeded_z_and_train_samples_z(model, feats):
-    """Eq. 8 / §3.2.2: inference uses a sampled z; eps is re-seeded at every eval(), so an evaluation
+    """Eq. 8 / §3.2.2: inference uses a sampled z, a function of the image and z_seed, so an evaluation
     pass is reproducible. z_infer=mu (the option) gives z = mu."""
     head = model.head
     head.eval()
@@ -185,6 +186,13 @@ def test_eval_samples_a_seeded_z_and_train_samples_z(model, feats):
     b = head(feats, NAMES, SIZE)
     torch.testing.assert_close(a.score_logit, b.score_logit)
     torch.testing.assert_close(a.aux["z"], b.aux["z"])
+    # eps = R u: u the unit frozen CLIP global token of the image, R standard normal from z_seed
+    proj = torch.randn(a.aux["mu"].shape[-1], feats.clip_global.shape[-1], generator=torch.Generator().manual_seed(0))
+    eps = F.normalize(feats.clip_global, dim=-1) @ proj.T
+    torch.testing.assert_close(a.aux["z"], a.aux["mu"] + eps * torch.exp(0.5 * a.aux["logvar"]), rtol=1e-5, atol=1e-5)
+    _, other_seed = _variant_head(model, z_seed=5)
+    other_seed.load_state_dict(head.state_dict())
+    assert (other_seed.eval()(feats, NAMES, SIZE).aux["z"] - a.aux["z"]).abs().max() > 1e-3  # z_seed draws anew
     head.train()
     c = head(feats, NAMES, SIZE)
     assert (c.aux["z"] - c.aux["mu"]).abs().max() > 0
@@ -192,6 +200,26 @@ def test_eval_samples_a_seeded_z_and_train_samples_z(model, feats):
     mu_head.eval()
     d = mu_head(feats, NAMES, SIZE)
     torch.testing.assert_close(d.aux["z"], d.aux["mu"])
+
+
+def test_inference_z_is_a_function_of_the_image_not_of_its_batch(model, feats):
+    """Issue 20 point 3: the same image scores the same alone, in any batch and at any position."""
+    head = model.head.eval()
+    with torch.no_grad():
+        full = head(feats, NAMES, SIZE)
+        for i in range(3):  # alone
+            alone = head(feats[i], [NAMES[i]], SIZE)
+            torch.testing.assert_close(alone.aux["z"], full.aux["z"][i : i + 1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(alone.score, full.score[i : i + 1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(alone.anomaly_map, full.anomaly_map[i : i + 1], rtol=1e-5, atol=1e-6)
+        order = torch.tensor([2, 0, 1])  # another order
+        shuffled = head(feats[order], [NAMES[i] for i in order.tolist()], SIZE)
+        torch.testing.assert_close(shuffled.score, full.score[order], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shuffled.anomaly_map, full.anomaly_map[order], rtol=1e-5, atol=1e-6)
+        repeat = torch.tensor([1, 1, 0, 1])  # another batch (and size): the same image twice, after others
+        again = head(feats[repeat], [NAMES[i] for i in repeat.tolist()], SIZE)
+        torch.testing.assert_close(again.score, full.score[repeat], rtol=1e-5, atol=1e-6)
+    head.train()
 
 
 def _variant_head(model, **overrides):
@@ -211,7 +239,10 @@ def _variant_head(model, **overrides):
         {"vtam": False},
         {"fusion": "none", "vcpg": False, "vtam": False},
         {"s_local": "mean_maxpool", "gamma": 1.0},
-        {"s_global": "cosine", "ln_eq4_eq11": False, "l_class_sigma": False},
+        {"s_global": "cosine", "ln_eq4_eq11": False},
+        {"s_global": "inner"},
+        {"s_global": "logit", "gamma": 0.25},
+        {"l_class_sigma": False},
         {"l_seg_on": "p_map", "vae_reduction": "mean", "n_latent_tokens": 4},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
@@ -248,8 +279,9 @@ def test_ablation_switches_run_and_change_the_parameter_set(model, feats, overri
         torch.testing.assert_close(out.score_logit, out.aux["s_global"])
         torch.testing.assert_close(out.aux["map_grid"], _grid_mean(out))
     else:
-        g = cfg.model.gamma
-        torch.testing.assert_close(out.score_logit, (1 - g) * out.aux["s_global"] + g * out.aux["s_local"])
+        g, mode = cfg.model.gamma, cfg.model.s_global
+        s_local = local_term(out.aux["s_local"], mode, cfg.model.tau)  # the logit of S_local for s_global=logit
+        torch.testing.assert_close(out.score_logit, (1 - g) * out.aux["s_global"] + g * s_local)
 
 
 def _grid_mean(out):
@@ -263,13 +295,72 @@ def _grid_mean(out):
     return p.mean(1).permute(0, 2, 1).reshape(p.shape[0], 2, g, g)
 
 
-def test_score_is_sigma_of_s_final_or_the_clamped_score(model, feats):
+def test_score_is_sigma_of_s_final_or_s_final_itself(model, feats):
     cfg, head = _variant_head(model)
     out = head(feats, NAMES, SIZE)
     torch.testing.assert_close(out.score, torch.sigmoid(out.score_logit))  # Eq. 21
+    # Alg. 3 (l_class_sigma=false) with the default reading of Eq. 19: S_final is a probability, the
+    # score is S_final itself, inside (0, 1) (no saturation), and L_Class reaches the VTAM gates
     cfg, head = _variant_head(model, l_class_sigma=False)
+    with torch.no_grad():  # push the gates and the global term hard: S_final stays a probability
+        head.vtam.spatial_gate.bias.fill_(6.0)
     out = head(feats, NAMES, SIZE)
-    torch.testing.assert_close(out.score, out.score_logit.clamp(0, 1))  # Alg. 3
+    torch.testing.assert_close(out.score, out.score_logit)
+    assert bool(((out.score > 0) & (out.score < 1)).all())
+    loss = bce_loss(out.score_logit, torch.tensor([1.0, 0.0, 0.0]), sigma=False)
+    loss.backward()
+    assert head.vtam.spatial_gate.weight.grad.abs().sum() > 0 and head.vtam.scale_gate[2].weight.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def synthetic_batch(model, synthetic_root):
+    """Backbone features, masks, labels and classes of the synthetic domain_a test images (60)."""
+    from ssvp.data import open_dataset
+    from ssvp.data.base import collate
+
+    batch = collate([*open_dataset(f"synthetic:{synthetic_root}/domain_a", split="test", image_size=SIZE)])
+    with torch.no_grad():
+        feats = model.backbones(batch["image"])
+    return feats, batch["mask"].float(), batch["label"], list(batch["cls_name"])
+
+
+def _trained_head(model, data, steps=25, **overrides):
+    """A tiny head trained ``steps`` Adam steps (Eq. 22, defaults) on every other synthetic image."""
+    feats, masks, labels, names = data
+    cfg, head = _variant_head(model, **overrides)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    train = torch.arange(0, len(names), 2)
+    head.train()
+    for _ in range(steps):
+        torch.manual_seed(len(names))
+        out = head(feats[train], [names[i] for i in train.tolist()], SIZE)
+        loss, _ = total_loss(out, masks[train], labels[train], cfg.model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+@pytest.mark.slow
+def test_vtam_changes_the_image_scores_of_a_trained_model(model, synthetic_batch):
+    """Issue 20 point 1: Table 3 rows D (no VTAM) and E (full) differ at image level. On held-out images
+    of a trained tiny model the scores are distinct (no saturation ties) and E's ranking is not D's."""
+    feats, _, _, names = synthetic_batch
+    held = torch.arange(1, len(names), 2)
+    scores = {}
+    for row, vtam in (("D", False), ("E", True)):
+        head = _trained_head(model, synthetic_batch, vtam=vtam)
+        with torch.no_grad():
+            out = head(feats[held], [names[i] for i in held.tolist()], SIZE)
+        scores[row] = out.score
+        assert len(torch.unique(out.score)) == len(held), row  # no ties from a saturated sigmoid
+        if vtam:  # both terms of Eq. 19 move the score: comparable spread
+            ratio = float(out.aux["s_global"].std() / out.aux["s_local"].std())
+            assert 0.1 < ratio < 10, ratio
+    rank = {row: s.argsort().argsort().float() for row, s in scores.items()}
+    assert not torch.equal(rank["D"], rank["E"])
+    spearman = torch.corrcoef(torch.stack([rank["D"], rank["E"]]))[0, 1]
+    assert spearman < 0.99, float(spearman)
 
 
 def test_fusion_none_never_needs_dino(cfg):

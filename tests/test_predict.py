@@ -166,3 +166,46 @@ def test_threshold_resolution_flag_stored_or_none(tmp_path):
     assert resolve(paper, threshold=0.7)[:2] == (0.7, 0.7)  # the pixel threshold falls back to the image one
     image, pixel, source = resolve(paper)
     assert image is None and pixel is None and "train.protocol=paper" in source and "--threshold" in source
+
+
+@pytest.mark.slow
+def test_an_image_scores_the_same_alone_in_any_batch_order_and_worker_count(synthetic_root):
+    """Issue 20 point 3: with the sampled z of Eq. 8 (z_infer=sample, the default), `ssvp eval`'s
+    per-image scores and maps do not depend on the batch size, the order, the number of DataLoader
+    workers, and `ssvp predict` on one image alone gives its `ssvp eval` score."""
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import Subset
+
+    from conftest import synthetic_config
+    from ssvp.data import open_dataset
+    from ssvp.engine import FeatureSource, build_model, predict_dataset, predict_paths, with_backbone_sizes
+
+    cfg = synthetic_config(synthetic_root, device="cpu", max_per_class=2, eval_batch_size=4)
+    assert cfg.model.z_infer == "sample"
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    ds = with_backbone_sizes(open_dataset(cfg.data.targets[0], split="test", image_size=112, max_per_class=2), model)
+    features = FeatureSource(cfg, model, torch.device("cpu"))
+
+    def by_path(run_cfg, data) -> dict[str, tuple[float, np.ndarray, str]]:
+        preds = predict_dataset(run_cfg, model, data, torch.device("cpu"), features)
+        return {p: (s, m, c) for c, r in preds.items() for p, s, m in zip(r["paths"], r["scores"], r["maps"])}
+
+    base = by_path(cfg, ds)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batch_size=3, num_workers=2))
+    runs = {
+        "batch 3, 2 workers": by_path(other, ds),
+        "reversed order": by_path(cfg, Subset(ds, list(range(len(ds)))[::-1])),
+        "alone": by_path(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batch_size=1)), ds),
+    }
+    for name, got in runs.items():
+        assert got.keys() == base.keys(), name
+        for path, (score, amap, _) in base.items():
+            assert got[path][0] == pytest.approx(score, rel=1e-5, abs=1e-6), (name, path)
+            np.testing.assert_allclose(got[path][1], amap, rtol=1e-4, atol=1e-5, err_msg=f"{name} {path}")
+    path = sorted(base)[len(base) // 2]  # `ssvp predict` on one image of the set
+    alone = predict_paths(cfg, None, [Path(path)], base[path][2], model=model)[0]
+    assert alone["score"] == pytest.approx(base[path][0], rel=1e-5, abs=1e-6)
