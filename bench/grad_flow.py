@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="overrides KEY=VALUE")
     args = ap.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    cfg = load_config(args.config, {"data.source": f"synthetic:{args.data}/domain_a", "train.device": "cpu", **overrides})
+    data = {"data.source": f"synthetic:{args.data}/domain_a", "data.targets": [f"synthetic:{args.data}/domain_b"]}
+    cfg = load_config(args.config, {**data, "train.device": "cpu", **overrides})
     seed_everything(cfg.train.seed)
     device = torch.device("cpu")
     model = build_model(cfg, device)
