@@ -146,7 +146,7 @@ class ModelConfig:
             _check_range(self, key, 0.0, None)
         _check_choice(self, "dino_taps", DINO_TAPS)
         _check_choice(self, "s_global", S_GLOBAL_MODES)
-        if not self.l_class_sigma and self.s_global != "prob" and self.prompting != "bayes_pfl":
+        if not self.l_class_sigma and self.s_global != "prob" and self.prompting not in PFL_PROMPTINGS:
             raise ConfigError(
                 f"model.l_class_sigma=false (BCE on S_final itself, Alg. 3 line 8) needs S_final in [0, 1], "
                 f"i.e. model.s_global=prob; with model.s_global={self.s_global!r} S_final leaves [0, 1], the "
