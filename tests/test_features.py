@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssvp.backbones import Backbones
+from ssvp.backbones import BackboneFeatures, Backbones
 from ssvp.config import Config
 from ssvp.features import FeatureCache, FeatureCacheError
 
@@ -292,3 +292,27 @@ def test_another_formats_file_and_folder(bb, tmp_path, caplog):
     (cache.dir / "spec.json").write_text((f16.dir / "spec.json").read_text())
     with pytest.raises(FeatureCacheError, match=r"spec.json describes another cache .*'float16'"):
         FeatureCache(tmp_path, bb, dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_read_ahead_batches_equal_direct_reads(bb, tmp_path, dtype):
+    from ssvp.engine import FeatureSource
+
+    cache = FeatureCache(tmp_path, bb, dtype=dtype)
+    keys = [f"{i:064x}" for i in range(7)]
+    with torch.no_grad():
+        cache.put(keys, bb(_images(7, seed=17)))
+    batches = [{"feature_key": keys[i:i + 3], "image": None, "image_pos": [], "mask": torch.zeros(3, 8, 8)}
+               for i in range(0, 7, 3)]  # sizes 3, 3, 1: what a DataLoader of cached items yields
+    source = FeatureSource.of_cache(cache, torch.device("cpu"))
+    expected = [cache.get_keyed(b["feature_key"], None) for b in batches]
+    got, seen = [], []
+    for batch, feats in source.batches(batches, limit=3, reuse=True):
+        seen.append(feats.clip_patch.data_ptr())
+        got.append(BackboneFeatures(*(getattr(feats, n).clone() for n in feats.names())))
+    assert [g.batch_size for g in got] == [3, 3, 1]
+    for e, g in zip(expected, got):
+        for name in e.names():
+            assert torch.equal(getattr(e, name), getattr(g, name)), name
+    assert seen[0] == seen[1]  # reuse: the second batch overwrote the first one's tensors
+    assert len(list(source.batches(batches, limit=2))) == 2
