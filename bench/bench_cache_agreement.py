@@ -232,9 +232,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = run_full(args) if args.full else run_quant_error(args) if args.quant_error else run_tiny(args)
-    print(report(res))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+    return emit(report(res), res, args.json)
+
+
+def emit(text: str, res: dict, json_path: Path | None) -> int:
+    """Print the report, write the figures as JSON when asked; the exit status."""
+    print(text)
+    if json_path:
+        json_path.write_text(json.dumps(res, indent=2))
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
 import os
 import shutil
@@ -350,10 +349,9 @@ def main(argv=None) -> int:
             res["tiny_heads"] = tiny_heads(work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(report(res))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    return 0
+    from bench_cache_agreement import emit
+
+    return emit(report(res), res, args.json)
 
 
 if __name__ == "__main__":
