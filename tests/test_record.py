@@ -100,3 +100,8 @@ def test_ui_check_fails_on_an_empty_chart_section_or_a_missing_run_name():
     assert ui.check_pages({**good, "chart_view": "No chart data"}, names, sections) == [
         "chart_view page shows 'No chart data'", "no val/objective chart on the chart view",
         "no train/loss chart on the chart view"]
+    # a section per dataset, as the UI groups target/<dataset>/<metric>
+    target = {"target_eval_run": ("target",)}
+    assert ui.check_pages({**good, "target_eval_run": "target/domain_b (9)"}, names, {**sections, **target}) == []
+    assert ui.check_pages({**good, "target_eval_run": "target/domain_b (0)"}, names, {**sections, **target}) == [
+        "the 'target' chart section on the target_eval_run page is empty"]
