@@ -298,3 +298,21 @@ def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path
     assert callbacks[0] is fresh[0] and callbacks[1] is fresh[1] and len(callbacks) == 2
     assert fresh[0].searcher is searcher and isinstance(searcher, search_mod.ResumableOptunaSearch)
     assert searcher._storage.url == url  # the secret put back from this process, not from the pickle
+
+
+def test_quiet_holds_back_tunes_trial_tracebacks():
+    """``--quiet`` (verbose 0): Tune's and Train's ERROR records (a failed trial's traceback, logged by
+    ``ray.tune.execution.tune_controller``) stay off the console; the default (1) shows warnings and
+    errors, and the loggers get their levels back afterwards."""
+    import logging
+
+    from tuning.runner import _tune_output
+
+    child = logging.getLogger("ray.tune.execution.tune_controller")
+    before = [logging.getLogger(n).level for n in ("ray.tune", "ray.train")]
+    with _tune_output(0):
+        assert not child.isEnabledFor(logging.ERROR)
+        assert not logging.getLogger("ray.train._internal").isEnabledFor(logging.ERROR)
+    with _tune_output(1):
+        assert child.isEnabledFor(logging.ERROR) and not child.isEnabledFor(logging.INFO)
+    assert [logging.getLogger(n).level for n in ("ray.tune", "ray.train")] == before
