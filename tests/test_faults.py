@@ -272,7 +272,7 @@ def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path
     from tuning.tracking import MLflowTrialCallback, SweepTracker, TrialRecordSettings
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    record = TrialRecordSettings(base={}, epochs=2)
+    record = TrialRecordSettings(base={"model": {"clip_pretrained": "https://u:wpw/61@h/w.pt"}}, epochs=2)
     url = f"sqlite:///file:{tmp_path}/o.db?mode=rwc&token=tok8812&uri=true"
 
     def trainable(config):
@@ -287,7 +287,8 @@ def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path
                                          callbacks=[MLflowTrialCallback(tracker, record), SigningCallback(signer)]))
     signer.sign_storage()
     assert set(verify_sweep_state(tmp_path / "s")) == {"tuner.pkl"}
-    assert b"tok8812" not in (tmp_path / "s" / "tuner.pkl").read_bytes()
+    pickled = (tmp_path / "s" / "tuner.pkl").read_bytes()
+    assert b"tok8812" not in pickled and b"wpw/61" not in pickled and b"u:***@h" in pickled
     monkeypatch.setattr(search_mod, "_REAL_URLS", {})  # a new driver process: only its config knows the URL
     search_mod.remember_storage_url(url)
     restored = tune.Tuner.restore(str(tmp_path / "s"), trainable=trainable)

@@ -132,7 +132,7 @@ def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
     from cluster_services import clean_env, mlflow_server
 
     repo = Path(__file__).resolve().parents[1]
-    secrets = {"tracking": "trkPW_71c4", "optuna": "optTOK_93b1", "weights": "wtsPW/58e2", "set": "setPW/26d0"}
+    secrets = {"tracking": "trkPW_71c4-kq93x", "optuna": "optTOK_93b1", "weights": "wtsPW/58e2", "set": "setPW/26d0"}
     cfg = tmp_path / "s.yaml"
     cfg.write_text(yaml.safe_dump({
         "name": "sec",

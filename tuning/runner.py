@@ -175,7 +175,7 @@ def reattach(tuner, fresh: list) -> None:
     search = internal._tune_config.search_alg
     searcher = getattr(search, "searcher", search)  # a ConcurrencyLimiter wraps it
     if hasattr(searcher, "observe"):
-        fresh[0].searcher = searcher
+        fresh[0].attach_searcher(searcher)
 
 
 @contextlib.contextmanager

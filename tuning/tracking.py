@@ -22,6 +22,7 @@ trials run in their own working directories) with artifacts in a local folder
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -562,6 +563,10 @@ class MLflowTrialCallback(_TuneCallback):
             state[key] = {}
         state["searcher"] = None
         state["_ended_ids"] = None
+        # pickled into Tune's tuner.pkl on the shared storage path: no secret of the config (weights URLs);
+        # a resume gets this run's callback back (tuning.runner.reattach), not this copy
+        state["base"] = redact(self.base)
+        state["settings"] = dataclasses.replace(self.settings, base=state["base"])
         return state
 
     def attach_searcher(self, searcher) -> None:
