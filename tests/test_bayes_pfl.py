@@ -237,6 +237,7 @@ def test_row_d_head_is_row_c_with_vcpg_in_place_of_the_prompt_flows():
     assert head_d(feats, ["wood", "tile"] * 2, 4 * g).aux["samples"] == 1
 
 
+@pytest.mark.slow  # learning: 30 steps of the head, measured by the loss
 def test_training_lowers_the_loss_on_synthetic_data(tiny_model):
     """Synthetic frozen features: defect patches lie along one direction of the joint space, the
     mask marks them. Thirty steps of the Bayes-PFL head lower its full loss (all terms), measured
@@ -245,6 +246,9 @@ def test_training_lowers_the_loss_on_synthetic_data(tiny_model):
     from ssvp.backbones import BackboneFeatures
     from ssvp.losses import total_loss
 
+    import copy
+
+    tiny_model = copy.deepcopy(tiny_model)  # trained here: the module's other tests keep the untrained one
     gen = torch.Generator().manual_seed(0)
     head, cfg = tiny_model.head, tiny_model.model_cfg
     b, n_layers, g, d = 8, len(cfg.clip_layers), cfg.grid, tiny_model.backbones.clip_dim

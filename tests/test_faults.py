@@ -27,10 +27,10 @@ def _client(tmp_path):
 
 # --------------------------------------------------------------------------- fast
 @pytest.mark.parametrize("name", ["it's", 'say "hi"', "both ' and \" 50%"])
-def test_quotes_in_a_sweep_name_find_the_right_parent(tmp_path, name):
+def test_quotes_in_a_sweep_name_find_the_right_parent(mlflow_db, name):
     from tuning.tracking import SweepTracker
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = mlflow_db
     other = SweepTracker(uri, "q", sweep_id="both x and y 50%")  # what a LIKE pattern would also match
     other.start_parent("other")
     tracker = SweepTracker(uri, "q", sweep_id=name)
@@ -41,13 +41,13 @@ def test_quotes_in_a_sweep_name_find_the_right_parent(tmp_path, name):
         SweepTracker(uri, "q", sweep_id=name).start_parent(name)
 
 
-def test_parent_artifact_config_file_is_redacted(tmp_path):
+def test_parent_artifact_config_file_is_redacted(tmp_path, mlflow_db):
     from tuning.record import log_artifacts
     from tuning.tracking import SweepTracker
 
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text("search:\n  optuna_storage: postgresql://u:pw1234@db/optuna\n  seed: 0\n")
-    tracker = SweepTracker(f"sqlite:///{tmp_path}/m.db", "r", sweep_id="s")
+    tracker = SweepTracker(mlflow_db, "r", sweep_id="s")
     tracker.start_parent("s")
     log_artifacts(tracker, {"sweep_config": cfg}, "missing {path}")
     local = tracker.client.download_artifacts(tracker.parent_run_id, "sweep_config/sweep.yaml", str(tmp_path / "dl"))
@@ -129,9 +129,21 @@ def test_training_resumes_from_the_newest_complete_checkpoint_on_disk(tmp_path, 
     assert [h["epoch"] for h in history] == [1.0, 2.0] and best == 2
 
 
-def test_preflight_fails_in_seconds_with_one_line(tmp_path, synthetic_root, capsys):
+def test_preflight_fails_in_seconds_with_one_line(tmp_path, synthetic_root, capsys, monkeypatch):
+    import ray
+
+    import tuning.ray_session
+    import tuning.runner
     from tuning.ray_session import free_port
     from tuning.sweep import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a failing pre-flight check must not start or connect to Ray")
+
+    # every way into Ray goes through init_ray; an earlier test's Ray may still be up, so compare
+    monkeypatch.setattr(tuning.ray_session, "init_ray", no_ray)
+    monkeypatch.setattr(tuning.runner, "init_ray", no_ray)
+    ray_was_up = ray.is_initialized()
 
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  synthetic: {{root: {synthetic_root}}}\n")
@@ -169,9 +181,7 @@ def test_preflight_fails_in_seconds_with_one_line(tmp_path, synthetic_root, caps
     assert main(common) == 2  # a misspelt synthetic option, whether or not the data exists
     err = capsys.readouterr().err.strip()
     assert "base.synthetic: unknown option(s) ['n_trian']; known: root, seed, size, n_train" in err, err
-    import ray
-
-    assert not ray.is_initialized()  # nothing of it needed Ray
+    assert ray.is_initialized() == ray_was_up  # nothing of it needed Ray
 
 
 def test_empty_class_name_is_refused(capsys):

@@ -68,14 +68,14 @@ def test_secret_names(name, secret):
     assert is_secret_name(name) is secret
 
 
-def test_sweep_tracker_records_no_secret(tmp_path):
+def test_sweep_tracker_records_no_secret(tmp_path, mlflow_db):
     """The tracker's params, tags, dict and text artifacts go through the redaction (real MLflow store)."""
     import json
 
     from tuning.tracking import SweepTracker
 
     url = "postgresql://optuna:hunter2@db.example/optuna"
-    tr = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "redact-test", "sweep-1",
+    tr = SweepTracker(mlflow_db, "redact-test", "sweep-1",
                       artifact_location=str(tmp_path / "artifacts"))
     run_id = tr.start_parent("sweep-1", tags={"optuna_storage": url})
     tr.log_params(run_id, {"search.optuna_storage": url, "search.num_samples": 4})
