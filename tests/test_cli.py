@@ -122,6 +122,7 @@ def test_train_eval_predict(tmp_path, synthetic_root):
             assert 4 * 300 < panel.width < 4 * 300 + 250 and 400 < panel.height < 400 + 150  # 4 tiles
 
 
+@pytest.mark.slow  # three training runs (27 s of CPU)
 def test_resume_continues_from_checkpoint(tmp_path, synthetic_root):
     cfg = synthetic_config(synthetic_root, max_per_class=3, epochs=2, max_steps_per_epoch=2, protocol="select")
     full = fit(cfg, checkpoint_dir=tmp_path / "full")

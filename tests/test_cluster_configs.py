@@ -560,6 +560,7 @@ def _rsync_copy(dest: Path, excludes: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.slow  # rsync of the repo and a child importing every module
 def test_ray_up_sync_with_the_configs_excludes_keeps_every_package_importable(tmp_path):
     """What `ray up` copies to the nodes (rsync with rsync_exclude) imports, from the copy itself."""
     import subprocess

@@ -102,6 +102,7 @@ def test_deterministic_errors_are_not_retried_and_the_root_cause_is_dug_out():
     assert root_cause(ControllerError(inner)) is inner
 
 
+@pytest.mark.slow  # a training run with checkpoints
 def test_training_resumes_from_the_newest_complete_checkpoint_on_disk(tmp_path, synthetic_root):
     from conftest import synthetic_config
     from ssvp import engine

@@ -129,6 +129,7 @@ def _train_val_images(cfg) -> tuple[int, float]:
     return len(train_ds) + len(val_ds), 1.0 / (n_pos * n_neg)
 
 
+@pytest.mark.slow  # two or three training runs
 def test_float32_cache_training_is_bit_identical(data_root, tmp_path, monkeypatch):
     cfg = _cfg(data_root, batch_size=1, max_steps_per_epoch=6)  # epoch 2 also meets unseen images
     from_images = fit(cfg).history
@@ -153,6 +154,7 @@ def test_float32_cache_training_is_bit_identical(data_root, tmp_path, monkeypatc
     assert counter.calls["ClipVisionEncoder"] == counter.calls["DinoEncoder"] == counter.calls["Backbones"]
 
 
+@pytest.mark.slow  # two or three training runs
 def test_fp16_cache_matches_within_tolerance_and_second_trial_reuses_it(data_root, tmp_path, monkeypatch):
     decodes = ImageDecodes(monkeypatch)
     cfg = _cfg(data_root)

@@ -125,6 +125,7 @@ def test_random_clip_weights_build_the_same_text_tower(data_root, monkeypatch):
     assert all(torch.equal(v, ref[k]) for k, v in lazy.text_model.state_dict().items())
 
 
+@pytest.mark.slow  # several training runs
 def test_warm_cache_trial_builds_no_vision_tower_and_matches_eager_bit_for_bit(data_root, weights, tmp_path, monkeypatch):
     cfg = _cfg(data_root, weights, feature_cache=str(tmp_path / "cache"))
     monkeypatch.setenv(LAZY_BACKBONES_ENV, "0")
@@ -222,6 +223,7 @@ def test_kept_text_tower_is_a_copy_with_the_same_tensors(data_root, weights, mon
     _KEPT_TEXT.clear()
 
 
+@pytest.mark.slow  # several training runs
 def test_trials_in_one_process_train_as_in_fresh_processes(data_root, weights, tmp_path, monkeypatch):
     """Three warm-cache trials in one process (kept text tower, other gamma in the middle) give the
     histories that trials in their own processes give: nothing of one trial leaks into the next."""

@@ -248,6 +248,7 @@ def test_progress_bar_does_not_touch_the_loader():
     assert order(True) == order(False)
 
 
+@pytest.mark.slow  # two training runs
 def test_same_seed_same_metrics_with_or_without_progress(synthetic_root):
     runs = {}
     for progress in (False, True):
