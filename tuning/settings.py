@@ -38,6 +38,13 @@ The YAML::
       max_concurrent_trials: null    # null = what the cluster fits
       optuna_storage: null           # null = sqlite:///<storage_path>/<name>/optuna.db
       time_budget_s: null
+      objectives: []                 # several: [val/image_auroc, val/pixel_aupro] (tuning.pareto); [] = [metric]
+      modes: []                      # one max/min per objective; [] = mode for each
+      sampler: tpe                   # tpe | nsga2 (Optuna)
+      scheduler_metric: null         # ASHA with several objectives needs one metric to stop on (or scheduler: none)
+      class_folds: 1                 # k > 1: k disjoint held-out source-class sets per trial (tuning.folds)
+      seeds_per_trial: 1             # n > 1: each fold trained with n seeds
+      risk: null                     # kappa: objective = fold mean - kappa * std (max) / + (min)
     resources:
       workers_per_trial: 1           # Ray Train workers per trial (DDP when > 1)
       use_gpu: auto                  # auto | true | false
@@ -55,6 +62,7 @@ The YAML::
     storage_path: runs/ray
     target_eval: best                # best | all | none
     refit: true                      # best config retrained on all source classes (paper protocol), evaluated on targets
+                                     # or {pick: knee | best:<metric> | trial:<n>}: which trial's config (default knee)
 
 :func:`load_sweep` reads a file, builds the base ``Config`` and validates everything once
 (unknown keys anywhere are refused with a message naming the file and field);
@@ -90,6 +98,7 @@ SEARCHES = ("optuna", "grid")
 MODES = ("max", "min")
 TARGET_EVALS = ("best", "all", "none")
 SCHEDULERS = (None, "asha")
+SAMPLERS = ("tpe", "nsga2")
 
 
 class SweepConfigError(ValueError):
@@ -112,6 +121,29 @@ class SearchSettings:
     max_concurrent_trials: int | None = None  # None = what the cluster fits
     optuna_storage: str | None = None  # None = sqlite:///<storage_path>/<name>/optuna.db
     time_budget_s: float | None = None
+    # several objectives (tuning.pareto): [] = [metric]; names as fit reports them or as MLflow shows
+    # them (val/image_auroc); with several, `metric`/`mode` become the first objective's
+    objectives: list = field(default_factory=list)
+    modes: list = field(default_factory=list)  # [] = `mode` for every objective
+    sampler: str = "tpe"  # tpe | nsga2 (Optuna; both search one or several objectives)
+    scheduler_metric: str | None = None  # ASHA with several objectives stops on this one metric
+    # class-fold-robust objective (tuning.folds): k held-out class sets, n seeds, mean - kappa * std
+    class_folds: int = 1
+    seeds_per_trial: int = 1
+    risk: float | None = None  # kappa; None = the plain mean over replicas
+
+    def objective_list(self) -> list[str]:
+        """The objectives as ``fit`` reports them (``val_image_auroc``), ``[metric]`` when none are named."""
+        from .pareto import metric_key
+
+        return [metric_key(o) for o in self.objectives] or [metric_key(self.metric)]
+
+    def mode_list(self) -> list[str]:
+        return [str(m) for m in self.modes] or [self.mode] * len(self.objective_list())
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objective_list()) > 1
 
 
 @dataclass
@@ -177,6 +209,8 @@ class SweepConfig:
     # the protocol forced on every trial: "select" (a search, above); None = each trial's own
     # train.protocol (ablations/grid.py: the paper protocol unless the grid asks for select)
     protocol: str | None = "select"
+    # which configuration the refit trains (tuning.pareto): knee | best:<metric> | trial:<n>
+    refit_pick: str = "knee"
     verbose: int = 1  # console: 0 silent, 1 a line per finished trial, 2 + Tune's table and Ray's logs, 3 + per result
     description: str = ""
     source_file: str = ""  # the YAML it was read from ("" when built in code)
@@ -190,10 +224,12 @@ class SweepConfig:
         """
         self._normalize()
         self._check_settings()
+        self._check_objectives()
         space = self._check_space()
         fixed_base = self.base.override(space.fixed)
         self._check_variants(fixed_base)
         self._check_points(space, fixed_base)
+        self.fold_classes()  # class_folds > 1: the source's classes split, or the refusal naming the key
         return space
 
     def _where(self, section: str) -> str:
@@ -233,6 +269,83 @@ class SweepConfig:
         for ok, section, message in checks:
             if not ok:
                 raise SweepConfigError(f"{self._where(section)}: {message}")
+
+    def _check_objectives(self) -> None:
+        """Objectives, modes, sampler, the scheduler with several objectives, folds, seeds, risk, refit.pick."""
+        from .pareto import PickError, known_objectives, metric_key, parse_pick
+
+        s = self.search
+        known = known_objectives()
+        if not isinstance(s.objectives, list) or not isinstance(s.modes, list):
+            self._refuse("search", "objectives and modes must be lists, e.g. objectives: [val/image_auroc, "
+                         "val/pixel_aupro], modes: [max, max]")
+        for name in s.objectives:
+            if metric_key(name) not in known:
+                self._refuse("search", f"objectives: unknown objective {name!r}; known: {', '.join(known)} "
+                             "(or their MLflow names, val/image_auroc)")
+        if len(set(map(metric_key, s.objectives))) != len(s.objectives):
+            self._refuse("search", f"objectives: {s.objectives} names one metric twice")
+        if s.modes and len(s.modes) != len(s.objective_list()):
+            self._refuse("search", f"modes: {len(s.modes)} mode(s) {s.modes} for {len(s.objective_list())} "
+                         f"objective(s) {s.objective_list()}; give one max/min per objective")
+        if any(m not in MODES for m in s.mode_list()):
+            self._refuse("search", f"modes must each be 'max' or 'min', got {s.modes}")
+        if s.objectives:  # the first objective is the metric the console, ASHA's default and best_ show
+            s.metric, s.mode = s.objective_list()[0], s.mode_list()[0]
+        if s.sampler not in SAMPLERS:
+            self._refuse("search", f"sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+        if s.scheduler_metric is not None and metric_key(s.scheduler_metric) not in known:
+            self._refuse("search", f"scheduler_metric: unknown metric {s.scheduler_metric!r}; known: {', '.join(known)}")
+        if s.multi and s.scheduler == "asha" and not s.scheduler_metric:
+            self._refuse("search", f"scheduler: asha cannot rank {len(s.objective_list())} objectives at once; set "
+                         "scheduler: none (every trial runs all epochs) or scheduler_metric: <one metric> "
+                         "(ASHA stops trials on that metric alone)")
+        self._check_replicas()
+        try:
+            parse_pick(self.refit_pick, s.objective_list())
+        except PickError as exc:
+            self._refuse("refit", str(exc))
+
+    def _check_replicas(self) -> None:
+        s = self.search
+        for key in ("class_folds", "seeds_per_trial"):
+            value = getattr(s, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                self._refuse("search", f"{key} must be an integer >= 1, got {value!r}")
+        if s.risk is not None and (isinstance(s.risk, bool) or not isinstance(s.risk, (int, float)) or s.risk < 0):
+            self._refuse("search", f"risk must be a number kappa >= 0 (objective = mean - kappa * std), got {s.risk!r}")
+        replicated = s.class_folds > 1 or s.seeds_per_trial > 1
+        if s.risk and not replicated:
+            self._refuse("search", "risk needs class_folds > 1 or seeds_per_trial > 1 (a spread to weigh)")
+        if replicated and self.target_eval == "all":
+            self._refuse("target_eval", "'all' evaluates one model per trial; with class_folds or seeds_per_trial > 1 "
+                         "a trial trains several, use target_eval: best (the refit is evaluated)")
+        if s.class_folds > 1 and self.base.data.val_classes:
+            self._refuse("search", f"class_folds: {s.class_folds} chooses the held-out classes itself; remove "
+                         f"data.val_classes {self.base.data.val_classes} from the base config")
+
+    def fold_classes(self) -> list[list[str]]:
+        """The held-out class sets of ``search.class_folds`` (``[]`` for one fold); reads the source's class list."""
+        from .folds import FoldError, assign_folds
+
+        s = self.search
+        if s.class_folds <= 1:
+            return []
+        from ssvp.data import open_dataset
+        from ssvp.data.base import DatasetError
+
+        data = self.base.data
+        try:
+            classes = open_dataset(data.source, split="test", classes=data.source_classes or None).classes
+        except (DatasetError, OSError) as exc:
+            self._refuse("search", f"class_folds: cannot list the classes of data.source {data.source!r}: {exc}")
+        try:
+            return assign_folds(classes, s.class_folds, s.seed)
+        except FoldError as exc:
+            raise SweepConfigError(f"{self.source_file}: {exc}" if self.source_file else str(exc)) from None
+
+    def _refuse(self, section: str, message: str):
+        raise SweepConfigError(f"{self._where(section)}: {message}")
 
     def _check_space(self):
         from .space import SpaceError, parse_space
@@ -275,6 +388,7 @@ class SweepConfig:
         out["base"] = self.base.to_dict()
         for key in ("search", "resources", "mlflow"):
             out[key] = asdict(out[key])
+        out["refit"] = {"enabled": out["refit"], "pick": out.pop("refit_pick")}
         return out
 
     def to_yaml(self) -> str:
@@ -356,12 +470,22 @@ def load_sweep(
         mlflow=_section(MlflowSettings, raw.get("mlflow"), f"{p}: mlflow"),
         storage_path=str(raw.get("storage_path") or "runs/ray"),
         target_eval=str(raw.get("target_eval") or "best"),
-        refit=raw.get("refit", True),
+        **_refit_settings(raw.get("refit", True), f"{p}: refit"),
         description=str(raw.get("description") or ""),
         source_file=where,
     )
     sweep.validate()
     return sweep
+
+
+def _refit_settings(raw: Any, where: str) -> dict[str, Any]:
+    """``refit: true | false | {pick: knee | best:<metric> | trial:<n>, enabled: true}`` as SweepConfig fields."""
+    if not isinstance(raw, Mapping):
+        return {"refit": raw}
+    unknown = sorted(set(raw) - {"pick", "enabled"})
+    if unknown:
+        raise SweepConfigError(f"{where}: unknown key(s) {unknown}; known: enabled, pick")
+    return {"refit": raw.get("enabled", True), "refit_pick": str(raw.get("pick", "knee"))}
 
 
 def build_base_config(base: Mapping[str, Any], source_file: str = "", base_dir: str | Path | None = None) -> Config:
