@@ -6,6 +6,7 @@
     [1/8] t00 γ=0.5 ξ=0.85 β=0.1 ...  best_val_objective 0.7241 @ epoch 3/3          best t00 0.7241 | 2 running
     [2/8] t01 γ=0.549 ξ=0.822 ...      best_val_objective 0.6120 @ epoch 1/3  ASHA   best t00 0.7241 | 2 running
     [3/8] t02 ...                      FAILED  DatasetError: cannot read image ...
+    [4/8] t03 ...  best_val_objective 0.6810 @ epoch 3/3 [fold0 0.7100 fold1 0.6520 ±0.0410]   (class_folds: 2)
 
 The objective of a trial is its *best* epoch (the heads it keeps, what MLflow's
 ``best_val_objective``, Optuna's value and the final summary report), so "best" here names
@@ -34,6 +35,7 @@ class SweepConsole(_TuneCallback):
         self._values: dict[str, dict[int, float]] = {}  # trial_id -> {epoch: objective}
         self._ended: list[str] = []
         self._best: tuple[str, float, int] | None = None  # (label, value, epoch)
+        self._replicas: dict[str, dict[int, dict[str, float]]] = {}  # trial_id -> {epoch: {fold0: v, std: s}}
 
     def get_state(self):  # nothing worth restoring: the lines are a live view
         return None
@@ -47,6 +49,11 @@ class SweepConsole(_TuneCallback):
             return
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self._values.setdefault(trial.trial_id, {})[epoch] = float(result[self.metric])
+        prefix = f"{self.metric}_"  # class folds / seeds per trial (tuning.folds): each replica's value, the spread
+        parts = {k[len(prefix):]: float(v) for k, v in result.items()
+                 if k.startswith(prefix) and k[len(prefix):].startswith(("fold", "seed", "std"))}
+        if parts:
+            self._replicas.setdefault(trial.trial_id, {})[epoch] = parts
 
     def _best_epoch(self, trial_id: str) -> tuple[float, int] | None:
         values = {e: v for e, v in self._values.get(trial_id, {}).items() if math.isfinite(v)}
@@ -83,6 +90,10 @@ class SweepConsole(_TuneCallback):
             last = max(self._values[trial.trial_id])
             stopped = "  stopped early (ASHA)" if last < self.epochs else ""
             body = f"best_{self.metric} {value:.4f} @ epoch {epoch}/{self.epochs}{stopped}"
+            parts = self._replicas.get(trial.trial_id, {}).get(epoch)
+            if parts:
+                body += " [" + " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "std")
+                body += f" ±{parts['std']:.4f}]" if "std" in parts else "]"
             better = self._best is None or (value > self._best[1] if self.mode == "max" else value < self._best[1])
             if better:
                 self._best = (label, value, epoch)

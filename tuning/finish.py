@@ -22,7 +22,6 @@ Selection uses only the source-domain validation split; target metrics never fee
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -54,12 +53,19 @@ def finish(summary: ResultSummary, plan: Plan, tracker: SweepTracker, started: f
 
 
 def pick_best(summary: ResultSummary, plan: Plan) -> Config | None:
-    """Set ``summary.best`` / ``best_config``; the best trial's resolved config (None: no finite objective)."""
-    finite = [t for t in summary.trials if t.objective is not None and math.isfinite(t.objective)]
-    if not finite:
+    """Set ``summary.best`` / ``best_config`` by ``refit.pick`` (``tuning.front``: knee of the front, best on
+    one objective, or a trial by number; one objective: the best trial); its resolved config (None: no
+    trial with a finite point)."""
+    from .front import pick_trial
+    from .pareto import PickError
+
+    try:
+        summary.best = pick_trial(summary, plan.sweep.refit_pick)
+    except PickError as exc:  # trial:<n> that did not finish: the knee instead, and say so
+        summary.errors["refit_pick"] = f"{exc}; picked the knee instead"
+        summary.best = pick_trial(summary, "knee")
+    if summary.best is None:
         return None
-    pick = max if summary.mode == "max" else min
-    summary.best = pick(finite, key=lambda t: t.objective)
     best_cfg, _ = resolve_trial_config(plan.base.to_dict(), summary.best.params, plan.variants)
     summary.best_config = best_cfg.to_dict()
     return best_cfg
@@ -288,6 +294,10 @@ def report_parent(summary: ResultSummary, tracker: SweepTracker, plan: Plan, sta
     if summary.best is not None and not grid:
         metrics[f"best_{summary.metric}"] = summary.best.objective
         _tag_best(summary, tracker)
+    if summary.objectives and not grid:
+        from .front import tag_front
+
+        tag_front(summary, tracker)
     tracker.log_metrics(run_id, metrics)
     if not grid:
         tracker.describe_run(run_id, _overview(summary, plan))
@@ -326,6 +336,10 @@ def _write_report_files(summary: ResultSummary, plan: Plan, tmp: Path, grid: boo
     _write_importance(summary, plan, tmp)
     if summary.best is not None:
         (tmp / "best_config.json").write_text(json.dumps(summary.best_config, indent=2))
+    if len(summary.objectives) > 1:
+        from .front import front_files
+
+        front_files(summary, tmp, _study(plan))
     return list(tmp.iterdir())
 
 
@@ -339,7 +353,7 @@ def _write_importance(summary: ResultSummary, plan: Plan, tmp: Path) -> None:
                    tmp / "objective_vs_trial.png")
     finished = [t for t in summary.trials if t.status == "FINISHED"]  # Optuna's COMPLETE trials
     imp = param_importance([t.params for t in finished], [t.objective for t in finished], plan.space.params,
-                           summary.mode, study=_study(plan))
+                           summary.mode, study=None if plan.sweep.search.multi else _study(plan))
     plot_importance(imp["importance"], imp["method"], tmp / "param_importance.png", imp.get("note", ""))
     (tmp / "param_importance.json").write_text(json.dumps(imp, indent=2))
 

@@ -152,13 +152,14 @@ class _Turns:
 
 
 def run_lockstep(fits: Sequence[Callable[[Callable], Any]],
-                 on_round: Callable[[int, list[dict], list[str | None]], None]) -> list[Any]:
+                 on_round: Callable[[int, list[dict], list[str | None]], None], start: int = 0) -> list[Any]:
     """Run ``fits[i](on_epoch)`` (each an ``engine.fit`` taking its ``on_epoch``) one epoch at a time each.
 
     After every replica has trained epoch e, ``on_round(e, [metrics per replica], [checkpoint per
     replica])`` runs in the calling thread (the one that may report to Ray). A replica's error, or
     an error raised by ``on_round`` (Tune stopping the trial), ends every replica at its next epoch
-    and is raised here. Returns each fit's result.
+    and is raised here. ``start``: epochs every replica already trained (all resumed from there).
+    Returns each fit's result.
     """
     n = len(fits)
     turns = _Turns(n)
@@ -186,7 +187,7 @@ def run_lockstep(fits: Sequence[Callable[[Callable], Any]],
     threads = [threading.Thread(target=body, args=(i,), name=f"replica-{i}", daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    reported = 0
+    reported = start
     try:
         while True:
             turns.wait(n)

@@ -5,7 +5,8 @@ the parsed space, the base config with the space's fixed keys applied and its pa
 absolute, the points evaluated first, the resources resolved against the cluster
 (``use_gpu="auto"``, ``max_concurrent_trials=None``), the folders (:class:`SweepPaths`) and
 whether this is a resume (``Tuner.restore``). The builders below turn a plan into Tune's
-pieces: :func:`make_search` (Optuna TPE or grid), :func:`make_scheduler` (ASHA),
+pieces: :func:`make_search` (Optuna TPE / NSGA-II on one or several objectives, or grid),
+:func:`make_scheduler` (ASHA),
 :func:`tune_space`, :func:`make_trial_settings` (what each trial's driver gets).
 """
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Plan:
     max_concurrent: int | None
     restoring: bool  # Tuner.restore of an interrupted sweep
     optuna_url: str | None
+    replicas: list[dict[str, Any]] = None  # class folds x seeds of every trial (tuning.folds); [] = one fit
 
     @property
     def name(self) -> str:
@@ -81,6 +83,9 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
     import ray
 
     space = sweep.validate()
+    from .folds import replicas
+
+    trial_replicas = replicas(sweep.fold_classes(), sweep.search.seeds_per_trial)  # before Ray: the same every trial
     base = absolutize_paths(trial_base(sweep, space))
     from .preflight import check_before_ray, check_resources
 
@@ -95,7 +100,7 @@ def make_plan(sweep: SweepConfig, resume: bool = False) -> Plan:
     paths = SweepPaths.of(sweep.storage_path, sweep.name)
     return Plan(
         sweep=sweep, space=space, base=base, variants=dict(sweep.variants), points=first_points(sweep, space),
-        paths=paths, use_gpu=use_gpu, max_concurrent=max_concurrent,
+        paths=paths, use_gpu=use_gpu, max_concurrent=max_concurrent, replicas=trial_replicas,
         restoring=resume_state(paths, sweep.name, resume),
         # on an object store the study lives in Tune's experiment state (no SQLite file there)
         optuna_url=sweep.search.optuna_storage or (
@@ -180,11 +185,36 @@ def make_search(plan: Plan):
         from .search import make_optuna_search
 
         plan.paths.experiment.mkdir(parents=True, exist_ok=True)
-        return make_optuna_search(plan.name, plan.optuna_url, search.seed, plan.points,
-                                  epochs=plan.base.train.epochs)
+        objectives, modes = search.objective_list(), search.mode_list()
+        searcher = make_optuna_search(plan.name, plan.optuna_url, search.seed, plan.points,
+                                      epochs=plan.base.train.epochs, objectives=objectives, modes=modes,
+                                      sampler=search.sampler)
+        if not search.multi and own_metrics(plan):  # Tune's metric is unset: the searcher holds its own
+            searcher._metric, searcher._mode = objectives[0], modes[0]
+        return searcher
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=plan.max_concurrent or 0)
+
+
+def own_metrics(plan: Plan) -> bool:
+    """Whether the searcher and the scheduler hold their metrics themselves (Tune's metric/mode unset):
+    several objectives, or ASHA on a ``scheduler_metric`` of its own."""
+    s = plan.sweep.search
+    return s.multi or (s.scheduler == "asha" and bool(s.scheduler_metric))
+
+
+def scheduler_metric(plan: Plan) -> tuple[str, str]:
+    """``(metric, mode)`` ASHA ranks trials on: ``scheduler_metric`` (mode: its objective's, else min for
+    ``train_*``, max otherwise) or the sweep's metric."""
+    from .pareto import metric_key
+
+    s = plan.sweep.search
+    if not s.scheduler_metric:
+        return s.metric, s.mode
+    key = metric_key(s.scheduler_metric)
+    modes = dict(zip(s.objective_list(), s.mode_list()))
+    return key, modes.get(key, "min" if key.startswith("train_") else "max")
 
 
 def make_scheduler(plan: Plan):
@@ -192,7 +222,9 @@ def make_scheduler(plan: Plan):
 
     ``max_t`` is one past the last epoch: ASHA stops only under-performers early; a trial that
     reaches its last epoch ends by itself (target evaluation with target_eval="all" and a
-    clean Ray Train shutdown included).
+    clean Ray Train shutdown included). With several objectives ASHA needs one metric of its own
+    (``search.scheduler_metric``, refused otherwise before Ray starts); with class folds it sees the
+    per-epoch fold mean, as every other metric.
     """
     search = plan.sweep.search
     if search.scheduler != "asha":
@@ -200,9 +232,10 @@ def make_scheduler(plan: Plan):
     from ray.tune.schedulers import ASHAScheduler
 
     epochs = plan.base.train.epochs
+    metric, mode = scheduler_metric(plan) if own_metrics(plan) else (None, None)
     return ASHAScheduler(
         time_attr="epoch", max_t=epochs + 1, grace_period=max(1, min(search.grace_period, epochs)),
-        reduction_factor=search.reduction_factor,
+        reduction_factor=search.reduction_factor, metric=metric, mode=mode,
     )
 
 
@@ -233,7 +266,17 @@ def make_trial_settings(plan: Plan) -> TrialSettings:
         reuse_processes=res.reuse_processes,
         train_storage=str(plan.paths.train),
         target_eval=plan.sweep.target_eval,
+        replicas=plan.replicas,
+        selected=selected_metrics(plan),
+        risk=plan.sweep.search.risk,
     )
+
+
+def selected_metrics(plan: Plan) -> dict[str, str]:
+    """The metrics a replicated trial reports per replica and with their spread: {metric: mode}."""
+    s = plan.sweep.search
+    return {"val_objective": "max", **dict(zip(s.objective_list(), s.mode_list())),
+            **dict([scheduler_metric(plan)] if s.scheduler_metric else [])}
 
 
 # --------------------------------------------------------------------------- paths in the config

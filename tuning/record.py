@@ -163,6 +163,7 @@ def collect_trials(plan: Plan, tracker: SweepTracker, callback: MLflowTrialCallb
         experiment=tracker.experiment, experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id,
         metric=s.metric, mode=s.mode, trials=summaries, errors=errors, interrupted=interrupted,
         optuna_storage=plan.optuna_url if s.algorithm == "optuna" else None,
+        objectives=s.objective_list(), modes=s.mode_list(),
     )
 
 
@@ -212,9 +213,15 @@ def _trial_summary(plan: Plan, tracker: SweepTracker, trial, status: str, error:
         if ckpt and (storage_path(ckpt) / "best").is_dir():
             checkpoint = str(storage_path(ckpt) / "best")
     trial_dir = plan.paths.train / tid
+    objective = metrics.get(f"best_{plan.sweep.search.metric}")
+    values = {plan.sweep.search.metric: objective} if objective is not None else {}
+    if run is not None and plan.sweep.search.multi:  # the point on the front: every objective at the kept epoch
+        from .front import trial_values
+
+        values = trial_values(tracker.client, run, plan.sweep.search.objective_list(), metrics.get("best_epoch"))
     return TrialSummary(
         trial_id=tid, status=status, params=params, variant=params.get(VARIANT_KEY), metrics=metrics,
-        objective=metrics.get(f"best_{plan.sweep.search.metric}"), checkpoint=checkpoint,
+        objective=objective, checkpoint=checkpoint, values=values,
         run_id=run.info.run_id if run else None, error=error,
         placement=_read_json(trial_dir / "placement" / "rank0.json"),
         target_report=_read_json(trial_dir / "target_report.json") or {},

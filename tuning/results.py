@@ -25,6 +25,7 @@ class TrialSummary:
     target_report: dict[str, Any] = field(default_factory=dict)  # per-class target tables (target_eval="all")
     trial_dir: str | None = None  # the trial's Ray Train run folder
     number: int | None = None  # Tune's running number (Optuna's trial number with Optuna)
+    values: dict[str, float] = field(default_factory=dict)  # each objective at the kept epoch (tuning.front)
 
     @property
     def label(self) -> str:
@@ -56,6 +57,10 @@ class ResultSummary:
     table_path: str | None = None
     model_uri: str | None = None  # the refit model (an MLflow LoggedModel): models:/<model id>
     registered_model: str | None = None  # models:/<name>/<version> with register_model
+    objectives: list[str] = field(default_factory=list)  # several: the Pareto front is over these
+    modes: list[str] = field(default_factory=list)
+    front: list[str] = field(default_factory=list)  # labels of the non-dominated trials
+    pick: dict[str, Any] = field(default_factory=dict)  # refit.pick: rule, trial, its point
 
     @property
     def mlflow_ui(self) -> str:
@@ -97,6 +102,9 @@ class ResultSummary:
         for t in self.ranked():
             row = {"trial": t.label, f"best_{self.metric}": t.objective, "best_epoch": t.metrics.get("best_epoch"),
                    "status": t.status}
+            if len(self.objectives) > 1:  # each objective at the kept epoch, and whether the trial is on the front
+                row.update({k: t.values.get(k) for k in self.objectives})
+                row["front"] = "yes" if t.label in self.front else ""
             if t.variant is not None:
                 row["variant"] = t.variant
             row.update({k: v for k, v in t.params.items() if k != VARIANT_KEY})
@@ -124,6 +132,10 @@ class ResultSummary:
             lines.append(f"best trial {b.label} ({b.trial_id}): {self.metric} = {b.objective:.4f}{at}  params {b.params}")
             if b.checkpoint:
                 lines.append(f"best heads (held-out source classes picked the epoch): {b.checkpoint}")
+        if len(self.objectives) > 1:
+            lines.append(f"Pareto front over {', '.join(self.objectives)}: {', '.join(self.front) or 'empty'}")
+        if self.pick:
+            lines.append(f"refit pick {self.pick['rule']}: {self.pick['trial']}")
         if self.refit_checkpoint:
             lines.append(f"refit on all source classes, paper protocol (run {self.refit_run_id}): {self.refit_checkpoint}")
         if self.model_uri:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Callable, Mapping
 
 from .finish import finish
@@ -40,6 +41,8 @@ from .settings import SweepConfig
 __all__ = [
     "run_trials",
     "run_tuner",
+    "refit_only",
+    "summary_from_record",
     "ResultSummary",
     "TrialSummary",
     "SweepConfig",
@@ -82,6 +85,66 @@ def run_trials(sweep: SweepConfig, *, resume: bool = False, on_results: OnResult
     return summary
 
 
+def refit_only(sweep: SweepConfig, pick: str) -> ResultSummary:
+    """Refit another point of a finished sweep without searching again (``sweep.py --refit-only --pick``).
+
+    The trials are read back from the sweep's MLflow record (its parent run, found through
+    ``ssvp_sweep.json``); ``pick`` (``knee`` | ``best:<metric>`` | ``trial:<n>``) chooses the trial whose
+    configuration is refit with the paper protocol and evaluated on the targets (``target_eval: best``),
+    as new ``role=refit`` / ``role=target_eval`` runs under the same parent, which records the rule and
+    the point (``refit_pick``, ``refit_point``). Raises ``PickError`` (a ValueError) when ``pick`` names
+    no finished trial, before anything is trained.
+    """
+    from .finish import evaluate_targets, pick_best, refit
+    from .front import pick_trial, tag_front
+    from .pareto import parse_pick
+
+    sweep = sweep.replace(refit=True, refit_pick=pick)
+    parse_pick(pick, sweep.search.objective_list())
+    plan = make_plan(sweep, resume=True)
+    if not plan.restoring:
+        raise ValueError(f"--refit-only: no finished sweep {plan.name!r} at {plan.paths.experiment}")
+    tracker = open_parent(plan)
+    try:
+        summary = summary_from_record(plan, tracker)
+        pick_trial(summary, pick)  # PickError now, not a silent knee
+        best_cfg = pick_best(summary, plan)
+        if best_cfg is not None:
+            model_cfg = refit(summary, plan, tracker, best_cfg)
+            evaluate_targets(summary, plan, tracker, model_cfg or best_cfg)
+        tag_front(summary, tracker)
+        tracker.end_parent("FINISHED")
+    except BaseException as exc:
+        close_on_error(tracker, exc)
+        raise
+    return summary
+
+
+def summary_from_record(plan: Plan, tracker) -> ResultSummary:
+    """The sweep's trials as its MLflow record holds them (child runs with ``role=trial``)."""
+    import json
+    import tempfile
+    from types import SimpleNamespace
+
+    from .record import _trial_summary
+
+    s = plan.sweep.search
+    trials = []
+    for run in sorted(tracker.children(role="trial"), key=lambda r: r.info.start_time):
+        with tempfile.TemporaryDirectory() as tmp:
+            params = json.loads(Path(tracker.client.download_artifacts(
+                run.info.run_id, "config/trial_params.json", tmp)).read_text())
+        status = {"FINISHED": "FINISHED", "FAILED": "FAILED"}.get(run.info.status, "KILLED")
+        trial = SimpleNamespace(trial_id=run.data.tags["trial_id"], config=params)
+        trials.append(_trial_summary(plan, tracker, trial, status, run.data.tags.get("error")))
+    return ResultSummary(
+        name=plan.name, experiment_path=str(plan.paths.experiment), tracking_uri=tracker.tracking_uri,
+        experiment=tracker.experiment, experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id,
+        metric=s.metric, mode=s.mode, trials=trials, optuna_storage=plan.optuna_url if s.algorithm == "optuna" else None,
+        objectives=s.objective_list(), modes=s.mode_list(),
+    )
+
+
 def close_on_error(tracker, exc: BaseException) -> None:
     """Open child runs KILLED, the parent KILLED (Ctrl+C: resumable) or FAILED with the reason.
 
@@ -111,7 +174,7 @@ def run_tuner(plan: Plan, callback, signer: StateSigner | None = None):
     resume can check it was this user's sweep that wrote it (:mod:`tuning.integrity`)."""
     from ray import tune
 
-    from .plan import TRIAL_DRIVER_CPU, make_scheduler, make_search, make_trial_settings, tune_space
+    from .plan import TRIAL_DRIVER_CPU, make_scheduler, make_search, make_trial_settings, own_metrics, tune_space
     from .trial import trial_driver
 
     settings = make_trial_settings(plan)
@@ -136,8 +199,9 @@ def run_tuner(plan: Plan, callback, signer: StateSigner | None = None):
         trainable,
         param_space=tune_space(plan),
         tune_config=tune.TuneConfig(
-            metric=s.metric,
-            mode=s.mode,
+            # several objectives / ASHA on its own metric: the searcher and the scheduler hold theirs
+            metric=None if own_metrics(plan) else s.metric,
+            mode=None if own_metrics(plan) else s.mode,
             search_alg=search,
             scheduler=make_scheduler(plan),
             num_samples=s.num_samples,

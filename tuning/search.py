@@ -8,7 +8,9 @@ import warnings
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["ResumableOptunaSearch", "make_optuna_search", "SecretFreeRDBStorage", "remember_storage_url"]
+__all__ = ["ResumableOptunaSearch", "make_optuna_search", "make_sampler", "SecretFreeRDBStorage", "remember_storage_url"]
+
+SELECT_KEY = "val_objective"  # the engine keeps the heads of the best epoch by this
 
 _REAL_URLS: dict[str, str] = {}  # redacted URL -> URL, in this (driver) process only
 
@@ -63,8 +65,13 @@ class ResumableOptunaSearch(OptunaSearch):
     def __init__(self, *args, epochs: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._epochs = epochs
-        self._progress: dict[str, dict[int, float]] = {}  # trial_id -> {epoch: value}
+        self._progress: dict[str, dict[int, float]] = {}  # trial_id -> {epoch: value (several: val_objective)}
+        self._vectors: dict[str, dict[int, list[float]]] = {}  # several objectives: trial_id -> {epoch: values}
         self.study_user_attrs: dict[str, str] = {}
+
+    @property
+    def multi(self) -> bool:
+        return isinstance(self.metric, list)
 
     def observe(self, trial_id: str, result: dict | None, run_id: str | None = None) -> None:
         """Record one epoch's value as an intermediate value (once per epoch).
@@ -76,12 +83,17 @@ class ResumableOptunaSearch(OptunaSearch):
         """
         if run_id and trial_id in self._ot_trials and self._ot_trials[trial_id].user_attrs.get("mlflow_run_id") != run_id:
             self._ot_trials[trial_id].set_user_attr("mlflow_run_id", run_id)
+        metrics = self.metric if self.multi else [self.metric]
         if (not result or trial_id in self._completed_trials or trial_id not in self._ot_trials
-                or result.get("target_eval_done") or self.metric not in result):
+                or result.get("target_eval_done") or any(m not in result for m in metrics)):
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         values = self._progress.setdefault(trial_id, {})
         if step in values:  # an epoch reported again after a restart
+            return
+        if self.multi:  # Optuna keeps no intermediate values of several objectives: the epoch's vector here
+            values[step] = float(result.get(SELECT_KEY, math.nan))
+            self._vectors.setdefault(trial_id, {})[step] = [float(result[m]) for m in metrics]
             return
         values[step] = float(result[self.metric])
         self._ot_trials[trial_id].report(values[step], step)
@@ -95,12 +107,18 @@ class ResumableOptunaSearch(OptunaSearch):
         self.observe(trial_id, result)
         values = self._progress.get(trial_id, {})
         finite = [v for v in values.values() if math.isfinite(v)]
+        if self.multi:  # every objective finite at the kept epoch, else the trial failed
+            finite = [1.0] if all(math.isfinite(v) for v in self.kept_vector(trial_id) or [math.nan]) else []
         state = optuna.trial.TrialState
         try:
             if error or not finite:
                 self._ot_study.tell(self._ot_trials[trial_id], state=state.FAIL)
+            elif self._epochs and max(values) < self._epochs and self.multi:  # stopped early (ASHA on one metric)
+                self._ot_study.tell(self._ot_trials[trial_id], state=state.PRUNED)
             elif self._epochs and max(values) < self._epochs:  # stopped early: PRUNED, valued as MLflow values it
                 self._tell_pruned(self._ot_trials[trial_id], max(finite) if self._mode == "max" else min(finite))
+            elif self.multi:
+                self._ot_study.tell(self._ot_trials[trial_id], self.kept_vector(trial_id))
             else:
                 self._ot_study.tell(self._ot_trials[trial_id], max(finite) if self._mode == "max" else min(finite))
         except Exception as exc:  # noqa: BLE001 - as Ray's OptunaSearch: never fail the sweep here
@@ -117,6 +135,17 @@ class ResumableOptunaSearch(OptunaSearch):
         except Exception:  # noqa: BLE001 - a storage without that call: Optuna's own (last value)
             self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
+    def kept_vector(self, trial_id: str) -> list[float] | None:
+        """The objectives at the epoch whose heads the trial keeps: the engine's best source-validation
+        epoch (``val_objective``, first of ties), else the last epoch."""
+        vectors = self._vectors.get(trial_id) or {}
+        if not vectors:
+            return None
+        select = self._progress.get(trial_id, {})
+        finite = {e: v for e, v in select.items() if math.isfinite(v)}
+        epoch = min((e for e in finite if finite[e] == max(finite.values())), default=max(vectors))
+        return vectors.get(epoch, vectors[max(vectors)])
+
     def _setup_study(self, mode):
         if self._storage is not None:
             try:
@@ -126,9 +155,12 @@ class ResumableOptunaSearch(OptunaSearch):
             except KeyError:
                 pass
         super()._setup_study(mode)
+        # optuna-dashboard: named objectives, not "Objective 0" (several: each objective's own name)
+        names = list(self.metric) if self.multi else [f"best_{self.metric}"]
         with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._ot_study.set_metric_names([f"best_{self.metric}"])  # optuna-dashboard: not "Objective 0"
+            if self._ot_study.metric_names != names:
+                self._ot_study.set_metric_names(names)
         for key, value in self.study_user_attrs.items():
             self._ot_study.set_user_attr(key, value)
 
@@ -149,14 +181,25 @@ class ResumableOptunaSearch(OptunaSearch):
                 self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
+def make_sampler(name: str, seed: int):
+    """Optuna's seeded TPE or NSGA-II sampler (both handle one or several objectives)."""
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
 def make_optuna_search(study_name: str, storage_url: str | None, seed: int, points: list[dict] | None,
-                       epochs: int | None = None) -> ResumableOptunaSearch:
-    """TPE (seeded) with ``points`` evaluated first; the study ``study_name`` is kept at ``storage_url``;
-    a trial that ends before ``epochs`` is PRUNED."""
+                       epochs: int | None = None, objectives: list[str] | None = None,
+                       modes: list[str] | None = None, sampler: str = "tpe") -> ResumableOptunaSearch:
+    """TPE or NSGA-II (seeded) with ``points`` evaluated first; the study ``study_name`` is kept at
+    ``storage_url``; a trial that ends before ``epochs`` is PRUNED. With several ``objectives`` the
+    searcher holds the metrics and modes itself (Tune's own metric/mode stay unset)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    several = dict(metric=list(objectives), mode=list(modes)) if objectives and len(objectives) > 1 else {}
     return ResumableOptunaSearch(
         points_to_evaluate=list(points or []) or None,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=make_sampler(sampler, seed),
+        **several,
         study_name=study_name,
         storage=SecretFreeRDBStorage(storage_url) if storage_url else None,  # None: kept in Tune's state
         epochs=epochs,

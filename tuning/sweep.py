@@ -29,6 +29,11 @@ See the results (parent run = the sweep, child runs = its trials, plus the
 
     mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db
 
+Refit another point of a finished sweep (the knee, the best on one objective, or a trial by
+number) without searching again; a new ``role=refit`` run under the same parent::
+
+    python tuning/sweep.py --config tuning/configs/quick.yaml --local --refit-only --pick trial:7 [--name NAME]
+
 Check what would run (the file, ``--set`` and the flags, base config resolved) without
 starting anything::
 
@@ -99,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="start Ray in this process (127.0.0.1 only)")
     where.add_argument("--address", default=None, help="Ray cluster address (default: auto, i.e. RAY_ADDRESS or a local head)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    p.add_argument("--refit-only", action="store_true",
+                   help="refit a point of a finished sweep (--name, or the newest of the config) without searching")
+    p.add_argument("--pick", default=None, metavar="RULE",
+                   help="which trial's configuration the refit trains: knee | best:<metric> | trial:<n> "
+                        "(default: the config's refit.pick, knee)")
     p.add_argument("--name", default=None, help="sweep name (default <config name>-<timestamp>)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the "
                    "config's mlflow.tracking_uri, else sqlite:////CWD/runs/mlflow.db)")
@@ -208,10 +218,12 @@ def sweep_from_args(args: argparse.Namespace):
     storage = sweep.storage_path = where.storage_path
     sweep.mlflow.tracking_uri, sweep.mlflow.artifact_location = _login_to_env(where.tracking_uri), where.artifact_location
     sweep.target_eval = args.target_eval or sweep.target_eval
+    if getattr(args, "pick", None):
+        sweep.refit_pick = args.pick
     sweep.verbose = 0 if args.quiet else 2 if getattr(args, "verbose", False) else 1
     sweep.mlflow.parent_tags = {**source_tags(sweep.source_file), "launcher": "tuning/sweep.py"}
     sweep.mlflow.parent_artifacts = {"sweep_config": sweep.source_file}
-    if args.resume:
+    if args.resume or getattr(args, "refit_only", False):  # never picks a sweep by itself
         sweep.name = _resume_name(storage, args.name, sweep.name)
     elif args.name:
         sweep.name = args.name
@@ -238,7 +250,7 @@ def _connect(args: argparse.Namespace) -> bool:
 
 
 LAUNCH_FILE = "launch.json"  # <storage>/<name>/launch.json: the command line a sweep was started with
-_NOT_REMEMBERED = ("--resume", "--print-config")
+_NOT_REMEMBERED = ("--resume", "--print-config", "--refit-only")
 
 
 def _launch_file(storage, name: str):
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_cpus is not None and args.num_cpus < 1:
         return _error(f"--num-cpus must be >= 1, got {args.num_cpus}", 2)
     try:
-        if args.resume:
+        if args.resume or args.refit_only:
             args, stored = _remembered_args(parser, args, argv)
             started_with = stored or argv
         sweep = sweep_from_args(args)
@@ -375,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(redact_text(f"[sweep] {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} samples, "
                       f"storage {sweep.storage_path}, MLflow {sweep.mlflow.tracking_uri}"), flush=True)
+    if args.refit_only:
+        return _refit_only(sweep)
     try:
         if not args.resume:
             _remember_launch(sweep, argv)
@@ -402,6 +416,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\nno trial finished an epoch (search.time_budget_s too short?)", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _refit_only(sweep) -> int:
+    """``--refit-only``: refit the ``refit.pick`` point of a finished sweep; prints the pick and the refit."""
+    from tuning.redact import redact_text
+    from tuning.runner import refit_only
+
+    try:
+        summary = refit_only(sweep, sweep.refit_pick)
+    except ValueError as exc:  # PickError, no such sweep
+        return _error(exc, 2)
+    if summary.best is None:
+        print("no trial with a finite point to refit", file=sys.stderr, flush=True)
+        return 1
+    print(redact_text(summary.format()), flush=True)
+    return 1 if {"refit", "target_eval"} & set(summary.errors) else 0
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ class TrialSettings:
     target_eval: str = "best"  # best | all | none ("all": every finished trial is evaluated on targets)
     checkpoints_to_keep: int = 1
     reuse_processes: bool = False  # one-worker trials train in their (reused) Tune actor, no Train run
+    # class folds x seeds (tuning.folds.replicas): each trial trains these in lockstep; [] = one fit
+    replicas: list[dict[str, Any]] = field(default_factory=list)
+    selected: dict[str, str] = field(default_factory=dict)  # metric -> mode: reported per replica and as spread
+    risk: float | None = None  # kappa: a selected metric is mean - kappa * std over the replicas
 
     def __post_init__(self) -> None:
         if self.reuse_processes and self.workers_per_trial != 1:
@@ -333,6 +337,14 @@ def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
     if resume_from and (Path(resume_from).parent / "best").is_dir():
         # fit rewrites best/ only when a later epoch improves on it: carry the earlier best over
         shutil.copytree(Path(resume_from).parent / "best", work / "best")
+    if loop_config.get("replicas"):  # class folds x seeds: several fits in lockstep, one report per epoch
+        try:
+            _train_replicas(cfg, loop_config, work, resume_from, history, rank, report)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if resume_from:
+                shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
+        return
     last: dict[str, float] = {}
 
     def on_epoch(epoch: int, metrics: dict, ckpt_path: str | None) -> None:
@@ -366,6 +378,72 @@ def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
         shutil.rmtree(work, ignore_errors=True)
         if resume_from:
             shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- class folds and seeds
+REPLICA_DIR = "replica_{}"  # replica i >= 1 in <checkpoint>/replica_<i>/{last,best}; replica 0 in last/, best/
+
+
+def replica_config(cfg, replica: Mapping[str, Any]):
+    """A replica's config: its fold's classes held out (``data.val_classes``), the trial's seed + its offset."""
+    over: dict[str, Any] = {"seed": cfg.train.seed + int(replica.get("seed_offset", 0))}
+    if replica.get("val_classes") is not None:
+        over["val_classes"] = list(replica["val_classes"])
+    return cfg.override(over)
+
+
+def _replica_starts(resume_from: str | None, n: int) -> list[str | None] | None:
+    """Each replica's ``last/`` to resume from, all at the same epoch; None when they are not all there."""
+    from ssvp import engine
+
+    if not resume_from:
+        return [None] * n
+    root = Path(resume_from).parent
+    lasts = [root / "last"] + [root / REPLICA_DIR.format(i) / "last" for i in range(1, n)]
+    try:
+        epochs = {int(engine.load_checkpoint(p)["epoch"]) for p in lasts}
+    except Exception:  # noqa: BLE001 - a replica without a checkpoint: the trial starts over
+        return None
+    return [str(p) for p in lasts] if len(epochs) == 1 else None
+
+
+def _train_replicas(cfg, loop_config: dict, work: Path, resume_from: str | None, history: list, rank: int,
+                    report) -> None:
+    """The trial's replicas (``tuning.folds``) in lockstep; each epoch one report of their aggregate, the
+    checkpoint folder holding every replica's heads (replica 0's as the trial's ``last/`` and ``best/``)."""
+    from ssvp import engine
+
+    from .folds import aggregate, best_epoch, run_lockstep
+
+    reps = loop_config["replicas"]
+    labels = [r["label"] for r in reps]
+    dirs = [work] + [work / REPLICA_DIR.format(i) for i in range(1, len(reps))]
+    starts = _replica_starts(resume_from, len(reps))
+    if starts is None:
+        starts, resume_from = [None] * len(reps), None
+        history.clear()
+        shutil.rmtree(work / "best", ignore_errors=True)
+    for i in range(1, len(reps)):
+        if starts[i] and (Path(starts[i]).parent / "best").is_dir():
+            shutil.copytree(Path(starts[i]).parent / "best", dirs[i] / "best")
+    selected = dict(loop_config.get("selected") or {"val_objective": "max"})
+
+    def fit_of(i: int):
+        rcfg = replica_config(cfg, reps[i])
+        return lambda on_epoch: engine.fit(rcfg, on_epoch=on_epoch, checkpoint_dir=str(dirs[i]), resume_from=starts[i])
+
+    def on_round(epoch: int, rows: list[dict], ckpts: list[str | None]) -> None:
+        agg = aggregate([_numeric(r) for r in rows], labels, selected, loop_config.get("risk"))
+        agg["epoch"] = float(epoch)
+        history[:] = [h for h in history if int(h.get("epoch", 0)) < epoch] + [dict(agg)]
+        ckpt = None
+        if rank == 0 and all(ckpts):
+            best = best_epoch(history, "val_objective", selected.get("val_objective", "max")) or epoch
+            (work / HISTORY_FILE).write_text(json.dumps({"epochs": history, "best_epoch": best, "replicas": labels}))
+            ckpt = str(work)
+        report(agg, ckpt)
+
+    run_lockstep([fit_of(i) for i in range(len(reps))], on_round, start=len(history) if resume_from else 0)
 
 
 # --------------------------------------------------------------------------- reused trial processes
@@ -586,6 +664,7 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
         "placement_dir": storage_join(storage, trial_id, "placement"),
         "trial_dir": storage_join(storage, trial_id),
         "target_eval": settings.target_eval,
+        "replicas": list(settings.replicas), "selected": dict(settings.selected), "risk": settings.risk,
     }
     try:
         if settings.reuse_processes:
