@@ -185,3 +185,37 @@ def test_too_many_folds_for_the_source_classes_is_refused(synthetic_root):
         sweep.replace(target_eval="all").validate()
     with pytest.raises(SweepConfigError, match="remove data.val_classes"):
         sweep.replace(base=base.override({"val_classes": ["wood"]})).validate()
+
+
+def test_command_line_refuses_bad_objectives_and_folds_before_ray(synthetic_root, tmp_path, capsys):
+    from tuning.sweep import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"name: s\nbase:\n  preset: tiny\n  overrides:\n    source: synthetic:{synthetic_root}/domain_a\n"
+                   f"    targets: [synthetic:{synthetic_root}/domain_b]\nspace:\n  gamma: {{type: uniform, low: 0, high: 1}}\n")
+    common = ["--config", str(cfg), "--local", "--storage-path", str(tmp_path / "ray"),
+              "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    cases = [
+        (["--objectives", "val/image_auroc,val/typo", "--scheduler", "none"], "unknown objective 'val/typo'"),
+        (["--objectives", "val/image_auroc,val/pixel_aupro", "--modes", "max", "--scheduler", "none"],
+         "modes: 1 mode(s)"),
+        (["--objectives", "val/image_auroc,val/pixel_aupro"], "scheduler: asha cannot rank 2 objectives"),
+        (["--class-folds", "9"], "class_folds: 9 folds need at least 9 source classes"),
+    ]
+    import ray
+
+    for extra, message in cases:
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1
+    assert not ray.is_initialized()  # refused before Ray starts
+    assert main(common + ["--objectives", "val/image_auroc,val/pixel_aupro", "--modes", "max,min", "--sampler",
+                          "nsga2", "--scheduler", "none", "--class-folds", "2", "--risk", "0.5", "--pick",
+                          "best:val/pixel_aupro", "--print-config"]) == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["search"]["objectives"] == ["val/image_auroc", "val/pixel_aupro"]
+    assert printed["search"]["modes"] == ["max", "min"] and printed["search"]["sampler"] == "nsga2"
+    assert printed["search"]["class_folds"] == 2 and printed["search"]["risk"] == 0.5
+    assert printed["refit"] == {"enabled": True, "pick": "best:val/pixel_aupro"}

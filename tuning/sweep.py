@@ -85,6 +85,10 @@ def _bool_or_auto(text: str):
     raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
 
 
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -132,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-processes", action=argparse.BooleanOptionalAction, default=None,
                    help="one-worker trials train in reused Tune actors: imports, the text tower and Ray's worker "
                         "start once per process, not per trial (default: the config's resources.reuse_processes)")
+    p.add_argument("--objectives", type=_names, default=None, metavar="M1,M2",
+                   help="several objectives, e.g. val/image_auroc,val/pixel_aupro (a Pareto front; default: the "
+                        "config's search.objectives, else search.metric)")
+    p.add_argument("--modes", type=_names, default=None, metavar="max,max", help="one max/min per objective")
+    p.add_argument("--sampler", choices=("tpe", "nsga2"), default=None, help="Optuna sampler (default tpe)")
+    p.add_argument("--scheduler", choices=("asha", "none"), default=None,
+                   help="asha | none (FIFO: every trial runs all epochs; what several objectives need unless "
+                        "--scheduler-metric names the one ASHA stops on)")
+    p.add_argument("--scheduler-metric", default=None, help="the metric ASHA ranks trials on")
+    p.add_argument("--class-folds", type=int, default=None,
+                   help="k > 1: each trial trains k disjoint held-out source-class folds; objective = fold mean")
+    p.add_argument("--seeds-per-trial", type=int, default=None, help="n > 1: each fold trained with n seeds")
+    p.add_argument("--risk", type=float, default=None, metavar="KAPPA",
+                   help="objective = mean - KAPPA * std over folds/seeds")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a --local Ray (default: all)")
     p.add_argument("--target-eval", choices=("best", "all", "none"), default=None)
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -179,6 +197,10 @@ _FLAGS = (
     ("workers_per_trial", "resources", "workers_per_trial"), ("use_gpu", "resources", "use_gpu"),
     ("gpus_per_worker", "resources", "gpus_per_worker"), ("cpus_per_worker", "resources", "cpus_per_worker"),
     ("reuse_processes", "resources", "reuse_processes"),
+    ("objectives", "search", "objectives"), ("modes", "search", "modes"), ("sampler", "search", "sampler"),
+    ("scheduler", "search", "scheduler"), ("scheduler_metric", "search", "scheduler_metric"),
+    ("class_folds", "search", "class_folds"), ("seeds_per_trial", "search", "seeds_per_trial"),
+    ("risk", "search", "risk"),
 )
 
 
@@ -209,7 +231,7 @@ def sweep_from_args(args: argparse.Namespace):
     sweep = load_sweep(args.config, overrides=dict(args.set))
     config_tracking_uri = sweep.mlflow.tracking_uri
     for flag, section, key in _FLAGS:
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             setattr(getattr(sweep, section), key, value)
     where = resolve_locations(tracking_uri=args.tracking_uri, storage_path=args.storage_path,
