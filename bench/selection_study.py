@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature-cache", default=None, help="frozen-feature cache folder (default: a temporary one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
     p.add_argument("--out", default=None, help="folder for study.json, study.md and study.png")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="score only configurations i, i+N, ... into OUT/rows_I.json (run N shards side by side, "
+                        "then once more without --shard: the rows found in OUT are reused)")
     return p.parse_args(argv)
 
 
@@ -237,6 +240,32 @@ def plot(rows: list[dict], folds: int, path: Path) -> None:
     plt.close(fig)
 
 
+def score_all(args, cfg, points: list[dict], folds: list[list[str]]) -> tuple[list[dict], float]:
+    """Every configuration's row (this shard's only, with ``--shard``); rows already in OUT are reused."""
+    out = Path(args.out) if args.out else None
+    done = {}
+    if out is not None:
+        for f in out.glob("rows_*.json"):
+            done.update({r["config"]: r for r in json.loads(f.read_text())})
+    shard, count = (int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    rows, started = [], time.time()
+    for i, point in enumerate(points):
+        name = f"c{i:02d}"
+        if name in done and not args.shard:
+            rows.append(done[name])
+            continue
+        if i % count != shard:
+            continue
+        row = {"config": name, **point, **score(cfg.override(point), folds)}
+        rows.append(row)
+        print(f"[study] {name}  k=1 {row['k1_val_objective']:.4f}  k={args.folds} {row['kf_val_objective']:.4f}  "
+              f"target {row['target']:.4f}  ({time.time() - started:.0f} s)", flush=True)
+        if args.shard and out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"rows_{shard}.json").write_text(json.dumps(rows, indent=2, default=float))
+    return rows, started
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ssvp.data import open_dataset
@@ -252,12 +281,9 @@ def main(argv=None) -> int:
     points = sample_points(space, args.n_configs, args.seed)
     print(f"[study] {args.n_configs} configs x (1 + {args.folds} folds + refit) fits, {args.epochs} epoch(s); "
           f"source {cfg.data.source} ({len(classes)} classes), target {cfg.data.targets[0]}", flush=True)
-    rows, started = [], time.time()
-    for i, point in enumerate(points):
-        row = {"config": f"c{i:02d}", **point, **score(cfg.override(point), folds)}
-        rows.append(row)
-        print(f"[study] c{i:02d}  k=1 {row['k1_val_objective']:.4f}  k={args.folds} {row['kf_val_objective']:.4f}  "
-              f"target {row['target']:.4f}  ({time.time() - started:.0f} s)", flush=True)
+    rows, started = score_all(args, cfg, points, folds)
+    if args.shard:
+        return 0
     result = {"args": vars(args), "folds": folds, "rows": rows,
               **summarize(rows, args.bootstrap, args.seed, args.folds), "seconds": time.time() - started}
     table = markdown(result, args.folds)
