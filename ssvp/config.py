@@ -100,7 +100,7 @@ class ModelConfig:
     l_class_sigma: bool = True
     vae_reduction: str = "sum"  # Eq. 9 ||.||^2 and KL summed over dimensions (as written); "mean" per element
     z_infer: str = "sample"  # Eq. 8 at inference: sampled z (seeded, z_seed) as §3.2.2 says; "mu" = z = mu
-    z_seed: int = 0  # seed of the inference-time eps generator (re-seeded at every eval())
+    z_seed: int = 0  # seed of the inference-time eps: eps = R(z_seed) u(image), a function of the image (ssvp.vcpg.image_noise)
     # --- head sizes ---
     n_ctx_bg: int = 4  # learnable [V]bg tokens shared by all prompts
     n_ctx_state: int = 4  # learnable [V]state tokens per prompt
