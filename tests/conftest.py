@@ -1,4 +1,10 @@
-"""Shared test setup: offline hubs, loopback-only Ray, headless plotting, built-in synthetic data."""
+"""Shared test setup: offline hubs, loopback-only Ray, headless plotting, built-in synthetic data.
+
+Tiers: ``python -m pytest -q -m "not slow"`` is the quick loop (unit and numerical tests of every
+module, config validation, bad input); ``python -m pytest -q`` adds the ``slow`` tests (Ray, sweeps,
+grids, learning runs, cluster and fault-injection end-to-end runs). Session fixtures hold what many
+tests share: the synthetic benchmark and a migrated MLflow store (``mlflow_db`` copies it).
+"""
 from __future__ import annotations
 
 import os
