@@ -491,19 +491,5 @@ def bayes_pfl_loss(out: SSVPOutput, masks: torch.Tensor, labels: torch.Tensor, m
     orth = orthogonal_loss(aux["text_samples"])
     loss = cls + focal + dice + model_cfg.pfl_kl_weight * kl + model_cfg.pfl_orth_weight * orth
     parts = {"cls": cls.detach(), "focal": focal.detach(), "dice": dice.detach(), "kl": kl.detach(), "orth": orth.detach()}
-    if aux.get("mu") is not None:  # VCPG as the prompt generator (ssvp.pfl_vcpg, Table 3 row D): Eq. 9, 12, 22
-        loss, vcpg_parts = _with_vcpg_terms(loss, aux, model_cfg)
-        parts.update(vcpg_parts)
     parts["total"] = loss.detach()
     return loss, parts
-
-
-def _with_vcpg_terms(loss: torch.Tensor, aux: dict, model_cfg: Any) -> tuple[torch.Tensor, dict]:
-    """loss + lambda1 L_VAE (Eq. 9) + lambda2 L_reg (Eq. 12, each bank prompt's T_final against its T_init)."""
-    from .losses import margin_loss, vae_loss
-
-    vae, rec, kl = vae_loss(aux["recon"], aux["v_global"], aux["mu"], aux["logvar"], model_cfg.beta,
-                            getattr(model_cfg, "vae_reduction", "sum"))
-    margin = margin_loss(aux["text_samples"][:, 0], aux["t_init_prompts"], model_cfg.xi)
-    total = loss + model_cfg.lambda1 * vae + model_cfg.lambda2 * margin
-    return total, {"vae": vae.detach(), "vae_recon": rec.detach(), "vae_kl": kl.detach(), "margin": margin.detach()}

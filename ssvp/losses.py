@@ -125,12 +125,26 @@ def total_loss(out: Any, masks: torch.Tensor, labels: torch.Tensor, model_cfg: A
     if getattr(model_cfg, "prompting", "vcpg") in ("bayes_pfl", "bayes_pfl_vcpg"):
         from .bayes_pfl import bayes_pfl_loss
 
-        return bayes_pfl_loss(out, masks, labels, model_cfg)
+        loss, parts = bayes_pfl_loss(out, masks, labels, model_cfg)
+        if out.aux.get("mu") is not None:  # VCPG as the prompt generator (ssvp.pfl_vcpg, Table 3 row D): Eq. 9, 12, 22
+            loss, vcpg_parts = _with_vcpg_terms(loss, out.aux, model_cfg)
+            parts.update(vcpg_parts)
+            parts["total"] = loss.detach()
+        return loss, parts
     t = loss_terms(out, masks, labels, model_cfg)
     loss = t["focal"] + t["bce"] + model_cfg.lambda1 * t["vae"] + model_cfg.lambda2 * t["margin"]  # Eq. 22
     parts = {k: v.detach() for k, v in t.items()}
     parts["total"] = loss.detach()
     return loss, parts
+
+
+def _with_vcpg_terms(loss: torch.Tensor, aux: dict, model_cfg: Any) -> tuple[torch.Tensor, dict]:
+    """loss + lambda1 L_VAE (Eq. 9) + lambda2 L_reg (Eq. 12, each bank prompt's T_final against its T_init)."""
+    vae, rec, kl = vae_loss(aux["recon"], aux["v_global"], aux["mu"], aux["logvar"], model_cfg.beta,
+                            getattr(model_cfg, "vae_reduction", "sum"))
+    margin = margin_loss(aux["text_samples"][:, 0], aux["t_init_prompts"], model_cfg.xi)
+    total = loss + model_cfg.lambda1 * vae + model_cfg.lambda2 * margin
+    return total, {"vae": vae.detach(), "vae_recon": rec.detach(), "vae_kl": kl.detach(), "margin": margin.detach()}
 
 
 # which trainable parameters each group of the gradient table holds (name prefixes of SSVPHead)
