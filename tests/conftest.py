@@ -50,6 +50,27 @@ def local_ray(**init_kwargs):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """Each test starts with the MLFLOW_* environment it was launched with: ``mlflow.set_tracking_uri``
+    also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (so subprocesses inherit it), which would
+    otherwise send every later test's subprocesses to that test's store."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import sys
+
+    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != saved["MLFLOW_TRACKING_URI"]:
+        import mlflow
+
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The built-in synthetic benchmark (two MVTec-layout domains), generated once per session."""
