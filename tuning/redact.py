@@ -23,6 +23,7 @@ still tells where a store lives.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -144,3 +145,37 @@ class RedactingClient:
 
     def log_dict(self, run_id: str, dictionary: Any, artifact_file: str):
         return self._client.log_dict(run_id, redact(dictionary), artifact_file)
+
+
+def redacted_exception(exc: BaseException) -> BaseException:
+    """``exc`` if its text holds no secret, else an exception of the same type (so that its class
+    name still says what failed: see ``trial.DETERMINISTIC_ERRORS``) whose text is redacted, with
+    the original's traceback frames (they hold code, not values) and no chained cause or context.
+
+    A trial raises this at its process boundary: Ray Train's controller logs, Tune's
+    ``<trial>/error.txt`` and ``error.pkl`` and the console then only ever see the redacted text."""
+    texts = [str(a) for a in getattr(exc, "args", ())] or [str(exc)]
+    clean = [redact_text(t) for t in texts]
+    chained = [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    if clean == texts and not any(redact_text(str(e)) != str(e) for e in chained):
+        return exc
+    message = "; ".join(clean)
+    try:
+        new = type(exc)(message)
+    except Exception:  # noqa: BLE001 - a constructor with other arguments
+        new = RuntimeError(f"{type(exc).__name__}: {message}")
+    new.__suppress_context__ = True
+    new.__cause__ = None
+    return new.with_traceback(exc.__traceback__)
+
+
+@contextlib.contextmanager
+def errors_redacted():
+    """Exceptions leave the block as :func:`redacted_exception` makes them (unchanged when clean)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised, redacted
+        clean = redacted_exception(exc)
+        if clean is exc:
+            raise
+        raise clean from None

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .redact import errors_redacted
+
 __all__ = [
     "TrialSettings",
     "select_device",
@@ -310,7 +312,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     placement = _placement_record(ctx, bool(loop_config["use_gpu"]))
-    _train(loop_config, placement, ray.train.get_checkpoint(), report)
+    with errors_redacted():  # Ray Train's controller, Tune's error.txt and the console see only redacted text
+        _train(loop_config, placement, ray.train.get_checkpoint(), report)
 
 
 def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
@@ -510,7 +513,8 @@ def run_in_process(loop_config: dict, keep: int = 1) -> None:
             metrics = {**metrics, "checkpoint_path": _persist_checkpoint(ckpt_dir, trial_dir, int(metrics["epoch"]), keep)}
         ray.tune.report(metrics)
 
-    _train(loop_config, _process_placement(bool(loop_config["use_gpu"])), None, report)
+    with errors_redacted():  # Tune's error.txt and the console see only redacted text
+        _train(loop_config, _process_placement(bool(loop_config["use_gpu"])), None, report)
 
 
 # --------------------------------------------------------------------------- restore and restarts
@@ -647,7 +651,13 @@ def _failure_policy(failure_config):
 
 def trial_driver(config: dict, settings: TrialSettings) -> None:
     """Tune function trainable: one ``TorchTrainer`` run for this trial's config (or, with
-    ``settings.reuse_processes``, the training itself in this reused actor: :func:`run_in_process`)."""
+    ``settings.reuse_processes``, the training itself in this reused actor: :func:`run_in_process`).
+    What it raises is redacted (Tune writes it to ``<trial>/error.txt`` and the console)."""
+    with errors_redacted():
+        _trial_driver(config, settings)
+
+
+def _trial_driver(config: dict, settings: TrialSettings) -> None:
     import ray.tune
 
     from .storage import join as storage_join
