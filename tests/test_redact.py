@@ -152,10 +152,6 @@ def test_errors_leave_a_trial_redacted_with_their_type_and_frames():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known leak (issue 25, not fixed yet): a secret in a weights path given "
-                   "with --set reaches Ray's own <trial>/error.txt and error.pkl and the console through the trial's "
-                   "raw exception text; the trial driver must raise a redacted error. Tracking URI, Optuna storage, "
-                   "MLflow and Tune's pickles were found clean in the same run")
 def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
     """Issue 25: one tiny sweep with a distinct secret in each carrier: the tracking URI's password (an
     MLflow server behind a login), the Optuna storage URL, a weights URL in the sweep file and a ``--set``

@@ -61,8 +61,6 @@ def trial_runs(client, summary):
     return [r for r in runs if r.data.tags.get("role") == "trial"], [r for r in runs if r.data.tags.get("role") != "trial"]
 
 
-@pytest.mark.xfail(strict=False, reason="its new issue-21/22 assertions were never seen passing end to end under "
-                   "this round's load; to confirm on an idle machine (stop-19 closing note)")
 def test_optuna_sweep_is_recorded_in_mlflow(ray_session, synthetic_root, tmp_path, capsys):
     import re
 

@@ -47,9 +47,9 @@ def check_before_ray(sweep) -> None:
     check_resource_numbers(sweep.resources)
     check_data(sweep.base, sweep.variants)
     check_storage(sweep.storage_path)
-    check_tracking(sweep.mlflow.tracking_uri)
     if sweep.search.algorithm == "optuna":
         check_optuna_storage(sweep.search.optuna_storage)
+    check_tracking(sweep.mlflow.tracking_uri)  # last: it creates a SQLite store, which only a sweep that starts needs
 
 
 def check_resource_numbers(res) -> None:
