@@ -255,29 +255,60 @@ def _logged_epochs(uri: str, sweep: str) -> int:
     return sum(len(c.get_metric_history(r.info.run_id, val_key())) for r in trial_runs(uri, sweep))
 
 
-def interrupt_chain(work: Work, name: str, signals: list[int], samples: int = 2) -> dict[str, Any]:
-    """One sweep hit by each of ``signals`` in turn (each after one more epoch was logged), resumed
-    after each with ``--resume`` alone, then run to its end and audited."""
+def interrupt_chain(work: Work, name: str, signals: list[int], samples: int = 2,
+                    after_finished: tuple[bool, ...] = ()) -> dict[str, Any]:
+    """One sweep hit by each of ``signals`` in turn (each after one more epoch was logged and, where
+    ``after_finished[i]``, once a trial has finished), resumed after each with ``--resume`` alone,
+    then run to its end and audited. ``stages``: after each fault,
+    what the driver printed and what the record held (:func:`_stage`); ``rerun``: trials finished
+    before a fault whose MLflow run (id, end time) changed afterwards; ``parents``: sweep parent runs."""
     t0 = time.time()
-    exits, hits, seen = [], 0, 0
+    exits, hits, seen, stages = [], 0, 0, []
     for i, sig in enumerate(signals):
         proc = work.start(work.args(name, "--num-samples", str(samples)) if i == 0 else work.args(name, "--resume"))
         deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and _logged_epochs(work.uri, name) <= seen:
+        finished = i < len(after_finished) and after_finished[i]
+        while time.time() < deadline and proc.poll() is None and (_logged_epochs(work.uri, name) <= seen or (
+                finished and not any(r.info.status == "FINISHED" for r in trial_runs(work.uri, name)))):
             time.sleep(0.5)
         if proc.poll() is None:
             os.kill(proc.pid, sig)
             hits += 1
         try:
-            proc.communicate(timeout=600)
+            _, err = proc.communicate(timeout=600)
         finally:
             reap(proc)
         exits.append(proc.returncode)
         seen = _logged_epochs(work.uri, name)
+        stages.append(_stage(work, name, err or ""))
     code, _, _ = work.run(work.args(name, "--resume"))
     res = audit(work.uri, name, samples)
-    res.update(faults=hits, exit_fault=exits, exit_resume=code, seconds=round(time.time() - t0, 1))
+    end = _stage(work, name, "")
+    res.update(faults=hits, exit_fault=exits, exit_resume=code, seconds=round(time.time() - t0, 1), stages=stages,
+               rerun=sum(end["finished"].get(t) != ran for st in stages for t, ran in st["finished"].items()),
+               parents=end["parents"], state_parent=end["state_parent"])
     return res
+
+
+def _stage(work: Work, name: str, stderr: str) -> dict[str, Any]:
+    """After a fault: the printed resume hint, runs left RUNNING, the parent's status, the finished
+    trials (trial id -> (run id, end time)), the sweep parents and the parent run id in ssvp_sweep.json."""
+    logs = sorted(work.root.glob("driver-*.log"), key=lambda p: p.stat().st_mtime)
+    printed = (logs[-1].read_text() if logs else "") + stderr
+    c = client(work.uri)
+    exp = c.get_experiment_by_name("fi")
+    runs = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("sweep_id") == name] if exp else []
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    try:
+        state_parent = json.loads((work.root / "ray" / name / "ssvp_sweep.json").read_text()).get("parent_run_id")
+    except (OSError, ValueError):
+        state_parent = None
+    return {"resume_hint": f"--resume --name {name}" in printed,
+            "running": sum(r.info.status == "RUNNING" for r in runs),
+            "parent": parents[0].info.status if parents else "none",
+            "parents": [r.info.run_id for r in parents], "state_parent": state_parent,
+            "finished": {r.data.tags["trial_id"]: (r.info.run_id, r.info.end_time) for r in runs
+                         if r.data.tags.get("role") == "trial" and r.info.status == "FINISHED"}}
 
 
 def driver_sigkill(work: Work) -> dict[str, Any]:

@@ -222,15 +222,26 @@ def _assert_clean(res: dict, trials: int) -> None:
 
 @pytest.mark.slow
 def test_sigint_then_driver_sigkill_then_resume_keeps_every_epoch_once_and_the_overrides(work):
-    """Ctrl+C (exit 130, nothing left RUNNING), ``--resume``, SIGKILL of that driver mid-epoch,
-    ``--resume`` again: every epoch once, best values = the logged heads', the true best trial,
-    ``--num-samples 2`` remembered (both trials run, the sweep is not reported interrupted)."""
+    """Ctrl+C (exit 130, the ``--resume --name`` command printed, nothing left RUNNING, the parent
+    KILLED), ``--resume``, SIGKILL of that driver once one trial has finished and the other is
+    mid-epoch, ``--resume`` again: every epoch once, no finished trial run again, one parent run (the
+    state's), best values = the logged heads', the true best trial, ``--num-samples 2`` remembered
+    (every trial runs, the sweep is not reported interrupted), the Optuna study as exact as MLflow.
+    (It also holds what tests/test_tuning_cluster.py's local-resume test asserted; "defaults first"
+    lives in tests/test_tuning_ray.py::test_optuna_sweep_is_recorded_in_mlflow.)"""
     from fault_injection import interrupt_chain
 
-    res = interrupt_chain(work, "chain", [signal.SIGINT, signal.SIGKILL])
+    res = interrupt_chain(work, "chain", [signal.SIGINT, signal.SIGKILL], after_finished=(False, True))
     assert res["faults"] == 2 and res["exit_fault"] == [130, -9], res
     assert res["exit_resume"] == 0, res
     _assert_clean(res, trials=2)
+    # after Ctrl+C: the resume command printed, nothing left RUNNING, the parent closed as KILLED
+    sigint = res["stages"][0]
+    assert sigint["resume_hint"] and sigint["running"] == 0 and sigint["parent"] == "KILLED", sigint
+    # one parent run throughout, the one the sweep's state names; the trial that had finished before
+    # the SIGKILL (the other one was mid-epoch) did not run again
+    assert len(res["parents"]) == 1 and res["state_parent"] == res["parents"][0], res
+    assert len(res["stages"][1]["finished"]) == 1 and res["rerun"] == 0, res
 
 
 @pytest.mark.slow
