@@ -321,6 +321,51 @@ def test_restore_reattaches_this_runs_callbacks_and_the_optuna_searcher(tmp_path
     assert searcher._storage.url == url  # the secret put back from this process, not from the pickle
 
 
+def test_a_trial_lost_by_a_driver_kill_is_handed_out_again_as_the_same_optuna_trial(tmp_path):
+    """Issue 25: the driver is killed after Optuna handed out a trial but before Tune's next experiment
+    checkpoint. On resume Tune asks for a replacement; the searcher hands out the lost Optuna trial
+    again (same number, same parameters), so the study holds exactly the trials MLflow holds; an
+    orphan nobody asks for again ends FAIL, never RUNNING forever. A real study in SQLite."""
+    import optuna
+    from ray import tune
+
+    from tuning.search import make_optuna_search
+
+    url = f"sqlite:///{tmp_path}/o.db"
+
+    def searcher():
+        s = make_optuna_search("st", url, 0, None, epochs=2)
+        s.set_search_properties("val_objective", "max", {"gamma": tune.uniform(0, 1)})
+        return s
+
+    first = searcher()
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's last experiment checkpoint
+    lost = first.suggest("b")  # asked from Optuna, then the driver is killed
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert resumed.suggest("c") == lost  # the replacement is the lost trial
+    for trial_id in ("a", "c"):
+        for epoch in (1, 2):
+            resumed.observe(trial_id, {"val_objective": 0.1 * epoch, "epoch": epoch})
+        resumed.on_trial_complete(trial_id, {"val_objective": 0.2, "epoch": 2})
+    resumed.fail_orphans()
+    study = optuna.load_study(study_name="st", storage=url)
+    assert [(t.number, t.state.name, t.user_attrs["ray_trial_id"]) for t in study.trials] == [
+        (0, "COMPLETE", "a"), (1, "COMPLETE", "c")]
+    assert study.trials[1].params == lost and study.trials[1].intermediate_values == {1: 0.1, 2: 0.2}
+
+    lone = searcher()
+    lone.suggest("x")
+    lone.save(str(tmp_path / "lone.pkl"))
+    lone.suggest("y")
+    restored = searcher()
+    restored.restore(str(tmp_path / "lone.pkl"))
+    restored.fail_orphans()  # the sweep ended without asking for it
+    states = {t.user_attrs.get("ray_trial_id"): t.state.name for t in optuna.load_study(study_name="st", storage=url).trials}
+    assert states["y"] == "FAIL" and states["x"] == "RUNNING"  # x: a trial Tune knows, still to report
+
+
 def test_quiet_holds_back_tunes_trial_tracebacks():
     """``--quiet`` (verbose 0): Tune's and Train's ERROR records (a failed trial's traceback, logged by
     ``ray.tune.execution.tune_controller``) stay off the console; the default (1) shows warnings and

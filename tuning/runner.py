@@ -190,7 +190,10 @@ def run_tuner(plan: Plan, callback, signer: StateSigner | None = None):
                                    resume_errored=False)
         reattach(tuner, [callback, SigningCallback(signer)] if signer else [callback])
         with _tune_output(plan.sweep.verbose):
-            return tuner.fit()
+            results = tuner.fit()
+        search = tuner._local_tuner._tune_config.search_alg
+        getattr(getattr(search, "searcher", search), "fail_orphans", lambda: None)()
+        return results
     s = plan.sweep.search
     search = make_search(plan)
     if hasattr(search, "observe"):  # Optuna records every result MLflow records (ASHA's last one too)

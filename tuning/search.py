@@ -49,9 +49,10 @@ class ResumableOptunaSearch(OptunaSearch):
     Ray's ``OptunaSearch`` enqueues ``points_to_evaluate`` whenever it sets up its
     study; on ``Tuner.restore`` that would put the paper-default point into the stored
     study a second time (and Optuna would run it again). Here the points are enqueued
-    only into an empty study. Trials asked from Optuna after Tune's last experiment
-    checkpoint (a driver killed mid-step) are marked FAIL on restore, so the study has
-    no trial left RUNNING forever.
+    only into an empty study. A trial asked from Optuna after Tune's last experiment
+    checkpoint (a driver killed mid-step) is handed out again as Tune's replacement for
+    it, or marked FAIL if none comes, so the study has no trial left RUNNING forever and
+    none that MLflow lacks.
 
     What Optuna stores is what MLflow reports: every epoch's value is an intermediate value
     at step = epoch (MLflow's ``val/objective``), a trial's value is its *best* epoch (the
@@ -165,20 +166,37 @@ class ResumableOptunaSearch(OptunaSearch):
             self._ot_study.set_user_attr(key, value)
 
     def suggest(self, trial_id: str):
-        """Ray's suggestion, with the Ray trial id on the Optuna trial (``ray_trial_id``)."""
+        """Ray's suggestion, with the Ray trial id on the Optuna trial (``ray_trial_id``). After a
+        restore, a trial Optuna handed out but Tune lost (the driver was killed before Tune's next
+        experiment checkpoint) is handed out again, as the same Optuna trial with its parameters:
+        Tune asks for a replacement, which becomes that trial, so the study holds no lost trial and
+        numbers its trials as MLflow does."""
+        orphans = getattr(self, "_orphans", None)
+        if orphans and trial_id not in self._ot_trials and not callable(self._space):
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, orphans.pop(0)._trial_id)
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return config
 
     def restore(self, checkpoint_path):
+        """Tune's saved searcher state; Optuna trials still RUNNING that it does not know are kept to be
+        handed out again (:meth:`suggest`) and failed by :meth:`fail_orphans` if none asks for them."""
         super().restore(checkpoint_path)
+        self._orphans = []
         if self._ot_study is None:
             return
         known = {t.number for t in self._ot_trials.values()}
-        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.number not in known:
-                self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        self._orphans = sorted((t for t in running if t.number not in known), key=lambda t: t.number)
+        if callable(self._space):  # a define-by-run space suggests afresh: nothing to hand out again
+            self.fail_orphans()
+
+    def fail_orphans(self) -> None:
+        """End the restored RUNNING trials nobody asked for again as FAIL (none stays RUNNING forever)."""
+        for t in getattr(self, "_orphans", None) or []:
+            self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        self._orphans = []
 
 
 def make_sampler(name: str, seed: int):
