@@ -260,8 +260,8 @@ def interrupt_chain(work: Work, name: str, signals: list[int], samples: int = 2,
     """One sweep hit by each of ``signals`` in turn (each after one more epoch was logged and, where
     ``after_finished[i]``, once a trial has finished), resumed after each with ``--resume`` alone,
     then run to its end and audited. ``stages``: after each fault,
-    what the driver printed and what the record held (:func:`_stage`); ``rerun``: trials finished
-    before a fault whose MLflow run (id, end time) changed afterwards; ``parents``: sweep parent runs."""
+    what the driver printed and what the record held (:func:`_stage`); ``rerun``: per fault, the trials
+    finished before it whose MLflow run (id, end time) changed afterwards; ``parents``: sweep parent runs."""
     t0 = time.time()
     exits, hits, seen, stages = [], 0, 0, []
     for i, sig in enumerate(signals):
@@ -285,7 +285,7 @@ def interrupt_chain(work: Work, name: str, signals: list[int], samples: int = 2,
     res = audit(work.uri, name, samples)
     end = _stage(work, name, "")
     res.update(faults=hits, exit_fault=exits, exit_resume=code, seconds=round(time.time() - t0, 1), stages=stages,
-               rerun=sum(end["finished"].get(t) != ran for st in stages for t, ran in st["finished"].items()),
+               rerun=[sum(end["finished"].get(t) != ran for t, ran in st["finished"].items()) for st in stages],
                parents=end["parents"], state_parent=end["state_parent"])
     return res
 

@@ -23,6 +23,9 @@ def remember_storage_url(url: str | None) -> None:
         _REAL_URLS[redact_text(url)] = url
 
 
+EPOCH_OBJECTIVES = "epoch_objectives"  # several objectives: a trial's user attribute {epoch: [selection, *objectives]}
+
+
 class SecretFreeRDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB store whose pickles (Tune's ``tuner.pkl`` and searcher state) hold its URL with the
     password redacted; unpickled in a driver that knows the real URL (the sweep's ``optuna_storage``,
@@ -94,7 +97,11 @@ class ResumableOptunaSearch(OptunaSearch):
             return
         if self.multi:  # Optuna keeps no intermediate values of several objectives: the epoch's vector here
             values[step] = float(result.get(SELECT_KEY, math.nan))
-            self._vectors.setdefault(trial_id, {})[step] = [float(result[m]) for m in metrics]
+            vectors = self._vectors.setdefault(trial_id, {})
+            vectors[step] = [float(result[m]) for m in metrics]
+            # ... and on the trial, so that a searcher restored from an older state still has every epoch
+            self._ot_trials[trial_id].set_user_attr(EPOCH_OBJECTIVES, {
+                str(e): [values.get(e, math.nan), *v] for e, v in sorted(vectors.items())})
             return
         values[step] = float(result[self.metric])
         self._ot_trials[trial_id].report(values[step], step)
@@ -186,11 +193,31 @@ class ResumableOptunaSearch(OptunaSearch):
         self._orphans = []
         if self._ot_study is None:
             return
+        self._refill_progress()
         known = {t.number for t in self._ot_trials.values()}
         running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         self._orphans = sorted((t for t in running if t.number not in known), key=lambda t: t.number)
         if callable(self._space):  # a define-by-run space suggests afresh: nothing to hand out again
             self.fail_orphans()
+
+    def _refill_progress(self) -> None:
+        """The epochs each known trial reported to the study after the saved state was written (a
+        driver killed between two searcher checkpoints): MLflow has them, so they are not reported
+        again, yet a trial's value is its best epoch over all of them."""
+        for trial_id, trial in self._ot_trials.items():
+            try:
+                frozen = self._ot_study._storage.get_trial(trial._trial_id)
+            except Exception:  # noqa: BLE001 - a trial the storage no longer has
+                continue
+            values = self._progress.setdefault(trial_id, {})
+            if not self.multi:
+                for step, value in frozen.intermediate_values.items():
+                    values.setdefault(int(step), float(value))
+                continue
+            vectors = self._vectors.setdefault(trial_id, {})
+            for step, (select, *vector) in (frozen.user_attrs.get(EPOCH_OBJECTIVES) or {}).items():
+                values.setdefault(int(step), float(select))
+                vectors.setdefault(int(step), [float(v) for v in vector])
 
     def fail_orphans(self) -> None:
         """End the restored RUNNING trials nobody asked for again as FAIL (none stays RUNNING forever)."""
