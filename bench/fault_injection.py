@@ -118,6 +118,12 @@ def val_key() -> str:
     return mlflow_metric_name("val_objective")
 
 
+def sweep_runs(c, sweep: str) -> list:
+    """Every run of ``sweep`` (parent, trials, refit, ...) in the work folder's experiment."""
+    exp = c.get_experiment_by_name("fi")
+    return [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("sweep_id") == sweep] if exp else []
+
+
 def trial_runs(uri: str, sweep: str) -> list:
     try:
         c = client(uri)
@@ -150,13 +156,11 @@ def audit(uri: str, sweep: str, expect_trials: int) -> dict[str, Any]:
 
     c = client(uri)
     runs = trial_runs(uri, sweep)
-    exp = c.get_experiment_by_name("fi")
-    all_runs = c.search_runs([exp.experiment_id]) if exp else []
-    parents = [r for r in all_runs if r.data.tags.get("role") == "sweep" and r.data.tags.get("sweep_id") == sweep]
+    all_runs = sweep_runs(c, sweep)
+    parents = [r for r in all_runs if r.data.tags.get("role") == "sweep"]
     out: dict[str, Any] = {"trials": len(runs), "epochs_lost": 0, "epochs_duplicated": 0, "best_mismatch": 0,
                            "restarts": 0, "backfilled": 0,
-                           "running": sum(r.info.status == "RUNNING" for r in all_runs
-                                          if r.data.tags.get("sweep_id") == sweep),
+                           "running": sum(r.info.status == "RUNNING" for r in all_runs),
                            "finished": sum(r.info.status == "FINISHED" for r in runs)}
     out["trials_lost"] = expect_trials - out["finished"]
     best = {}
@@ -295,9 +299,7 @@ def _stage(work: Work, name: str, stderr: str) -> dict[str, Any]:
     trials (trial id -> (run id, end time)), the sweep parents and the parent run id in ssvp_sweep.json."""
     logs = sorted(work.root.glob("driver-*.log"), key=lambda p: p.stat().st_mtime)
     printed = (logs[-1].read_text() if logs else "") + stderr
-    c = client(work.uri)
-    exp = c.get_experiment_by_name("fi")
-    runs = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("sweep_id") == name] if exp else []
+    runs = sweep_runs(client(work.uri), name)
     parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
     try:
         state_parent = json.loads((work.root / "ray" / name / "ssvp_sweep.json").read_text()).get("parent_run_id")

@@ -149,6 +149,17 @@ def test_errors_leave_a_trial_redacted_with_their_type_and_frames():
             except KeyError as exc:
                 raise clean from exc
     assert info.value is clean and isinstance(info.value.__cause__, KeyError)
+    # a secret two causes down is found too
+    with pytest.raises(RuntimeError) as info:
+        with errors_redacted():
+            try:
+                try:
+                    load()
+                except FileNotFoundError as exc:
+                    raise KeyError("weights") from exc
+            except KeyError as exc:
+                raise RuntimeError("trial failed") from exc
+    assert "pw/9x" not in "".join(traceback.format_exception(info.value)) and info.value.__cause__ is None
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .redact import redact_text
+from .redact import error_line, redact_text
 
 __all__ = ["PreflightError", "check_before_ray", "check_writable", "check_data", "check_storage", "check_tracking",
            "check_resources", "check_resource_numbers", "check_optuna_storage"]
@@ -95,8 +95,7 @@ def check_optuna_storage(url: str | None, timeout: float = TRACKING_TIMEOUT_S) -
     except ImportError as exc:
         raise PreflightError(f"search.optuna_storage {shown}: its database driver is not installed ({exc.name or exc})") from None
     except Exception as exc:  # noqa: BLE001 - OperationalError: unreachable, refused, bad login
-        first = redact_text((str(exc) or type(exc).__name__).splitlines()[0])[:300]
-        raise PreflightError(f"search.optuna_storage {shown} cannot be opened ({type(exc).__name__}: {first})") from None
+        raise PreflightError(f"search.optuna_storage {shown} cannot be opened ({type(exc).__name__}: {error_line(exc)})") from None
 
 
 def check_data(base, variants: Mapping[str, Mapping[str, Any]] | None = None) -> None:
@@ -151,8 +150,7 @@ def _create_sqlite_store(uri: str) -> None:
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - not an MLflow database, locked, unreadable
-        first = (str(exc) or type(exc).__name__).splitlines()[0]
-        raise PreflightError(f"MLflow tracking store {uri}: cannot be opened ({type(exc).__name__}: {first})") from None
+        raise PreflightError(f"MLflow tracking store {uri}: cannot be opened ({type(exc).__name__}: {error_line(exc)})") from None
 
 
 def check_tracking(uri: str | None, timeout: float = TRACKING_TIMEOUT_S) -> None:

@@ -147,6 +147,13 @@ class RedactingClient:
         return self._client.log_dict(run_id, redact(dictionary), artifact_file)
 
 
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s text (its class name when it has none), redacted, at most ``limit``
+    characters: what a one-line error message quotes of a library's exception."""
+    lines = str(exc).strip().splitlines()
+    return redact_text(lines[0] if lines else type(exc).__name__)[:limit]
+
+
 def redacted_exception(exc: BaseException) -> BaseException:
     """``exc`` if its text holds no secret, else an exception of the same type (so that its class
     name still says what failed: see ``trial.DETERMINISTIC_ERRORS``) whose text is redacted, with
@@ -156,8 +163,7 @@ def redacted_exception(exc: BaseException) -> BaseException:
     ``<trial>/error.txt`` and ``error.pkl`` and the console then only ever see the redacted text."""
     texts = [str(a) for a in getattr(exc, "args", ())] or [str(exc)]
     clean = [redact_text(t) for t in texts]
-    chained = [e for e in (exc.__cause__, exc.__context__) if e is not None]
-    if clean == texts and not any(redact_text(str(e)) != str(e) for e in chained):
+    if clean == texts and not any(redact_text(str(e)) != str(e) for e in _chain(exc)):
         return exc
     message = "; ".join(clean)
     try:
@@ -167,6 +173,17 @@ def redacted_exception(exc: BaseException) -> BaseException:
     new.__suppress_context__ = True
     new.__cause__ = None
     return new.with_traceback(exc.__traceback__)
+
+
+def _chain(exc: BaseException):
+    """Every exception ``exc`` chains to (causes and contexts, at any depth), each once."""
+    seen, todo = {id(exc)}, [exc.__cause__, exc.__context__]
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            yield e
+            todo += [e.__cause__, e.__context__]
 
 
 @contextlib.contextmanager

@@ -191,8 +191,7 @@ def run_tuner(plan: Plan, callback, signer: StateSigner | None = None):
         reattach(tuner, [callback, SigningCallback(signer)] if signer else [callback])
         with _tune_output(plan.sweep.verbose):
             results = tuner.fit()
-        search = tuner._local_tuner._tune_config.search_alg
-        getattr(getattr(search, "searcher", search), "fail_orphans", lambda: None)()
+        getattr(_restored_searcher(tuner), "fail_orphans", lambda: None)()
         return results
     s = plan.sweep.search
     search = make_search(plan)
@@ -239,10 +238,16 @@ def reattach(tuner, fresh: list) -> None:
     kinds = {type(c): c for c in fresh}
     callbacks = [kinds.pop(type(c), c) for c in (run_config.callbacks or [])]
     run_config.callbacks = [*callbacks, *kinds.values()]
-    search = internal._tune_config.search_alg
-    searcher = getattr(search, "searcher", search)  # a ConcurrencyLimiter wraps it
+    searcher = _restored_searcher(tuner)
     if hasattr(searcher, "observe"):
         fresh[0].attach_searcher(searcher)
+
+
+def _restored_searcher(tuner):
+    """The searcher of a restored ``tuner`` (Ray keeps it in its private tune config; a
+    ConcurrencyLimiter wraps it)."""
+    search = tuner._local_tuner._tune_config.search_alg
+    return getattr(search, "searcher", search)
 
 
 @contextlib.contextmanager

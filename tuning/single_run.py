@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .redact import redact_text
+from .redact import error_line, redact_text
 from .tracking import SweepTracker, mlflow_metric_name, normalize_tracking_uri
 
 __all__ = ["RunRecorder", "start_run", "DEFAULT_EXPERIMENT"]
@@ -83,8 +83,7 @@ def start_run(command: str, cfg, checkpoint: str | None = None, run_name: str | 
         run = tracker.client.create_run(tracker.ensure_experiment(), run_name=run_name or f"{command} {cfg.train.protocol}",
                                         tags={k: str(v) for k, v in tags.items()})
     except Exception as exc:  # an unreachable server, a full disk, a locked or corrupt store: one line, exit 1
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise OSError(redact_text(f"MLflow store {uri}: cannot open the run ({first[:300]})")) from None
+        raise OSError(redact_text(f"MLflow store {uri}: cannot open the run ({error_line(exc)})")) from None
     rec = RunRecorder(tracker, run.info.run_id)
     tracker.log_params(rec.run_id, cfg.flat())
     if command == "train":

@@ -377,21 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_importable()
 
     from ssvp.config import ConfigError
-    from ssvp.paths import PathError
-    from tuning.integrity import UntrustedStateError
-    from tuning.settings import SweepConfigError
     from tuning.space import SpaceError
 
-    started_with = argv
     if args.num_cpus is not None and args.num_cpus < 1:
         return _error(f"--num-cpus must be >= 1, got {args.num_cpus}", 2)
-    try:
-        if args.resume or args.refit_only:
-            args, stored = _remembered_args(parser, args, argv)
-            started_with = stored or argv
-        sweep = sweep_from_args(args)
-    except (SweepConfigError, SpaceError, ConfigError, PathError, UntrustedStateError) as exc:
-        return _error(exc, 2)
+    resolved = _resolve(parser, args, argv)
+    if isinstance(resolved, int):
+        return resolved
+    args, sweep, started_with = resolved
     if args.print_config:
         from tuning.redact import redact_text
 
@@ -428,6 +421,34 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__module__.split(".")[0] not in ("mlflow", "ray", "optuna", "sqlalchemy"):
             raise
         return _error(f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
+    return _report(summary, started_with)
+
+
+def _resolve(parser, args, argv: list[str]):
+    """``(args, sweep, started_with)``: with ``--resume`` / ``--refit-only`` the arguments the sweep was
+    started with, under the new ones; the sweep they describe. An exit status (2, one line said) when
+    the config, the space, a path or the stored state is wrong."""
+    from ssvp.config import ConfigError
+    from ssvp.paths import PathError
+    from tuning.integrity import UntrustedStateError
+    from tuning.settings import SweepConfigError
+    from tuning.space import SpaceError
+
+    started_with = argv
+    try:
+        if args.resume or args.refit_only:
+            args, stored = _remembered_args(parser, args, argv)
+            started_with = stored or argv
+        return args, sweep_from_args(args), started_with
+    except (SweepConfigError, SpaceError, ConfigError, PathError, UntrustedStateError) as exc:
+        return _error(exc, 2)
+
+
+def _report(summary, started_with: list[str]) -> int:
+    """Print the finished sweep's summary; the exit status: 130 interrupted (with the resume command),
+    1 when no trial finished or none finished an epoch, else 0."""
+    from tuning.redact import redact_text
+
     print()
     print(redact_text(summary.format()), flush=True)  # a tracking URI may carry a password
     if summary.interrupted:

@@ -320,33 +320,16 @@ def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
     """One trial's training on this process: ``fit`` from the newest checkpoint, ``report(metrics,
     checkpoint folder or None)`` after each epoch (rank 0 passes its folder: last/, best/, history.json)."""
     from ssvp import engine
-    from ssvp.config import Config
 
     from .storage import storage_path
 
     rank = placement["world_rank"]
-    placement["gpu_memory_fraction"] = apply_gpu_share(placement["device"], loop_config.get("gpus_per_worker", 0.0))
-    cfg = Config.from_dict(loop_config["cfg"]).override({"device": placement["device"]})
-    resume_from, history = _restore(checkpoint, loop_config.get("trial_dir"))
-    placement["resumed_epochs"] = len(history)
-    if rank == 0 and loop_config.get("trial_dir"):
-        record_start(loop_config["trial_dir"], placement)
-    placement_dir = loop_config.get("placement_dir")
-    if placement_dir:  # on the shared storage: a local folder or s3://
-        storage_path(placement_dir).mkdir(parents=True, exist_ok=True)
-        (storage_path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
-
-    work = Path(tempfile.mkdtemp(prefix=f"ssvp-trial-rank{rank}-"))
-    if resume_from and (Path(resume_from).parent / "best").is_dir():
-        # fit rewrites best/ only when a later epoch improves on it: carry the earlier best over
-        shutil.copytree(Path(resume_from).parent / "best", work / "best")
+    cfg, resume_from, history, work = _start(loop_config, placement, checkpoint)
     if loop_config.get("replicas"):  # class folds x seeds: several fits in lockstep, one report per epoch
         try:
             _train_replicas(cfg, loop_config, work, resume_from, history, rank, report)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
-            if resume_from:
-                shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
+            _clean_up(work, resume_from)
         return
     last: dict[str, float] = {}
 
@@ -378,9 +361,41 @@ def _train(loop_config: dict, placement: dict, checkpoint, report) -> None:
                         out.write_text(json.dumps(target_report, indent=2, default=float))
             report({**last, **target, TARGET_DONE_KEY: 1.0, "best_epoch": float(result.best_epoch)}, None)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if resume_from:
-            shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
+        _clean_up(work, resume_from)
+
+
+def _start(loop_config: dict, placement: dict, checkpoint) -> tuple[Any, str | None, list, Path]:
+    """A trial's set-up on this process: its GPU share, its config on this device, the newest checkpoint
+    and epoch history restored, its start and placement recorded (rank 0 / every rank), and a fresh
+    work folder holding the earlier best heads. Returns (cfg, resume_from, history, work)."""
+    from ssvp.config import Config
+
+    from .storage import storage_path
+
+    rank = placement["world_rank"]
+    placement["gpu_memory_fraction"] = apply_gpu_share(placement["device"], loop_config.get("gpus_per_worker", 0.0))
+    cfg = Config.from_dict(loop_config["cfg"]).override({"device": placement["device"]})
+    resume_from, history = _restore(checkpoint, loop_config.get("trial_dir"))
+    placement["resumed_epochs"] = len(history)
+    if rank == 0 and loop_config.get("trial_dir"):
+        record_start(loop_config["trial_dir"], placement)
+    placement_dir = loop_config.get("placement_dir")
+    if placement_dir:  # on the shared storage: a local folder or s3://
+        storage_path(placement_dir).mkdir(parents=True, exist_ok=True)
+        (storage_path(placement_dir) / f"rank{rank}.json").write_text(json.dumps(placement, indent=2, default=str))
+
+    work = Path(tempfile.mkdtemp(prefix=f"ssvp-trial-rank{rank}-"))
+    if resume_from and (Path(resume_from).parent / "best").is_dir():
+        # fit rewrites best/ only when a later epoch improves on it: carry the earlier best over
+        shutil.copytree(Path(resume_from).parent / "best", work / "best")
+    return cfg, resume_from, history, work
+
+
+def _clean_up(work: Path, resume_from: str | None) -> None:
+    """The trial's work folder and the restored checkpoint's local copy go."""
+    shutil.rmtree(work, ignore_errors=True)
+    if resume_from:
+        shutil.rmtree(Path(resume_from).parent, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- class folds and seeds
