@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -144,6 +145,8 @@ class ModelConfig:
         _check_int(self, "pfl_flows", minimum=0)
         for key in ("pfl_kl_weight", "pfl_orth_weight"):
             _check_range(self, key, 0.0, None)
+        for key in ("clip_pretrained", "dino_weights"):
+            _check_weights_source(self, key)
         _check_choice(self, "dino_taps", DINO_TAPS)
         _check_choice(self, "s_global", S_GLOBAL_MODES)
         if not self.l_class_sigma and self.s_global != "prob" and self.prompting not in PFL_PROMPTINGS:
@@ -466,6 +469,24 @@ def _check_choice(obj: Any, key: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, key)
     if value not in choices:
         raise ConfigError(f"{_section_name(obj)}.{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")  # scheme://, not C:/ nor hf-hub:
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*:/+[^/:@]*:)[^@]*(?=@)")
+
+
+def _check_weights_source(obj: Any, key: str) -> None:
+    """Weights come from a tag, an ``hf-hub:`` / Hugging Face id or a local path, never from a URL:
+    none would load, and a URL's password would be written into every checkpoint's config.json.
+    The message quotes the value with its password masked."""
+    value = getattr(obj, key)
+    if isinstance(value, str) and _URL.match(value):
+        shown = _URL_PASSWORD.sub(lambda m: m["head"] + "***", value)
+        raise ConfigError(
+            f"model.{key} must be an open_clip tag, an hf-hub: or Hugging Face id, or a local path; got the URL "
+            f"{shown!r}: download the file first and give its path (a private Hugging Face repo reads its token "
+            "from HF_TOKEN, never from the value)"
+        )
 
 
 def _check_int(obj: Any, key: str, minimum: int) -> None:

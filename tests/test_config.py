@@ -200,3 +200,15 @@ def test_grid_and_sweep_files_suggest_the_key_and_variant_meant(tmp_path):
     sweep.write_text("name: s\n")
     with pytest.raises(SweepConfigError, match=r"--set: unknown config key 'gama'; did you mean gamma\?$"):
         load_sweep(sweep, {"gama": 0.3})
+
+
+@pytest.mark.parametrize("key", ["clip_pretrained", "dino_weights"])
+def test_weights_url_is_refused_with_its_password_masked(key):
+    """A weights value is a tag, an hf-hub:/Hugging Face id or a local path. A URL would not load, and
+    its password would land in every checkpoint's config.json: refused, naming the field, password masked."""
+    with pytest.raises(ConfigError) as info:
+        Config.tiny(**{key: "https://u:pa/ss@host:9/w.pt"})
+    text = str(info.value)
+    assert f"model.{key}" in text and "u:***@host:9/w.pt" in text and "pa/ss" not in text
+    for fine in ("openai", "hf-hub:org/repo", "/weights/w.pt", "C:/weights/w.pt", "facebook/dinov3-vits16"):
+        assert getattr(Config.tiny(**{key: fine}).model, key) == fine

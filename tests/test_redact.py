@@ -164,11 +164,12 @@ def test_errors_leave_a_trial_redacted_with_their_type_and_frames():
 
 @pytest.mark.slow
 def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
-    """Issue 25: one tiny sweep with a distinct secret in each carrier: the tracking URI's password (an
-    MLflow server behind a login), the Optuna storage URL, a weights URL in the sweep file and a ``--set``
-    value (both with '/' in the password; the trial fails on them, so its error text carries them,
-    through ``Path`` as ``https:/``). Nothing of the record holds any of them: stdout, stderr, the MLflow
-    server's database and artifacts, the storage folder (Tune's pickles, launch.json, ssvp_sweep.json)."""
+    """Issue 25: a distinct secret in each carrier: the tracking URI's password (an MLflow server behind
+    a login), the Optuna storage URL, a weights URL in the sweep file and a ``--set`` weights URL (both
+    with '/' in the password). A weights URL is refused before anything runs (exit 2, the field named,
+    the password masked), so it can never reach a checkpoint's config.json; the sweep then runs with
+    the other two. Nothing of the record holds any secret: stdout, stderr, the MLflow server's database
+    and artifacts, the storage folder (Tune's pickles, launch.json, ssvp_sweep.json, checkpoints)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -179,39 +180,49 @@ def test_no_secret_reaches_any_copy_of_a_sweep(tmp_path, synthetic_root):
 
     repo = Path(__file__).resolve().parents[1]
     secrets = {"tracking": "trkPW_71c4-kq93x", "optuna": "optTOK_93b1", "weights": "wtsPW/58e2", "set": "setPW/26d0"}
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(yaml.safe_dump({
+    overrides = {
+        "source": f"synthetic:{synthetic_root}/domain_a", "targets": [f"synthetic:{synthetic_root}/domain_b"],
+        "epochs": 1, "max_steps_per_epoch": 1, "max_per_class": 2, "batch_size": 4, "progress": False}
+    sweep = {
         "name": "sec",
-        "base": {"preset": "tiny", "overrides": {
-            "source": f"synthetic:{synthetic_root}/domain_a", "targets": [f"synthetic:{synthetic_root}/domain_b"],
-            "epochs": 1, "max_steps_per_epoch": 1, "max_per_class": 2, "batch_size": 4, "progress": False,
-            "dino_weights": f"https://u:{secrets['weights']}@127.0.0.1:9/dino.pt"}},
+        "base": {"preset": "tiny", "overrides": overrides},
         "space": {"gamma": {"type": "uniform", "low": 0.0, "high": 1.0}},
         "search": {"algorithm": "optuna", "num_samples": 1, "seed": 0, "scheduler": "none",
                    "points_to_evaluate": "none",
                    "optuna_storage": f"sqlite:///file:{tmp_path}/optuna.db?mode=rwc&token={secrets['optuna']}&uri=true"},
         "resources": {"use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
         "target_eval": "none", "refit": False,
-    }))
+    }
+    cfg, url_cfg = tmp_path / "s.yaml", tmp_path / "url.yaml"
+    cfg.write_text(yaml.safe_dump(sweep))
+    sweep["base"]["overrides"] = {**overrides, "dino_weights": f"https://u:{secrets['weights']}@127.0.0.1:9/dino.pt"}
+    url_cfg.write_text(yaml.safe_dump(sweep))
     (tmp_path / "art").mkdir()
     env = clean_env(PYTHONPATH=str(repo), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    common = ["--local", "--num-cpus", "2", "--name", "sec", "--storage-path", str(tmp_path / "ray"), "--experiment", "sec"]
+    outs = []
     with mlflow_server(tmp_path, str(tmp_path / "art"), env, password=secrets["tracking"]) as uri:
         login = uri.replace("http://", f"http://admin:{secrets['tracking']}@")
-        proc = subprocess.run(
-            [sys.executable, str(repo / "tuning" / "sweep.py"), "--config", str(cfg), "--local", "--num-cpus", "2",
-             "--name", "sec", "--storage-path", str(tmp_path / "ray"), "--tracking-uri", login, "--experiment", "sec",
-             "--set", f"clip_pretrained=https://u:{secrets['set']}@127.0.0.1:9/clip.pt"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-4000:]  # the trial fails on its weights: no trial finished
+        for config, extra, code in [
+            (url_cfg, [], 2),
+            (cfg, ["--set", f"clip_pretrained=https://u:{secrets['set']}@127.0.0.1:9/clip.pt"], 2),
+            (cfg, [], 0),
+        ]:
+            proc = subprocess.run(
+                [sys.executable, str(repo / "tuning" / "sweep.py"), "--config", str(config), *common,
+                 "--tracking-uri", login, *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+            outs.append(proc.stdout + proc.stderr)
+            assert proc.returncode == code, outs[-1][-4000:]
+    assert "model.dino_weights" in outs[0] and "u:***@127.0.0.1:9/dino.pt" in outs[0], outs[0][-2000:]
+    assert "model.clip_pretrained" in outs[1] and "u:***@127.0.0.1:9/clip.pt" in outs[1], outs[1][-2000:]
     found = {name: [] for name in secrets}
     for path in [p for p in tmp_path.rglob("*") if p.is_file()] + [None]:
-        data = out.encode() if path is None else path.read_bytes()
+        data = "".join(outs).encode() if path is None else path.read_bytes()
         for name, secret in secrets.items():
-            if secret.encode() in data and path != cfg:
+            if secret.encode() in data and path not in (cfg, url_cfg):
                 found[name].append(str(path or "console"))
     assert not any(found.values()), found
-    # the record is there (the greps above looked at something): Tune's state, MLflow's database with the
-    # failed trial's redacted weights URL
+    # the record is there (the greps above looked at something): Tune's state, the study, MLflow's
+    # database, a trial checkpoint's config.json
     assert (tmp_path / "ray" / "sec" / "tuner.pkl").is_file() and (tmp_path / "optuna.db").is_file()
-    assert b"u:***@127.0.0.1:9" in (tmp_path / "mlflow.db").read_bytes()
+    assert (tmp_path / "mlflow.db").is_file() and list((tmp_path / "ray").rglob("config.json"))
