@@ -33,7 +33,8 @@ def init_ray(
     placement-group cleaner asks the state API whether a trial's controller is still
     alive, and it exports ``RAY_API_SERVER_ADDRESS`` to every Ray process so that
     lookup finds *this* instance even when other Ray instances run on the machine.
-    ``num_gpus=None`` lets Ray count the GPUs. ``log_to_driver=False`` keeps the workers' logs
+    A watcher (``tuning.ray_reaper``) ends the processes of a Ray started here once this process is
+    gone, even after a SIGKILL. ``num_gpus=None`` lets Ray count the GPUs. ``log_to_driver=False`` keeps the workers' logs
     (and Ray's start-up lines) off this console; they stay in the session's log folder.
     """
     import ray
@@ -72,6 +73,9 @@ def init_ray(
     if resources:
         kwargs["resources"] = dict(resources)
     ray.init(**kwargs)
+    from tuning.ray_reaper import start_reaper
+
+    start_reaper()  # a driver SIGKILL must not leave this Ray's processes behind
 
 
 def _level(verbose: bool) -> int:
