@@ -390,3 +390,27 @@ def test_quiet_holds_back_tunes_trial_tracebacks():
     with _tune_output(1):
         assert child.isEnabledFor(logging.ERROR) and not child.isEnabledFor(logging.INFO)
     assert [logging.getLogger(n).level for n in ("ray.tune", "ray.train")] == before
+
+
+@pytest.mark.slow
+def test_a_time_budget_that_ends_the_sweep_before_any_epoch_is_exit_1_and_no_record_says_finished(work):
+    """Issue 25: ``search.time_budget_s`` shorter than a trial's start-up. Before: exit 0, the trial
+    recorded FINISHED with no metrics and its Optuna trial left RUNNING. Now: exit 1 with "no trial
+    finished an epoch"; no MLflow run and no Optuna trial is left RUNNING, none claims FINISHED/COMPLETE."""
+    import optuna
+
+    from fault_injection import client, sweep_runs
+
+    yaml = (work.root / "sweep.yaml").read_text()
+    (work.root / "sweep.yaml").write_text(yaml.replace("max_concurrent_trials: 1}", "max_concurrent_trials: 1, time_budget_s: 1}"))
+    code, _, err = work.run(work.args("budget"))
+    assert code == 1 and "no trial finished an epoch" in err, err[-3000:]
+    runs = sweep_runs(client(work.uri), "budget")
+    trials = [r for r in runs if r.data.tags.get("role") == "trial"]
+    assert trials and all(r.info.status not in ("RUNNING", "FINISHED") for r in trials), \
+        [(r.info.status, r.data.tags.get("stopped")) for r in trials]
+    assert all(r.info.status != "RUNNING" for r in runs)
+    storage = f"sqlite:///{work.root / 'ray' / 'budget' / 'optuna.db'}"
+    (study,) = optuna.get_all_study_summaries(storage)
+    states = [t.state.name for t in optuna.load_study(study_name=study.study_name, storage=storage).trials]
+    assert states and not {"RUNNING", "COMPLETE"} & set(states), states
