@@ -176,9 +176,23 @@ def _close_unknown(tracker: SweepTracker, known: set[str]) -> None:
             tracker.client.set_terminated(run.info.run_id, status="KILLED")
 
 
+STOPPED_BEFORE_EPOCH = "search.time_budget_s ended the sweep before this trial's first epoch"
+
+
 def _reconcile(trial, status: str, tracker: SweepTracker, callback: MLflowTrialCallback, errors: dict) -> str:
-    """Close the trial's child run as Tune ended it; FINISHED | FAILED | KILLED (not ended)."""
+    """Close the trial's child run as Tune ended it; FINISHED | FAILED | KILLED (not ended) | STOPPED
+    (ended by the time budget before its first epoch: run KILLED, tagged ``stopped``; Optuna FAIL)."""
     tid = trial.trial_id
+    if status == "TERMINATED" and not (trial.last_result or {}).get("training_iteration"):
+        # ended without a single report: the sweep's time budget ran out during its start-up
+        run = tracker.find_child(tid)
+        if run is None or run.info.status == "RUNNING":
+            run_id = callback.finish_trial(trial, "KILLED")
+            tracker.client.set_tag(run_id, "stopped", STOPPED_BEFORE_EPOCH)
+        fail = getattr(callback.searcher, "fail_trial", None)
+        if fail is not None:
+            fail(tid)
+        return "STOPPED"
     if status == "TERMINATED":
         run = tracker.find_child(tid)
         if run is None or run.info.status != "FINISHED":

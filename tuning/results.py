@@ -13,7 +13,7 @@ __all__ = ["ResultSummary", "TrialSummary", "mlflow_ui_command", "run_url", "tex
 @dataclass
 class TrialSummary:
     trial_id: str
-    status: str  # FINISHED | FAILED | KILLED (interrupted) | EARLY_STOPPED
+    status: str  # FINISHED | FAILED | KILLED (interrupted) | EARLY_STOPPED | STOPPED (time budget, no epoch)
     params: dict[str, Any]  # the sampled keys (and variant)
     variant: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # best_/final_ source-val metrics (+ target_ with target_eval=all)

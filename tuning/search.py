@@ -219,6 +219,17 @@ class ResumableOptunaSearch(OptunaSearch):
                 values.setdefault(int(step), float(select))
                 vectors.setdefault(int(step), [float(v) for v in vector])
 
+    def fail_trial(self, trial_id: str) -> None:
+        """End ``trial_id``'s Optuna trial as FAIL when it is still RUNNING (Tune stopped it before its
+        first result, e.g. at the sweep's time budget, and told the searcher nothing)."""
+        trial = self._ot_trials.get(trial_id)
+        if trial is None or self._ot_study is None or trial_id in self._completed_trials:
+            return
+        frozen = self._ot_study._storage.get_trial(trial._trial_id)
+        if frozen.state == optuna.trial.TrialState.RUNNING:
+            self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+
     def fail_orphans(self) -> None:
         """End the restored RUNNING trials nobody asked for again as FAIL (none stays RUNNING forever)."""
         for t in getattr(self, "_orphans", None) or []:

@@ -374,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: loopback only
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # MLflow's "View run ... at URL" lines
+    if args.quiet:  # the summary only: no store set-up lines, no Tune warning about a trial with no result
+        import logging
+
+        for name in ("mlflow.store.db.utils", "alembic", "ray.tune.analysis.experiment_analysis"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     _ensure_importable()
 
     from ssvp.config import ConfigError
@@ -454,10 +459,14 @@ def _report(summary, started_with: list[str]) -> int:
     if summary.interrupted:
         print(f"\nresume with: {resume_command(started_with, summary.name)}", flush=True)
         return 130
-    if summary.trials and not any(t.status in ("FINISHED", "EARLY_STOPPED") for t in summary.trials):
-        print("\nno trial finished (causes above)", file=sys.stderr, flush=True)
+    no_epoch = not any(t.objective is not None or t.metrics.get("epochs_done") for t in summary.trials)
+    if no_epoch and all(t.status in ("FINISHED", "EARLY_STOPPED", "STOPPED") for t in summary.trials):
+        print("\nno trial finished an epoch (search.time_budget_s too short?)", file=sys.stderr, flush=True)
         return 1
-    if not any(t.objective is not None or t.metrics.get("epochs_done") for t in summary.trials):
+    if summary.trials and not any(t.status in ("FINISHED", "EARLY_STOPPED") for t in summary.trials):
+        print("\nno trial finished (causes in the summary above)", file=sys.stderr, flush=True)
+        return 1
+    if no_epoch:
         print("\nno trial finished an epoch (search.time_budget_s too short?)", file=sys.stderr, flush=True)
         return 1
     return 0
