@@ -572,9 +572,14 @@ class FeatureCache:
         if miss:
             self._fill_misses(keys, miss, batch, images_for)
         features = self._to_features(batch, out)
-        if len(self._free) < 3:  # keep the buffers: a batch in use, one read ahead, one spare
-            self._free.append((batch.values, batch.scales))
+        self.release(batch)
         return features
+
+    def release(self, batch: "_Batch") -> None:
+        """Hand ``batch``'s buffers back for the next :meth:`read` of that size (once its values are
+        copied out): a reused buffer's pages are mapped already, so a read costs no page faults."""
+        if len(self._free) < 3:  # a batch in use, one read ahead, one spare
+            self._free.append((batch.values, batch.scales))
 
     def _fill_misses(self, keys: list[str], miss: list[int], batch: "_Batch", images_for) -> None:
         if images_for is None:
