@@ -982,7 +982,13 @@ def write_report(grid: Grid, records: Iterable[Mapping[str, Any]], out_dir: str 
     """Write results.md / results.csv / paired.csv / results.tex and the PNG plots; return {name: path}.
 
     ``columns`` (default: the grid's ``columns``, else all six) picks the metric columns of the
-    Markdown and LaTeX tables; the CSV files and the plots keep every metric."""
+    Markdown and LaTeX tables; the CSV files and the plots keep every metric.
+
+    Eight parameters on purpose: after the grid, its records and the folder come five independent
+    report options with defaults (``seeds``, ``per_class``, ``confidence``, ``plots``, ``columns``;
+    all but ``confidence`` are command-line flags here and in ``ablations.grid``); ``rebuild_report``,
+    ``ablations.grid`` and the tests each set one or two of them by name, which an options object
+    would turn into a construction at every call."""
     columns = metric_columns(columns or grid.columns)
     records = list(records)
     out_dir = Path(out_dir)

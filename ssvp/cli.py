@@ -406,16 +406,8 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ssvp", description="SSVP zero-shot industrial anomaly detection (frozen CLIP + DINOv3, learned heads)",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and library messages (INFO level)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
-                        help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_make_synthetic(sub) -> None:
+    """``ssvp make-synthetic``: where to write the built-in benchmark, and its seed."""
     p = _command(sub, "make-synthetic", "generate the built-in synthetic benchmark (MVTec-AD layout)",
                  "Write the built-in synthetic benchmark: two visual domains (domain_a, domain_b) of "
                  "several classes each, with pixel masks, in the MVTec-AD folder layout.",
@@ -424,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default: 0)")
     p.set_defaults(func=cmd_make_synthetic)
 
+
+def _add_train(sub) -> None:
+    """``ssvp train``: config, overrides, output folder, resume, and what to skip or print."""
     p = _command(sub, "train", "train the SSVP heads on the source dataset",
                  "Train the SSVP heads on data.source (one line per epoch), then evaluate the model on "
                  "data.targets. train.protocol=paper (default, arXiv 2601.09147 §4.1-4.2): every source class "
@@ -444,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
+    """``ssvp eval``: the checkpoint, the target datasets and where the results go."""
     p = _command(sub, "eval", "evaluate a checkpoint on the target datasets",
                  "Evaluate a checkpoint on the target datasets: per-class and mean I-AUROC, I-F1max, I-AP, "
                  "P-AUROC, P-AUPRO, P-AP.",
@@ -457,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub) -> None:
+    """``ssvp predict``: the checkpoint, the images and their class word, thresholds, outputs."""
     p = _command(sub, "predict", "score images and write anomaly-map overlays, panels and labels",
                  "Score images with a checkpoint. Writes OUT/scores.csv (path, score, label, threshold, size, "
                  "files) and, per image, <name>.overlay.png (heatmap over the photo, at the photo's size) and "
@@ -483,6 +484,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-panel", action="store_true", help="write only the overlays, no panels")
     p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ssvp`` parser: the global flags, then one ``_add_*`` per command, in ``--help``'s order."""
+    parser = argparse.ArgumentParser(
+        prog="ssvp", description="SSVP zero-shot industrial anomaly detection (frozen CLIP + DINOv3, learned heads)",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and library messages (INFO level)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_make_synthetic(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_predict(sub)
     return parser
 
 

@@ -118,6 +118,11 @@ class HSVSFusion(nn.Module):
         residual: bool = True,
         ln: bool = True,
     ) -> None:
+        """Wide on purpose: each argument is a named setting of the fusion of Eq. 2-5
+        (``mode`` the Table 3 fusion row, ``n_layers`` the tapped layer pairs, ``clip_dim``/``dino_dim``
+        D_c/D_d of Eq. 2, ``heads`` of Eq. 3, ``residual`` Eq. 5's F_c + ..., ``ln`` Eq. 4's LayerNorms),
+        passed one by one so the module can be built without a ``Config`` (``ssvp.model``,
+        ``ssvp.bayes_pfl`` and the tests call it so)."""
         super().__init__()
         if mode not in ("atf", "concat", "none"):
             raise ValueError(f"model.fusion must be atf, concat or none; got {mode!r}")

@@ -193,6 +193,11 @@ class VCPG(nn.Module):
         z_infer: str = "sample",
         z_seed: int = 0,
     ) -> None:
+        """Wide on purpose: each argument is a named hyperparameter of Eq. 7-11 (``dim``
+        D_c of V_global and T_init, ``latent_dim`` of z in Eq. 7-8, ``heads`` of Eq. 10's attention,
+        ``alpha_init`` Eq. 11's gate, ``n_latent_tokens`` the tokens of Z in Eq. 10, ``ln`` Eq. 11's
+        LayerNorm, ``z_infer``/``z_seed`` Eq. 8's z at inference), passed one by one so the module can
+        be built without a ``Config`` (``ssvp.model``, ``ssvp.pfl_vcpg`` and the tests call it so)."""
         super().__init__()
         if z_infer not in ("sample", "mu"):
             raise ValueError(f"model.z_infer must be sample or mu; got {z_infer!r}")

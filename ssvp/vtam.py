@@ -116,6 +116,12 @@ class VTAM(nn.Module):
         s_global: str = "prob",
         s_local_kernel: int = 3,
     ) -> None:
+        """Wide on purpose: each argument is a named hyperparameter of Eq. 13-19
+        (``n_layers`` the layer maps l of Eq. 13 and 17, ``clip_dim`` D of Eq. 15-16's gates, ``tau``
+        Eq. 14's temperature, ``gamma`` Eq. 19's mix, ``s_local``/``s_local_kernel`` Eq. 18 or
+        Algorithm 1 line 10, ``enabled`` Table 3's VTAM switch, ``s_global`` Eq. 19's S_global),
+        passed one by one so the module can be built without a ``Config`` (``ssvp.model`` and the
+        tests call it so)."""
         super().__init__()
         if s_local not in ("max", "mean_maxpool"):
             raise ValueError(f"model.s_local must be max or mean_maxpool; got {s_local!r}")

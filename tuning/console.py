@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping, TextIO
+from typing import Mapping, TextIO
 
 from .tracking import _TuneCallback, param_text, trial_number
 
@@ -28,6 +28,10 @@ class SweepConsole(_TuneCallback):
 
     def __init__(self, metric: str, mode: str, total: int, epochs: int, number_offset: int = 0,
                  stream: TextIO | None = None, variant_labels: Mapping[str, str] | None = None):
+        """Eight parameters on purpose: each is one thing the line shows or where it goes (``metric``
+        and ``mode`` of "best", ``total`` of ``[n/total]``, ``epochs`` of ``epoch e/E``,
+        ``number_offset`` of ``tNN``, ``variant_labels`` of a grid cell, ``stream``), given by name by
+        ``runner.console_callbacks`` and the tests; a holder object would only be unpacked here."""
         self.metric, self.mode, self.total, self.epochs = metric, mode, total, epochs
         self.number_offset = number_offset
         self.variant_labels = dict(variant_labels or {})  # variant -> label in the line (grid cells: "E/full")

@@ -249,7 +249,13 @@ def make_optuna_search(study_name: str, storage_url: str | None, seed: int, poin
                        modes: list[str] | None = None, sampler: str = "tpe") -> ResumableOptunaSearch:
     """TPE or NSGA-II (seeded) with ``points`` evaluated first; the study ``study_name`` is kept at
     ``storage_url``; a trial that ends before ``epochs`` is PRUNED. With several ``objectives`` the
-    searcher holds the metrics and modes itself (Tune's own metric/mode stay unset)."""
+    searcher holds the metrics and modes itself (Tune's own metric/mode stay unset).
+
+    Eight parameters on purpose: the study's identity (``study_name``, ``storage_url``), how trials
+    are picked (``sampler``, ``seed``, ``points`` tried first), the pruning horizon (``epochs``), and
+    ``objectives``/``modes``, the parallel lists Optuna's and Tune's own ``metric``/``mode`` take;
+    ``plan.make_search`` and the fault tests pass them as they are, so grouping them would only add
+    a wrapper to unpack."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     several = dict(metric=list(objectives), mode=list(modes)) if objectives and len(objectives) > 1 else {}
     return ResumableOptunaSearch(

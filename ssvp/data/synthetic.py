@@ -489,52 +489,84 @@ def make_synthetic(
     holds ``out_dir``, ``seed``, ``size``, per-domain per-category counts and ``text``
     (a printable table); ``verbose`` prints the table.
     """
-    if size < 32:
-        raise ValueError(f"size must be at least 32 px, got {size}")
-    if n_train < 0 or n_test < 1:
-        raise ValueError(f"need n_train >= 0 and n_test >= 1, got n_train={n_train}, n_test={n_test}")
+    names = _domain_names(size, n_train, n_test, domains)
     out = Path(out_dir)
-    names = tuple(domains or DOMAINS)
-    unknown = [d for d in names if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {', '.join(DOMAINS)}")
+    spec = _Spec(seed, size, n_train, n_test)
     summary: dict = {"out_dir": str(out), "seed": seed, "size": size, "domains": {}}
     for d_idx, dname in enumerate(DOMAINS):
-        if dname not in names:
-            continue
-        dom = DOMAINS[dname]
-        droot = out / dname
-        dsum: dict = {}
-        for c_idx, cname in enumerate(dom.categories):
-            cat = CATEGORIES[cname]
-            croot = droot / cname
-            counts: dict = {"train": n_train, "test_good": 0, "defects": {d: 0 for d in cat.defects}, "mask_pixels": 0}
-            for i in range(n_train):
-                rng = np.random.default_rng([seed, d_idx, c_idx, 0, i])
-                _, img, _ = render_item(dname, cname, None, rng, size)
-                _save_png(img, croot / "train" / "good" / f"{i:03d}.png")
-            per_folder: dict[str, int] = {}
-            for i, defect in enumerate(_split_plan(cat, n_test)):
-                rng = np.random.default_rng([seed, d_idx, c_idx, 1, i])
-                _, img, mask = render_item(dname, cname, defect, rng, size)
-                folder = defect or "good"
-                j = per_folder.get(folder, 0)
-                per_folder[folder] = j + 1
-                _save_png(img, croot / "test" / folder / f"{j:03d}.png")
-                if defect is None:
-                    counts["test_good"] += 1
-                else:
-                    counts["defects"][defect] += 1
-                    counts["mask_pixels"] += int(mask.sum())
-                    _save_png((mask.astype(np.uint8) * 255), croot / "ground_truth" / folder / f"{j:03d}_mask.png")
-            dsum[cname] = counts
-        summary["domains"][dname] = dsum
-        _write_domain_meta(droot)
+        if dname in names:
+            summary["domains"][dname] = _write_domain(spec, d_idx, dname, out / dname)
     (out / "README.txt").write_text(_readme(summary))
     summary["text"] = _summary_text(summary)
     if verbose:
         print(summary["text"])
     return summary
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What every class of one benchmark shares: the seed, the image size and the split sizes."""
+
+    seed: int
+    size: int
+    n_train: int
+    n_test: int
+
+
+def _domain_names(size: int, n_train: int, n_test: int, domains: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The domains to write (default: all); ValueError on a size, split size or domain out of range."""
+    if size < 32:
+        raise ValueError(f"size must be at least 32 px, got {size}")
+    if n_train < 0 or n_test < 1:
+        raise ValueError(f"need n_train >= 0 and n_test >= 1, got n_train={n_train}, n_test={n_test}")
+    names = tuple(domains or DOMAINS)
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {', '.join(DOMAINS)}")
+    return names
+
+
+def _write_domain(spec: _Spec, d_idx: int, dname: str, droot: Path) -> dict:
+    """Every class of domain ``dname`` (the ``d_idx``-th) under ``droot``, then its meta.json;
+    returns the per-class counts."""
+    dsum: dict = {}
+    for c_idx, cname in enumerate(DOMAINS[dname].categories):
+        dsum[cname] = _write_class(spec, (d_idx, c_idx), dname, cname, droot / cname)
+    _write_domain_meta(droot)
+    return dsum
+
+
+def _write_class(spec: _Spec, key: tuple[int, int], dname: str, cname: str, croot: Path) -> dict:
+    """One class under ``croot``: its normal training images, then its test split; returns its counts.
+    Image ``i`` of a split draws from ``rng([seed, d_idx, c_idx, split, i])`` (``key`` = (d_idx, c_idx)),
+    so each image is the same whatever else is written."""
+    cat = CATEGORIES[cname]
+    counts: dict = {"train": spec.n_train, "test_good": 0, "defects": {d: 0 for d in cat.defects}, "mask_pixels": 0}
+    for i in range(spec.n_train):
+        rng = np.random.default_rng([spec.seed, *key, 0, i])
+        _, img, _ = render_item(dname, cname, None, rng, spec.size)
+        _save_png(img, croot / "train" / "good" / f"{i:03d}.png")
+    _write_test(spec, key, dname, cname, croot, counts)
+    return counts
+
+
+def _write_test(spec: _Spec, key: tuple[int, int], dname: str, cname: str, croot: Path, counts: dict) -> None:
+    """The test split of one class: ``test/good`` and ``test/DEFECT`` images numbered per folder, and a
+    ``ground_truth/DEFECT/NNN_mask.png`` per defect; adds them to ``counts``."""
+    per_folder: dict[str, int] = {}
+    for i, defect in enumerate(_split_plan(CATEGORIES[cname], spec.n_test)):
+        rng = np.random.default_rng([spec.seed, *key, 1, i])
+        _, img, mask = render_item(dname, cname, defect, rng, spec.size)
+        folder = defect or "good"
+        j = per_folder.get(folder, 0)
+        per_folder[folder] = j + 1
+        _save_png(img, croot / "test" / folder / f"{j:03d}.png")
+        if defect is None:
+            counts["test_good"] += 1
+        else:
+            counts["defects"][defect] += 1
+            counts["mask_pixels"] += int(mask.sum())
+            _save_png((mask.astype(np.uint8) * 255), croot / "ground_truth" / folder / f"{j:03d}_mask.png")
 
 
 def _write_domain_meta(droot: Path) -> None:

@@ -21,6 +21,11 @@ def evaluate_class(labels: Any = None, scores: Any = None, masks: Any = None, ma
     ``mask.any()`` per image when masks are given); pixel metrics need ``masks`` and
     ``maps``. Metrics whose inputs are missing are left out; undefined ones are NaN with
     the reason in ``.undefined``.
+
+    Eight parameters on purpose: four optional arrays (any subset) and ``pixel_metrics``' own four
+    keywords, passed through unchanged and repeated by ``evaluate_predictions``; this is the public
+    per-class entry point (``ssvp.metrics``, docs/ARCHITECTURE.md), so an options object would make
+    every caller build one to change one pixel-metric setting.
     """
     out = MetricDict()
     if labels is None and masks is not None and scores is not None:
