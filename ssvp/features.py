@@ -65,6 +65,9 @@ log = logging.getLogger("ssvp.features")
 
 FORMAT_VERSION = 1
 DTYPES = ("int8", "float16", "float32")  # storage formats (FeatureCache's dtype)
+# threads that read one batch's files at once (each copy out of the page cache releases the GIL);
+# SSVP_CACHE_READ_THREADS=1 reads them one after another
+READ_THREADS = max(1, int(os.environ.get("SSVP_CACHE_READ_THREADS", min(4, os.cpu_count() or 1))))
 DEFAULT_DTYPE = "float16"  # what a trial uses unless train.feature_cache_dtype / SSVP_FEATURE_CACHE_DTYPE say otherwise
 SUFFIXES = {"int8": ".q8", "float16": ".npy", "float32": ".npy"}
 INT8_SCALE = "absmax per token (per row of the last axis), float32, symmetric [-127, 127]"
@@ -345,6 +348,7 @@ class FeatureCache:
         }
         self.layout = _Layout(self.shapes)
         self._free: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # batch buffers to reuse
+        self._pool = None  # reader threads (``READ_THREADS``), made on the first batch read
         self.hits = 0
         self.misses = 0
         self.paths = PathIndex(self.dir, self.suffix)
@@ -518,7 +522,9 @@ class FeatureCache:
         batch = self._new_batch(len(keys))
         paths = [self.path_for(key) for key in keys]
         files = [_open_ahead(path) for path in paths]  # every file's read queued before the first is copied
-        for row, (path, fh) in enumerate(zip(paths, files)):
+
+        def read_row(row: int) -> None:
+            path, fh = paths[row], files[row]
             try:
                 if isinstance(fh, OSError):
                     raise _BadFile(str(fh))
@@ -529,7 +535,22 @@ class FeatureCache:
             except _BadFile as exc:
                 batch.bad[row] = f"{path}: {exc}"
                 batch.missing.append(row)
+
+        if len(keys) > 1 and READ_THREADS > 1:  # the copies out of the page cache release the GIL
+            list(self._readers().map(read_row, range(len(keys))))
+            batch.missing.sort()
+        else:
+            for row in range(len(keys)):
+                read_row(row)
         return batch
+
+    def _readers(self):
+        """The threads that copy a batch's files into its buffer, one row each (made on first use)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ssvp-cache-read")
+        return self._pool
 
     def put(self, keys: Sequence[str], feats: BackboneFeatures) -> None:
         """Store ``feats`` (computed elsewhere by the same backbones) under content ``keys``."""
