@@ -459,15 +459,14 @@ def _report(summary, started_with: list[str]) -> int:
     if summary.interrupted:
         print(f"\nresume with: {resume_command(started_with, summary.name)}", flush=True)
         return 130
+    finished = any(t.status in ("FINISHED", "EARLY_STOPPED") for t in summary.trials)
     no_epoch = not any(t.objective is not None or t.metrics.get("epochs_done") for t in summary.trials)
-    if no_epoch and all(t.status in ("FINISHED", "EARLY_STOPPED", "STOPPED") for t in summary.trials):
+    # no epoch anywhere, and no trial failed (some finished, or the time budget stopped them all)
+    if no_epoch and (finished or all(t.status == "STOPPED" for t in summary.trials)):
         print("\nno trial finished an epoch (search.time_budget_s too short?)", file=sys.stderr, flush=True)
         return 1
-    if summary.trials and not any(t.status in ("FINISHED", "EARLY_STOPPED") for t in summary.trials):
+    if summary.trials and not finished:
         print("\nno trial finished (causes in the summary above)", file=sys.stderr, flush=True)
-        return 1
-    if no_epoch:
-        print("\nno trial finished an epoch (search.time_budget_s too short?)", file=sys.stderr, flush=True)
         return 1
     return 0
 
