@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import hashlib
 import json
 import os
 import pickle
@@ -107,12 +106,14 @@ class Ctx:
     def tampered(self, name: str, change) -> Path:
         """A copy of the checkpoint whose head.pt ``change`` rewrote, its checksum recorded anew
         (a file written whole by someone, not a damaged one)."""
+        from ssvp.engine import CHECKSUM_FILE, _sha256  # the checksum save_checkpoint records
+
         folder = self.root / name
         shutil.copytree(self.ckpt, folder)
         change(folder / "head.pt")
-        sums = json.loads((folder / "checksums.json").read_text())
-        sums["sha256"]["head.pt"] = hashlib.sha256((folder / "head.pt").read_bytes()).hexdigest()
-        (folder / "checksums.json").write_text(json.dumps(sums))
+        sums = json.loads((folder / CHECKSUM_FILE).read_text())
+        sums["sha256"]["head.pt"] = _sha256(folder / "head.pt")
+        (folder / CHECKSUM_FILE).write_text(json.dumps(sums))
         return folder
 
     def outside(self) -> Path:
