@@ -96,6 +96,15 @@ def test_deterministic_errors_are_not_retried_and_the_root_cause_is_dug_out():
     assert policy.make_decision(nan) == FailureDecision.RAISE  # no retry, although 3 are allowed
     assert policy.make_decision(WorkerGroupError("x", {0: DatasetError("bad image a.png")})) == FailureDecision.RAISE
     assert policy.make_decision(WorkerGroupError("x", {0: OSError("node lost")})) == FailureDecision.RETRY
+    # a worker destroyed because its placement group was removed (the driver released it: the trial is
+    # ending), in Ray's words: no retry, which would start a worker group whose placement group leaks
+    removed = RuntimeError("A worker health check failed. The actor died unexpectedly before finishing this task. "
+                           "Worker exit type: INTENDED_SYSTEM_EXIT Worker exit detail: Destroying worker since its "
+                           "placement group was removed. Placement group id: 4925c0e2e9ce5759")
+    assert policy.make_decision(WorkerGroupError("x", {0: removed})) == FailureDecision.RAISE
+    killed = RuntimeError("A worker health check failed. The actor died unexpectedly before finishing this task. "
+                          "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+    assert policy.make_decision(WorkerGroupError("x", {0: killed})) == FailureDecision.RETRY  # a killed worker still is
     assert isinstance(root_cause(nan), NonFiniteLossError)
     inner = ValueError("cannot reach the store")
     assert root_cause(ControllerError(inner)) is inner

@@ -54,6 +54,7 @@ __all__ = [
     "read_history",
     "read_starts",
     "is_deterministic",
+    "ended_by_its_driver",
     "root_cause",
     "VARIANT_KEY",
 ]
@@ -636,6 +637,22 @@ def _causes(exc: BaseException | None):
         todo.extend([getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__])
 
 
+# Ray's exit detail of a worker destroyed because its placement group was removed
+PLACEMENT_GROUP_REMOVED = "placement group was removed"
+
+
+def ended_by_its_driver(exc: BaseException) -> bool:
+    """Whether Train's workers died because their placement group was removed.
+
+    The sweep's driver removes a trial's placement group only once Tune has ended the trial (an
+    ASHA stop, an error, a lost trial: :func:`release_trial_placement_group`), and Ray Train's own
+    cleaner only once the controller is dead. A retry would then start a new worker group whose
+    placement group nobody frees once Tune kills the trial. Measured: such a retry left two
+    placement groups behind, and a later trial waited for their resources for good.
+    """
+    return any(PLACEMENT_GROUP_REMOVED in str(e) for e in _causes(exc))
+
+
 def is_deterministic(exc: BaseException) -> bool:
     """Whether a failure (possibly wrapped by Ray Train / Ray) is one of :data:`DETERMINISTIC_ERRORS`."""
     return any(c.__name__ in DETERMINISTIC_ERRORS for e in _causes(exc) for c in type(e).__mro__)
@@ -650,13 +667,14 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def _failure_policy(failure_config):
-    """Ray Train's default policy, except that deterministic errors are raised at once (no retry)."""
+    """Ray Train's default policy, except that deterministic errors, and workers whose placement group
+    was removed (the trial is being ended: :func:`ended_by_its_driver`), are raised at once (no retry)."""
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailurePolicy
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
     class _NoRetryOnDeterministic(DefaultFailurePolicy):
         def make_decision(self, training_failed_error):
-            if is_deterministic(training_failed_error):
+            if is_deterministic(training_failed_error) or ended_by_its_driver(training_failed_error):
                 return FailureDecision.RAISE
             return super().make_decision(training_failed_error)
 
