@@ -646,9 +646,10 @@ def ended_by_its_driver(exc: BaseException) -> bool:
 
     The sweep's driver removes a trial's placement group only once Tune has ended the trial (an
     ASHA stop, an error, a lost trial: :func:`release_trial_placement_group`), and Ray Train's own
-    cleaner only once the controller is dead. A retry would then start a new worker group whose
+    cleaner when it finds the controller dead. A retry would then start a new worker group whose
     placement group nobody frees once Tune kills the trial. Measured: such a retry left two
-    placement groups behind, and a later trial waited for their resources for good.
+    placement groups behind, and a later trial waited for their resources for good. (Should a
+    removal ever hit a trial that is not ending, the trial fails and ``trial_max_failures`` applies.)
     """
     return any(PLACEMENT_GROUP_REMOVED in str(e) for e in _causes(exc))
 
