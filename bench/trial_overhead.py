@@ -5,12 +5,12 @@ so each one starts a Tune actor, a Train controller, its worker(s) and Ray Train
 a new Python process. This script runs ``--trials`` trials whose training loop does nothing, on a
 local Ray started as a sweep starts it (``tuning.ray_session.init_ray``), and prints:
 
-* per trial: Tune actor start -> ``fit()`` -> worker loop start (the start-up) -> ``fit()`` returns
-  (the tail after the loop ended) -> the next Tune actor;
+* per trial: Tune actor start -> worker loop start (the start-up) -> ``fit()`` returned (the tail
+  after the loop ended) -> the next Tune actor ("-" where Tune ended the trial before a mark);
 * the machine's CPU seconds (``/proc/stat``, so run it on an idle machine) for Ray's start and for
   the trials, and the CPU seconds of each kind of Ray process, summed over the processes sampled;
-* how many Train workers were destroyed because their placement group was removed (read from
-  the session's Train logs).
+* how many of the session's Train logs report a worker destroyed because its placement group
+  was removed (``tuning.trial.PLACEMENT_GROUP_REMOVED``).
 
 It is the measurement behind the test-time figures in the README and bench/README.md ("Trial
 overhead"). ``--health-check-interval`` sets Ray Train's ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     sampler.start()
     t0, c0 = time.time(), machine_cpu_s()
     from tuning.ray_session import init_ray
+    from tuning.trial import PLACEMENT_GROUP_REMOVED
 
     init_ray(object_store_memory=300 * 1024 * 1024, log_to_driver=False)
     t1, c1 = time.time(), machine_cpu_s()
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     tuner.fit()
     t2, c2 = time.time(), machine_cpu_s()
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "train"
-    removed = sum("placement group was removed" in p.read_text(errors="replace") for p in logs.glob("*.log"))
+    removed = sum(PLACEMENT_GROUP_REMOVED in p.read_text(errors="replace") for p in logs.glob("*.log"))
     time.sleep(2)
     sampler.stop.set()
     sampler.join()
@@ -161,12 +162,14 @@ def main(argv=None) -> int:
           f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', '2 (default)')} s: "
           f"{t2 - t1:.1f} s wall, {c2 - c1:.1f} CPU s (machine), {(c2 - c1) / args.trials:.1f} CPU s per trial")
     print("trial  actor->loop (start-up)  loop->fit returned (tail)  returned->next actor")
+    def span(i: int, start: str, end: str, j: int | None = None) -> str:
+        a, b = at.get((i, start)), at.get((i if j is None else j, end))
+        return f"{b - a:.1f}" if a is not None and b is not None else "-"
+
     for i in range(args.trials):
-        nxt = at.get((i + args.concurrent, "actor"))
-        gap = f"{nxt - at[(i, 'returned')]:.1f}" if nxt is not None and (i, "returned") in at else "-"
-        if (i, "loop") in at and (i, "returned") in at:
-            print(f"{i:5d}  {at[(i, 'loop')] - at[(i, 'actor')]:21.1f}  {at[(i, 'returned')] - at[(i, 'loop')]:25.1f}  {gap:>20}")
-    print(f"Train workers destroyed because their placement group was removed: {removed}")
+        print(f"{i:5d}  {span(i, 'actor', 'loop'):>21}  {span(i, 'loop', 'returned'):>25}  "
+              f"{span(i, 'returned', 'actor', i + args.concurrent):>20}")
+    print(f"Train logs reporting a worker destroyed because its placement group was removed: {removed}")
     sampler.report()
     return 0
 
