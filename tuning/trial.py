@@ -673,14 +673,14 @@ def _failure_policy(failure_config):
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailurePolicy
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
-    class _NoRetryOnDeterministic(DefaultFailurePolicy):
+    class _NoRetryWhenFutile(DefaultFailurePolicy):
         def make_decision(self, training_failed_error):
             if is_deterministic(training_failed_error) or ended_by_its_driver(training_failed_error):
                 return FailureDecision.RAISE
             return super().make_decision(training_failed_error)
 
-    assert issubclass(_NoRetryOnDeterministic, FailurePolicy)
-    return _NoRetryOnDeterministic(failure_config)
+    assert issubclass(_NoRetryWhenFutile, FailurePolicy)
+    return _NoRetryWhenFutile(failure_config)
 
 
 def trial_driver(config: dict, settings: TrialSettings) -> None:
